@@ -1,0 +1,220 @@
+"""The `selfcorrect` command line: a thin layer over `selfcorrect.api`."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .api import evaluate, load_run
+from .errors import UserError
+from .models import MODEL_SPECS
+from .report import print_report
+from .store import Store, default_db_path
+from .strategies import STRATEGIES
+from .tasks import TASKS, load_task
+
+app = typer.Typer(
+    help="Measure how well a language model corrects itself: accuracy per round, CL, CS, RSS.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DB_HELP = f"run store (SQLite); default $SELFCORRECT_DB or {default_db_path()}"
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn a UserError into one line on stderr and exit code 2; an interrupt into a hint to resume."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as problem:
+            err.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: finished turns are stored; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return guarded
+
+
+def parse_task_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--task-opt {pair}: expected KEY=VALUE, for example --task-opt digits=2")
+        options[key.strip()] = value.strip()
+    return options
+
+
+@app.command()
+@user_errors
+def run(
+    task: str = typer.Option("arithmetic", help="task name; `selfcorrect tasks` lists them"),
+    model: str = typer.Option("embedded", help="embedded | llamacpp:PATH.gguf"),
+    strategy: str = typer.Option("reask", help="correction strategy; `selfcorrect strategies` lists them"),
+    rounds: int = typer.Option(1, help="correction rounds after the first answer"),
+    samples: int = typer.Option(1, help="first answers per item (the sampling estimator)"),
+    temperature: float = typer.Option(0.0, help="sampling temperature (0 = greedy)"),
+    limit: Optional[int] = typer.Option(None, help="use only the first N items"),
+    seed: int = typer.Option(0, help="seed for sampling and bootstrap"),
+    data: Optional[Path] = typer.Option(None, help="data file for tasks that read one (JSONL)"),
+    task_opt: list[str] = typer.Option([], "--task-opt", help="task option KEY=VALUE (repeatable)"),
+    max_tokens: Optional[int] = typer.Option(None, help="cap on tokens per reply (default: the task's)"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+):
+    """Run (or resume) a self-correction run and print its report."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, transient=True,
+    ) as progress:
+        bar = progress.add_task("loading", total=None)
+
+        def on_start(run_id: str, total: int, done: int) -> None:
+            progress.update(bar, description=f"run {run_id}", total=total, completed=done)
+
+        result = evaluate(
+            task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
+            limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt), max_tokens=max_tokens,
+            db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
+        )
+    report = result.report()
+    if as_json:
+        print(json.dumps(report))
+        return
+    print_report(report, out)
+    out.print(
+        f"\nstored in {result.db_path} as run {result.run_id} ({result.generated} turns generated now). "
+        f"See it again: selfcorrect report {result.run_id}"
+    )
+
+
+@app.command()
+@user_errors
+def report(
+    run_id: str = typer.Argument(..., help="run id (or a unique prefix); `selfcorrect runs` lists them"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+):
+    """Show a stored run's metrics."""
+    result = load_run(run_id, db)
+    if as_json:
+        print(json.dumps(result.report()))
+    else:
+        print_report(result.report(), out)
+
+
+@app.command()
+@user_errors
+def runs(
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the list as JSON"),
+):
+    """List the runs in the store."""
+    store = Store(db or default_db_path(), create=False)
+    try:
+        rows = store.runs()
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"Runs in {store.path}")
+    for column in ("run", "created", "task", "model", "strategy", "rounds", "samples", "items", "turns"):
+        table.add_column(column)
+    for row in rows:
+        config = row["config"]
+        table.add_row(
+            row["run_id"], row["created_at"], config["task"]["task"], config["model"], config["strategy"],
+            str(config["rounds"]), str(config["samples"]), str(row["n_items"]), str(row["n_turns"]),
+        )
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def tasks():
+    """List the tasks."""
+    table = Table(title="Tasks")
+    for column in ("task", "items", "description"):
+        table.add_column(column)
+    for name, entry in sorted(TASKS.items()):
+        # Only built-in tasks are counted: the others would need a file or the network.
+        count = str(len(load_task(name).items)) if entry.builtin else "from --data"
+        table.add_row(name, count, entry.description)
+    out.print(table)
+
+
+@app.command()
+def strategies():
+    """List the correction strategies."""
+    table = Table(title="Strategies")
+    table.add_column("strategy")
+    table.add_column("what the model is told after its answer")
+    for name, strategy in sorted(STRATEGIES.items()):
+        table.add_row(name, strategy.description)
+    out.print(table)
+
+
+@app.command()
+def models():
+    """List the model specs --model accepts."""
+    table = Table(title="Model specs")
+    table.add_column("spec")
+    table.add_column("what it runs")
+    for spec, description in MODEL_SPECS.items():
+        table.add_row(spec, description)
+    out.print(table)
+
+
+EXPORT_FORMATS = ("jsonl", "json", "csv")
+
+
+@app.command()
+@user_errors
+def export(
+    run_id: str = typer.Argument(..., help="run id (or a unique prefix)"),
+    format: str = typer.Option("jsonl", "--format", help="jsonl | json | csv"),
+    output: Optional[Path] = typer.Option(None, help="file to write (default: standard output)"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+):
+    """Write every turn of a run, one record per turn."""
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"--format {format}: choose one of {', '.join(EXPORT_FORMATS)}")
+    result = load_run(run_id, db)
+    targets = {item["item_id"]: item["target"] for item in result.items}
+    records = [{"run_id": result.run_id, **turn.to_json(), "target": targets[turn.item_id]} for turn in result.turns]
+    handle = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        if format == "jsonl":
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+        elif format == "json":
+            json.dump(records, handle)
+        else:
+            writer = csv.DictWriter(handle, fieldnames=list(records[0]) if records else ["run_id"])
+            writer.writeheader()
+            for record in records:
+                writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in record.items()})
+    finally:
+        if output:
+            handle.close()
+
+
+def main() -> None:
+    app()

