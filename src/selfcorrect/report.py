@@ -6,6 +6,15 @@ from rich.console import Console
 from rich.table import Table
 
 
+METRIC_LABELS = (
+    ("cl", "CL  confidence: right answers kept"),
+    ("cs", "CS  critique: wrong answers fixed"),
+    ("rss", "RSS relative self-correction (0.5 = no change)"),
+    ("delta", "change in accuracy"),
+    ("acc_inf", "Acc_inf  limit of repeated correction"),
+)
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -36,21 +45,24 @@ def print_report(report: dict, console: Console) -> None:
     console.print(rounds)
 
     if report["pairs"]:
-        pairs = Table(title="Round to round: confidence (CL), critique (CS), RSS, transitions")
-        for column in ("step", "CL", "CS", "RSS", "Acc_inf", "c->c", "c->w", "w->c", "w->w", "McNemar p"):
-            pairs.add_column(column, justify="right")
+        headline = Table(title=f"Last correction (round {report['pairs'][-1]['from']} -> {report['pairs'][-1]['to']})")
+        headline.add_column("metric")
+        headline.add_column("value", justify="right")
+        headline.add_column("95% CI", justify="right")
+        for name, label in METRIC_LABELS:
+            headline.add_row(label, _num(report[name]), _interval(report["ci"].get(name)))
+        console.print(headline)
+
+        steps = Table(title="Every round pair: shares of samples by transition")
+        for column in ("step", "CL", "CS", "RSS", "c->c", "c->w", "w->c", "w->w", "McNemar p"):
+            steps.add_column(column, justify="right")
         for pair in report["pairs"]:
             shares = pair["transitions"]
-            pairs.add_row(
-                f"{pair['from']}->{pair['to']}",
-                f"{_num(pair['cl'])} {_interval(pair['ci']['cl'])}",
-                f"{_num(pair['cs'])} {_interval(pair['ci']['cs'])}",
-                f"{_num(pair['rss'])} {_interval(pair['ci']['rss'])}",
-                _num(pair["acc_inf"]),
-                *(_num(shares[k]) for k in ("c->c", "c->w", "w->c", "w->w")),
-                _num(pair["mcnemar_p"], 4),
+            steps.add_row(
+                f"{pair['from']}->{pair['to']}", _num(pair["cl"]), _num(pair["cs"]), _num(pair["rss"]),
+                *(_num(shares[k]) for k in ("c->c", "c->w", "w->c", "w->w")), _num(pair["mcnemar_p"], 4),
             )
-        console.print(pairs)
+        console.print(steps)
     tokens = report["tokens"]
     console.print(
         f"tokens: {tokens['prompt']} prompt + {tokens['completion']} completion "
