@@ -74,3 +74,9 @@ def test_extract_choice(response, expected):
 )
 def test_extract_yes_no(response, expected):
     assert extract_yes_no(response) == expected
+
+
+def test_answer_statement_with_working_takes_the_result():
+    assert extract_number("The answer is 60 + 60 = 120 meters.\n\nCheck it.") == "120"
+    # "answer" used as an ordinary word is not an answer statement.
+    assert extract_number("Let us find the answer step by step.\nStep 1: 15 meals. Step 2: 25 meals.") == "25"

@@ -14,9 +14,8 @@ import re
 _MINUS_SIGNS = "\u2212\u2012\u2013\u2014\ufe63\uff0d"
 _NUMBER = r"[-+]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\$?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
-_ANSWER_PHRASE_RE = re.compile(
-    r"(?:final answer|the answer|answer)\s*(?:is|:|=)?\s*[:=]?\s*", re.IGNORECASE
-)
+# "answer is", "answer:", "answer to the problem is", but not "find the answer step by step".
+_ANSWER_PHRASE_RE = re.compile(r"answer(?:\s+to\s+[^.\n]{0,40}?)?\s*(?:is|:|=)\s*:?\s*", re.IGNORECASE)
 
 
 def _normalise_text(text: str) -> str:
@@ -61,8 +60,8 @@ def _numbers_in(text: str) -> list[str]:
 def extract_number(response: str) -> str | None:
     """The number the response gives as its answer.
 
-    Order: the last \\boxed{}, then the number right after the last "answer is"/"answer:"/"####",
-    then the last number anywhere.
+    Order: the last \\boxed{}, then the number stated after the last "answer is"/"answer:"/"####"
+    (in the same sentence), then the last number anywhere.
     """
     text = _normalise_text(response)
     boxed = _boxed(text)
@@ -72,12 +71,12 @@ def extract_number(response: str) -> str | None:
             return numbers[-1]
     marker = max(text.rfind("####"), *(m.end() for m in _ANSWER_PHRASE_RE.finditer(text)), -1)
     if marker >= 0:
-        following = _NUMBER_RE.search(text, marker)
-        # Only trust the number if it comes soon after the marker, not paragraphs later.
-        if following and following.start() - marker <= 40:
-            number = canonical_number(following.group())
-            if number is not None:
-                return number
+        # The statement after the marker, up to the end of its sentence or line.
+        statement = re.match(r"(.*?)(?:\.\s|\.$|\n|$)", text[marker:]).group(1)
+        numbers = _numbers_in(statement)
+        if numbers:
+            # "The answer is 60 + 60 = 120": the result is after the last "=".
+            return numbers[-1] if "=" in statement else numbers[0]
     numbers = _numbers_in(text)
     return numbers[-1] if numbers else None
 
