@@ -14,6 +14,9 @@ def load_hub_rows(dataset: str, config: str | None, split: str, task: str) -> li
             f"--task {task} without --data needs the Hugging Face 'datasets' package: "
             f"pip install 'selfcorrect[hub]', or pass --data PATH to a local JSONL file"
         ) from None
+    # The library logs every retry; the user gets our one line instead.
+    datasets.logging.set_verbosity_error()
+    datasets.utils.logging.get_logger("huggingface_hub").setLevel("ERROR")
     try:
         return list(datasets.load_dataset(dataset, config, split=split))
     except Exception as err:  # the library raises many kinds (ConnectionError, HfHubHTTPError, OSError ...)
