@@ -10,6 +10,7 @@ import pytest
 from selfcorrect import evaluate
 from selfcorrect.tasks import load_task
 
+from conftest import SHARED_DATA as SHARED
 from conftest import ScriptedBackend, run_cli
 
 
@@ -106,6 +107,24 @@ def test_data_tasks_run_end_to_end(tmp_path, shared_data, args, records):
     assert report["n_items"] == records and len(report["acc"]) == 2
 
 
+def test_sampling_is_seeded_and_samples_differ(tmp_path):
+    """K samples at T > 0: the samples of an item differ, and the same seed gives the same replies."""
+    args = ["run", "--task", "mcq", "--data", str(SHARED / "boolq.jsonl"), "--limit", "3", "--samples", "4",
+            "--temperature", "1.0", "--rounds", "1", "--json"]
+    first = run_cli(*args, "--db", str(tmp_path / "a.sqlite"))
+    second = run_cli(*args, "--db", str(tmp_path / "b.sqlite"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    report = json.loads(first.stdout)
+    exported = [
+        [json.loads(line)["response"] for line in run_cli("export", report["run_id"], "--db", str(tmp_path / db)).stdout.splitlines()]
+        for db in ("a.sqlite", "b.sqlite")
+    ]
+    assert len(exported[0]) == 3 * 4 * 2
+    assert exported[0] == exported[1]
+    first_answers = exported[0][0:8:2]  # the first item's samples 0..3, round 0
+    assert len(set(first_answers)) > 1
+
+
 def test_tasks_lists_every_task():
     done = run_cli("tasks")
     assert done.returncode == 0
@@ -128,6 +147,7 @@ BAD_INPUT = [
     (["run", "--task", "nope"], "--task nope: unknown task"),
     (["run", "--model", "gpt-17"], "--model gpt-17: unknown model spec"),
     (["run", "--model", "llamacpp:/no/such/model.gguf"], "no such file"),
+    (["run", "--model", "llamacpp:{tmp}/empty.jsonl"], "llama.cpp cannot load it"),
     (["run", "--strategy", "pray"], "--strategy pray: unknown strategy"),
     (["run", "--task", "gsm8k", "--data", "{tmp}/absent.jsonl"], "absent.jsonl: no such file"),
     (["run", "--task", "gsm8k", "--data", "{tmp}/malformed.jsonl"], "malformed.jsonl:2: not valid JSON"),

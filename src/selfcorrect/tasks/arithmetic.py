@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import Item, Task, register_task, reject_unknown_options
-from .extract import extract_number, numbers_equal
+from .extract import grade_number
 
 DEFAULTS = {"n": "100", "digits": "1", "operands": "2", "operators": "+-", "seed": "0"}
 
@@ -63,8 +63,7 @@ def arithmetic(data: Path | None, options: dict[str, str]) -> Task:
         name="arithmetic",
         items=items,
         instruction=lambda item: 'Give the result as a number and end with "The answer is N."',
-        extract=lambda item, response: extract_number(response),
-        is_correct=lambda item, answer: numbers_equal(answer, item.target),
+        grade=grade_number,
         max_tokens=128,
         identity={"task": "arithmetic", **merged},
     )

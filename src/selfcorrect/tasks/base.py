@@ -33,18 +33,14 @@ class Task:
     items: list[Item]
     # Appended to every question (and repeated in correction prompts) so the answer can be found.
     instruction: Callable[[Item], str]
-    extract: Callable[[Item, str], str | None]
-    is_correct: Callable[[Item, str | None], bool]
+    # (extracted answer or None, correct?) for one reply to one item.
+    grade: Callable[[Item, str], tuple[str | None, bool]]
     max_tokens: int = 256
     # Everything that defines the item set, for the run's identity (options, data file and its hash).
     identity: dict = field(default_factory=dict)
 
     def prompt(self, item: Item) -> str:
         return f"{item.question}\n{self.instruction(item)}"
-
-    def grade(self, item: Item, response: str) -> tuple[str | None, bool]:
-        answer = self.extract(item, response)
-        return answer, self.is_correct(item, answer)
 
 
 TaskFactory = Callable[[Path | None, dict[str, str]], Task]

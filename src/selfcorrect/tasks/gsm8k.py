@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options, require_field
 from .base import require_items
-from .extract import canonical_number, extract_number, numbers_equal
+from .extract import canonical_number, grade_number
 from .hub import load_hub_rows
 
 
@@ -43,8 +43,7 @@ def gsm8k(data: Path | None, options: dict[str, str]) -> Task:
         name="gsm8k",
         items=items,
         instruction=lambda item: 'Solve it step by step, then end with "The answer is N." where N is a number.',
-        extract=lambda item, response: extract_number(response),
-        is_correct=lambda item, answer: numbers_equal(answer, item.target),
+        grade=grade_number,
         max_tokens=320,
         identity={"task": "gsm8k", **identity},
     )

@@ -38,8 +38,9 @@ def _instruction(item: Item) -> str:
     return 'Answer yes or no and end with "The answer is yes." or "The answer is no."'
 
 
-def _extract(item: Item, response: str) -> str | None:
-    return extract_choice(response, list(item.choices)) if item.choices else extract_yes_no(response)
+def _grade(item: Item, response: str) -> tuple[str | None, bool]:
+    answer = extract_choice(response, list(item.choices)) if item.choices else extract_yes_no(response)
+    return answer, answer == item.target
 
 
 @register_task("mcq", "multiple choice (CommonsenseQA form) or yes/no (BoolQ form) from --data JSONL")
@@ -52,8 +53,7 @@ def mcq(data: Path | None, options: dict[str, str]) -> Task:
         name="mcq",
         items=items,
         instruction=_instruction,
-        extract=_extract,
-        is_correct=lambda item, answer: answer == item.target,
+        grade=_grade,
         max_tokens=192,
         identity={"task": "mcq", **file_identity(data)},
     )
