@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -36,8 +37,11 @@ class LlamaCppBackend:
             raise UserError(f"--model llamacpp:{path}: no such file; give the path to a .gguf model")
         from llama_cpp import Llama  # heavy import, only when a llama.cpp model is really used
 
+        # llama-cpp-python decodes on half the cores by default; on a 2-core machine all cores decode
+        # about 1.7x faster (measured), so use them all.
+        threads = n_threads or os.cpu_count() or 1
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
         except (ValueError, RuntimeError) as err:
             raise UserError(f"--model llamacpp:{path}: llama.cpp cannot load it ({err}); is it a GGUF file?") from None
         self.identity = f"llamacpp:{path.name}:{path.stat().st_size}"
