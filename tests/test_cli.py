@@ -65,7 +65,8 @@ def test_export_jsonl_one_line_per_turn_with_stored_grades(arithmetic_run):
         assert {"item_id", "sample", "round", "correct", "answer", "response", "prompt_tokens", "completion_tokens"} <= set(line)
         assert isinstance(line["correct"], bool)
         # The stored grade is what grading the stored response gives.
-        assert task.grade(items[line["item_id"]], line["response"]) == (line["answer"], line["correct"])
+        grade = task.grade(items[line["item_id"]], line["response"])
+        assert (grade.answer, grade.correct, grade.reason) == (line["answer"], line["correct"], line["reason"])
         if line["round"] > 0:
             assert len(line["feedback"]) == 1  # critique: the review reply
     csv_out = run_cli("export", report["run_id"], "--format", "csv", "--db", str(db))

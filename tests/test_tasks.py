@@ -18,7 +18,9 @@ def test_gsm8k_file_loads_with_numeric_targets(shared_data):
     # The first GSM8K test problem (Janet's ducks) has answer 18.
     assert "Janet" in first.question and first.target == "18"
     assert all(item.target.lstrip("-").replace(".", "").isdigit() for item in task.items)
-    assert task.grade(first, "So she makes $18 every day. The answer is 18.") == ("18", True)
+    grade = task.grade(first, "So she makes $18 every day. The answer is 18.")
+    assert (grade.answer, grade.correct) == ("18", True)
+    assert task.grade(first, "No idea.").reason == "no number found in the reply"
 
 
 def test_commonsense_qa_items_carry_lettered_options(shared_data):
@@ -28,8 +30,8 @@ def test_commonsense_qa_items_carry_lettered_options(shared_data):
     assert len(item.choices) == 5 and item.target in "ABCDE"
     assert "\nA. " in item.question and "\nE. " in item.question
     right = item.choices["ABCDE".index(item.target)]
-    assert task.grade(item, f"The answer is {item.target}.")[1]
-    assert task.grade(item, f"I would say {right}.")[1]
+    assert task.grade(item, f"The answer is {item.target}.").correct
+    assert task.grade(item, f"I would say {right}.").correct
 
 
 def test_boolq_items_are_yes_no(shared_data):
@@ -38,7 +40,8 @@ def test_boolq_items_are_yes_no(shared_data):
     targets = {item.target for item in task.items}
     assert targets == {"yes", "no"}
     item = task.items[0]
-    assert task.grade(item, f"{item.target.capitalize()}, that is right.") == (item.target, True)
+    grade = task.grade(item, f"{item.target.capitalize()}, that is right.")
+    assert (grade.answer, grade.correct) == (item.target, True)
 
 
 def test_arithmetic_targets_are_computed_and_seeded():

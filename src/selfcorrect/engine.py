@@ -91,9 +91,10 @@ def _generate_turn(
         reply = backend.complete(messages, max_tokens, temperature, cell_seed(seed, item.id, sample, round_, step))
         prompt_tokens += reply.prompt_tokens
         completion_tokens += reply.completion_tokens
-    answer, correct = task.grade(item, reply.text)
+    grade = task.grade(item, reply.text)
     return Turn(
         item_id=item.id, sample=sample, round=round_, messages=messages, response=reply.text, feedback=feedback,
-        answer=answer, correct=correct, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        answer=grade.answer, correct=grade.correct, reason=grade.reason, extra=grade.extra,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         latency_s=time.perf_counter() - started, backend=backend.identity,
     )

@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS turns (
     feedback TEXT NOT NULL,          -- JSON list: earlier replies within the round (a critique, say)
     answer TEXT,                     -- extracted answer, NULL when none was found
     correct INTEGER NOT NULL,
+    reason TEXT NOT NULL,            -- the grader's explanation (may quote the target; never shown to the model)
+    extra TEXT NOT NULL,             -- JSON: secondary scores of the grader, e.g. {"loose": true}
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     latency_s REAL NOT NULL,
@@ -68,6 +70,8 @@ class Turn:
     feedback: list[str]
     answer: str | None
     correct: bool
+    reason: str
+    extra: dict
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
@@ -117,10 +121,11 @@ class Store:
         """Write one graded turn in its own transaction."""
         with self.db:
             self.db.execute(
-                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, turn.item_id, turn.sample, turn.round, json.dumps(turn.messages), turn.response,
-                    json.dumps(turn.feedback), turn.answer, int(turn.correct), turn.prompt_tokens,
+                    json.dumps(turn.feedback), turn.answer, int(turn.correct), turn.reason, json.dumps(turn.extra),
+                    turn.prompt_tokens,
                     turn.completion_tokens, turn.latency_s, turn.backend, _now(),
                 ),
             )
@@ -148,13 +153,14 @@ class Store:
         """Every stored turn of the run, ordered by item position, sample and round."""
         rows = self.db.execute(
             """SELECT t.item_id, t.sample, t.round, t.messages, t.response, t.feedback, t.answer, t.correct,
-                      t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend
+                      t.reason, t.extra, t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend
                FROM turns t JOIN items i ON i.run_id = t.run_id AND i.item_id = t.item_id
                WHERE t.run_id = ? ORDER BY i.position, t.sample, t.round""",
             (run_id,),
         )
         return [
-            Turn(r[0], r[1], r[2], json.loads(r[3]), r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], r[9], r[10], r[11])
+            Turn(r[0], r[1], r[2], json.loads(r[3]), r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], json.loads(r[9]),
+                 r[10], r[11], r[12], r[13])
             for r in rows
         ]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import arithmetic, gsm8k, mcq  # noqa: F401 - importing registers the tasks
-from .base import TASKS, Item, Task, register_task
+from .base import TASKS, Grade, Item, Task, register_task
 
-__all__ = ["TASKS", "Item", "Task", "load_task", "register_task"]
+__all__ = ["TASKS", "Grade", "Item", "Task", "load_task", "register_task"]
 
 
 def load_task(name: str, data: Path | None = None, options: dict[str, str] | None = None) -> Task:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import Item, Task, register_task, reject_unknown_options
-from .extract import grade_number
+from .grading import grade_number
 
 DEFAULTS = {"n": "100", "digits": "1", "operands": "2", "operators": "+-", "seed": "0"}
 

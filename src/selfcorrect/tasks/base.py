@@ -25,6 +25,20 @@ class Item:
     choices: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Grade:
+    """The verdict on one reply: the answer found in it, whether it is right, and why.
+
+    `reason` is for a person debugging a grader (it may quote the gold answer, so it is never shown to
+    the model); `extra` holds secondary scores of graders that have them, e.g. {"loose": True}.
+    """
+
+    answer: str | None
+    correct: bool
+    reason: str
+    extra: dict = field(default_factory=dict)
+
+
 @dataclass
 class Task:
     """A set of items plus how to ask them and how to grade answers."""
@@ -33,8 +47,7 @@ class Task:
     items: list[Item]
     # Appended to every question (and repeated in correction prompts) so the answer can be found.
     instruction: Callable[[Item], str]
-    # (extracted answer or None, correct?) for one reply to one item.
-    grade: Callable[[Item, str], tuple[str | None, bool]]
+    grade: Callable[[Item, str], Grade]
     max_tokens: int = 256
     # Everything that defines the item set, for the run's identity (options, data file and its hash).
     identity: dict = field(default_factory=dict)

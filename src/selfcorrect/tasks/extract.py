@@ -81,12 +81,6 @@ def extract_number(response: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def grade_number(item, response: str) -> tuple[str | None, bool]:
-    """(extracted number, whether it equals the item's numeric target): the grader of numeric tasks."""
-    answer = extract_number(response)
-    return answer, numbers_equal(answer, item.target)
-
-
 def numbers_equal(answer: str | None, target: str) -> bool:
     """Numeric equality with a relative tolerance for rounding in decimals."""
     if answer is None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options, require_field
 from .base import require_items
-from .extract import canonical_number, grade_number
+from .extract import canonical_number
+from .grading import grade_number
 from .hub import load_hub_rows
 
 

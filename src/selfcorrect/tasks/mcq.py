@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .base import Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options, require_field
+from .base import Grade, Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options, require_field
 from .base import require_items
 from .extract import extract_choice, extract_yes_no
+from .grading import grade_equal
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -38,9 +39,10 @@ def _instruction(item: Item) -> str:
     return 'Answer yes or no and end with "The answer is yes." or "The answer is no."'
 
 
-def _grade(item: Item, response: str) -> tuple[str | None, bool]:
-    answer = extract_choice(response, list(item.choices)) if item.choices else extract_yes_no(response)
-    return answer, answer == item.target
+def _grade(item: Item, response: str) -> Grade:
+    if item.choices:
+        return grade_equal(item, extract_choice(response, list(item.choices)), "option")
+    return grade_equal(item, extract_yes_no(response), "yes/no answer")
 
 
 @register_task("mcq", "multiple choice (CommonsenseQA form) or yes/no (BoolQ form) from --data JSONL")
