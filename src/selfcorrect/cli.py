@@ -75,6 +75,9 @@ def run(
     data: Optional[Path] = typer.Option(None, help="data file for tasks that read one (JSONL)"),
     task_opt: list[str] = typer.Option([], "--task-opt", help="task option KEY=VALUE (repeatable)"),
     max_tokens: Optional[int] = typer.Option(None, help="cap on tokens per reply (default: the task's)"),
+    estimator: str = typer.Option(
+        "auto", help="exact (option log-probs, multiple choice) | sampling | auto: exact where possible"
+    ),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -91,7 +94,7 @@ def run(
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt), max_tokens=max_tokens,
-            db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
+            estimator=estimator, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
         )
     report = result.report()
     if as_json:
@@ -99,7 +102,8 @@ def run(
         return
     print_report(report, out)
     out.print(
-        f"\nstored in {result.db_path} as run {result.run_id} ({result.generated} turns generated now). "
+        f"\nstored in {result.db_path} as run {result.run_id} ({result.generated} "
+        f"{'scoring passes' if result.estimator == 'exact' else 'turns'} made now). "
         f"See it again: selfcorrect report {result.run_id}"
     )
 
@@ -193,12 +197,13 @@ def export(
     output: Optional[Path] = typer.Option(None, help="file to write (default: standard output)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
 ):
-    """Write every turn of a run, one record per turn."""
+    """Write every turn of a run, one record per turn (per scoring pass for the exact estimator)."""
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format}: choose one of {', '.join(EXPORT_FORMATS)}")
     result = load_run(run_id, db)
     targets = {item["item_id"]: item["target"] for item in result.items}
-    records = [{"run_id": result.run_id, **turn.to_json(), "target": targets[turn.item_id]} for turn in result.turns]
+    rows = result.scores if result.estimator == "exact" else result.turns
+    records = [{"run_id": result.run_id, **row.to_json(), "target": targets[row.item_id]} for row in rows]
     handle = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
     try:
         if format == "jsonl":

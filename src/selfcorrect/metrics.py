@@ -57,23 +57,44 @@ def pair_metrics(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
         raise ValueError(f"a and b must have the same shape, got {a.shape} and {b.shape}")
     n_items, n_samples = a.shape
 
-    pa, x, y = _item_quantities(a, b)
-    point = _ratio_metrics(pa[None, :], x[None, :], y[None, :])
-    idx = _bootstrap_indices(n_items, n_boot, seed)
-    replicates = _ratio_metrics(pa[idx], x[idx], y[idx])
-
     counts = {
         "c->c": int(np.sum(a & b)),
         "c->w": int(np.sum(a & ~b)),
         "w->c": int(np.sum(~a & b)),
         "w->w": int(np.sum(~a & ~b)),
     }
-    n_cells = a.size
-    result = {"n_items": int(n_items), "n_samples": int(n_samples)}
-    result.update({name: _scalar(point[name][0]) for name in _RATIO_METRICS})
-    result["transitions"] = {k: counts[k] / n_cells for k in TRANSITIONS}
+    result = {"n_samples": int(n_samples), **_metrics_from_item_quantities(*_item_quantities(a, b), n_boot, seed)}
     result["counts"] = counts
     result["mcnemar_p"] = mcnemar_exact(counts["c->w"], counts["w->c"])
+    return result
+
+
+def pair_metrics_from_probabilities(p_a, p_b_given_a, p_b_given_not_a, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The same metrics from per-item probabilities instead of samples (the exact estimator).
+
+    With P(a_i), P(b_i|a_i) and P(b_i|not a_i) known for each item, there is no sampling noise within
+    an item; the intervals still resample items. Transition shares are expected shares; there are no
+    discrete counts, so no McNemar test.
+    """
+    p_a, p_b_a, p_b_na = (np.asarray(v, dtype=float) for v in (p_a, p_b_given_a, p_b_given_not_a))
+    if p_a.ndim != 1 or p_a.size == 0 or not (p_a.shape == p_b_a.shape == p_b_na.shape):
+        raise ValueError("need three 1-D arrays of the same non-zero length, one value per item")
+    if not all(((v >= 0) & (v <= 1)).all() for v in (p_a, p_b_a, p_b_na)):
+        raise ValueError("probabilities must lie in [0, 1]")
+    result = _metrics_from_item_quantities(p_a, p_a * p_b_a, (1.0 - p_a) * p_b_na, n_boot, seed)
+    return {**result, "counts": None, "mcnemar_p": None}
+
+
+def _metrics_from_item_quantities(pa: np.ndarray, x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Point estimates, bootstrap intervals and transition shares from the per-item (pa, x, y)."""
+    point = _ratio_metrics(pa[None, :], x[None, :], y[None, :])
+    idx = _bootstrap_indices(len(pa), n_boot, seed)
+    replicates = _ratio_metrics(pa[idx], x[idx], y[idx])
+    result = {"n_items": int(len(pa))}
+    result.update({name: _scalar(point[name][0]) for name in _RATIO_METRICS})
+    # x_i is P(right then right) for item i and y_i P(wrong then right): their means are the shares.
+    shares = {"c->c": x.mean(), "c->w": (pa - x).mean(), "w->c": y.mean(), "w->w": (1.0 - pa - y).mean()}
+    result["transitions"] = {k: float(shares[k]) for k in TRANSITIONS}
     result["ci"] = {name: _percentile_ci(replicates[name]) for name in _RATIO_METRICS}
     return result
 

@@ -15,6 +15,13 @@ METRIC_LABELS = (
 )
 
 
+ESTIMATOR_NOTES = {
+    "sampling": "sampling (every figure counts graded replies)",
+    "exact": "exact (every figure from option probabilities: K+1 scoring passes per item, no sampling; "
+    "transition shares are expected shares, no McNemar test)",
+}
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -31,6 +38,7 @@ def print_report(report: dict, console: Console) -> None:
         f"{config['rounds']} round(s) · {config['samples']} sample(s) · T={config['temperature']} · seed {config['seed']}"
     )
     console.print(f"items: {report['n_items']} complete of {report['n_items_total']}   store: {report['db']}")
+    console.print(f"estimator: {ESTIMATOR_NOTES[report['estimator']]}")
     if not report["complete"]:
         console.print("[yellow]incomplete: run the same command again to fill the missing turns[/yellow]")
     if not report["acc"]:

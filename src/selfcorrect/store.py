@@ -49,6 +49,21 @@ CREATE TABLE IF NOT EXISTS turns (
     created_at TEXT NOT NULL,
     PRIMARY KEY (run_id, item_id, sample, round)
 );
+-- The exact multiple-choice estimator scores instead of sampling: per item, one pass for the first
+-- answer and one per option put in the model's mouth (K+1 passes), each a distribution over the labels.
+CREATE TABLE IF NOT EXISTS option_scores (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    item_id TEXT NOT NULL,
+    given TEXT NOT NULL,             -- '' for the first answer, else the label the model was made to give
+    labels TEXT NOT NULL,            -- JSON list
+    probs TEXT NOT NULL,             -- JSON list, aligned with labels
+    messages TEXT NOT NULL,          -- JSON: the conversation scored
+    feedback TEXT NOT NULL,          -- JSON list: replies generated within the correction round
+    latency_s REAL NOT NULL,
+    backend TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, item_id, given)
+);
 """
 
 
@@ -74,6 +89,21 @@ class Turn:
     extra: dict
     prompt_tokens: int
     completion_tokens: int
+    latency_s: float
+    backend: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class OptionScore:
+    item_id: str
+    given: str  # "" for the first answer, else the label the model was made to give first
+    labels: list[str]
+    probs: list[float]
+    messages: list[dict]
+    feedback: list[str]
     latency_s: float
     backend: str
 
@@ -130,6 +160,28 @@ class Store:
                 ),
             )
 
+    def add_option_score(self, run_id: str, score: "OptionScore") -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO option_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id, score.item_id, score.given, json.dumps(score.labels), json.dumps(score.probs),
+                    json.dumps(score.messages), json.dumps(score.feedback), score.latency_s, score.backend, _now(),
+                ),
+            )
+
+    def option_scores(self, run_id: str) -> list["OptionScore"]:
+        rows = self.db.execute(
+            """SELECT s.item_id, s.given, s.labels, s.probs, s.messages, s.feedback, s.latency_s, s.backend
+               FROM option_scores s JOIN items i ON i.run_id = s.run_id AND i.item_id = s.item_id
+               WHERE s.run_id = ? ORDER BY i.position, s.given""",
+            (run_id,),
+        )
+        return [
+            OptionScore(r[0], r[1], json.loads(r[2]), json.loads(r[3]), json.loads(r[4]), json.loads(r[5]), r[6], r[7])
+            for r in rows
+        ]
+
     def find_run(self, prefix: str) -> str:
         """The full id of the one run whose id starts with `prefix`."""
         rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ? || '%'", (prefix,)).fetchall()
@@ -169,10 +221,12 @@ class Store:
         rows = self.db.execute(
             """SELECT r.run_id, r.config, r.created_at,
                       (SELECT COUNT(*) FROM items i WHERE i.run_id = r.run_id),
-                      (SELECT COUNT(*) FROM turns t WHERE t.run_id = r.run_id)
+                      (SELECT COUNT(*) FROM turns t WHERE t.run_id = r.run_id),
+                      (SELECT COUNT(*) FROM option_scores s WHERE s.run_id = r.run_id)
                FROM runs r ORDER BY r.created_at DESC, r.run_id"""
         )
         return [
-            {"run_id": r[0], "config": json.loads(r[1]), "created_at": r[2], "n_items": r[3], "n_turns": r[4]}
+            {"run_id": r[0], "config": json.loads(r[1]), "created_at": r[2], "n_items": r[3], "n_turns": r[4],
+             "n_scores": r[5]}
             for r in rows
         ]

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+import numpy as np
+
 from .base import Completion, Message
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,6 +47,14 @@ class LlamaCppBackend:
         except (ValueError, RuntimeError) as err:
             raise UserError(f"--model llamacpp:{path}: llama.cpp cannot load it ({err}); is it a GGUF file?") from None
         self.identity = f"llamacpp:{path.name}:{path.stat().st_size}"
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if template is None:
+            raise UserError(f"--model llamacpp:{path}: the GGUF file has no chat template")
+        eos = self.llm.detokenize([self.llm.token_eos()]).decode(errors="ignore")
+        bos = self.llm.detokenize([self.llm.token_bos()]).decode(errors="ignore")
+        self.chat_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
         reply = self.llm.create_chat_completion(
@@ -56,3 +66,35 @@ class LlamaCppBackend:
             prompt_tokens=usage["prompt_tokens"],
             completion_tokens=usage["completion_tokens"],
         )
+
+    def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
+        """P(label | conversation, assistant reply so far = answer_prefix), renormalised over `labels`.
+
+        One forward pass: the conversation is formatted with the model's chat template, the assistant's
+        reply is started with `answer_prefix` ("The answer is"), and the next-token distribution is read
+        at the first token of each " label". This is what the exact multiple-choice estimator needs.
+        """
+        prompt = self.chat_format(messages=messages).prompt + answer_prefix
+        tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        label_tokens = [self.llm.tokenize(f" {label}".encode(), add_bos=False, special=False)[0] for label in labels]
+        if len(set(label_tokens)) != len(labels):
+            raise UserError(f"--estimator exact: the option labels {labels} do not start with distinct tokens")
+        self._eval_reusing_prefix(tokens)
+        import llama_cpp
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+        chosen = logits[label_tokens].astype(np.float64)
+        weights = np.exp(chosen - chosen.max())
+        return (weights / weights.sum()).tolist()
+
+    def _eval_reusing_prefix(self, tokens: list[int]) -> None:
+        """Evaluate `tokens`, keeping the KV cache of the prefix shared with what was evaluated last
+        (as llama-cpp-python's own generate() does), so scoring K continuations of one conversation
+        prefills the shared part once."""
+        shared = 0
+        for old, new in zip(self.llm.input_ids[: self.llm.n_tokens], tokens[:-1]):
+            if old != new:
+                break
+            shared += 1
+        self.llm.n_tokens = shared
+        self.llm.eval(tokens[shared:])

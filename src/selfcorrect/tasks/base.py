@@ -49,6 +49,9 @@ class Task:
     instruction: Callable[[Item], str]
     grade: Callable[[Item, str], Grade]
     max_tokens: int = 256
+    # The option labels of a multiple-choice item (["A", "B", ...] or ["yes", "no"]), for tasks whose
+    # answers are labels; None for free-form tasks. Makes the exact estimator possible.
+    labels: Callable[[Item], list[str]] | None = None
     # Everything that defines the item set, for the run's identity (options, data file and its hash).
     identity: dict = field(default_factory=dict)
 

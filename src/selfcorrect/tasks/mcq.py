@@ -39,6 +39,10 @@ def _instruction(item: Item) -> str:
     return 'Answer yes or no and end with "The answer is yes." or "The answer is no."'
 
 
+def _labels(item: Item) -> list[str]:
+    return list(LETTERS[: len(item.choices)]) if item.choices else ["yes", "no"]
+
+
 def _grade(item: Item, response: str) -> Grade:
     if item.choices:
         return grade_equal(item, extract_choice(response, list(item.choices)), "option")
@@ -56,6 +60,7 @@ def mcq(data: Path | None, options: dict[str, str]) -> Task:
         items=items,
         instruction=_instruction,
         grade=_grade,
+        labels=_labels,
         max_tokens=192,
         identity={"task": "mcq", **file_identity(data)},
     )

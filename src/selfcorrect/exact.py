@@ -1,0 +1,91 @@
+"""The exact estimator for multiple choice: CL and CS from option probabilities, no sampling.
+
+Per item, one scoring pass gives p1, the model's distribution over the option labels for its first
+answer. Then, for each option k, the conversation is continued as if the model had answered k, the
+correction round's prompts are sent, and a second pass gives p2(.|k). With g the gold label:
+
+    P(a) = p1[g],   P(b|a) = p2(g|g),   P(b|not a) = sum_{k != g} p1[k] p2(g|k) / (1 - p1[g])
+
+K+1 scoring passes per item, and the metrics follow from these per-item probabilities exactly.
+The gold label is used only here, after scoring, never to build a prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .engine import cell_seed, round_prompts
+from .models import Backend, Message
+from .store import OptionScore, Store
+from .strategies import Strategy
+from .tasks import Item, Task
+
+# The phrase every multiple-choice instruction asks the answer to follow; scoring starts the reply with it.
+ANSWER_PREFIX = "The answer is"
+
+
+def can_score_options(backend: Backend) -> bool:
+    return callable(getattr(backend, "option_probs", None))
+
+
+def run_scoring(
+    run_id: str, task: Task, items: list[Item], strategy: Strategy, backend: Backend, store: Store, *,
+    max_tokens: int, seed: int, on_pass: Callable[[], None] = lambda: None,
+) -> int:
+    """Score every missing (item, given-answer) pass; returns how many passes ran."""
+    stored = {(s.item_id, s.given) for s in store.option_scores(run_id)}
+    done = 0
+    for item in items:
+        labels = task.labels(item)
+        first: list[Message] = [{"role": "user", "content": task.prompt(item)}]
+        for given in ["", *labels]:
+            if (item.id, given) in stored:
+                continue
+            started = time.perf_counter()
+            messages, feedback = first, []
+            if given:
+                messages, feedback = _correction_context(task, strategy, backend, item, first, given, max_tokens, seed)
+            probs = backend.option_probs(messages, ANSWER_PREFIX, labels)
+            store.add_option_score(
+                run_id,
+                OptionScore(item.id, given, labels, probs, messages, feedback, time.perf_counter() - started, backend.identity),
+            )
+            done += 1
+            on_pass()
+    return done
+
+
+def _correction_context(
+    task: Task, strategy: Strategy, backend: Backend, item: Item, first: list[Message], given: str,
+    max_tokens: int, seed: int,
+) -> tuple[list[Message], list[str]]:
+    """The conversation after the model 'answered' `given`, up to the last prompt of the correction round.
+    Replies to earlier prompts of the round (a critique) are generated greedily."""
+    messages = [*first, {"role": "assistant", "content": f"{ANSWER_PREFIX} {given}."}]
+    prompts = round_prompts(task, strategy, item, 1)
+    feedback = []
+    for step, prompt in enumerate(prompts[:-1]):
+        messages.append({"role": "user", "content": prompt})
+        reply = backend.complete(messages, max_tokens, 0.0, cell_seed(seed, item.id, 0, 1, step))
+        feedback.append(reply.text)
+        messages.append({"role": "assistant", "content": reply.text})
+    messages.append({"role": "user", "content": prompts[-1]})
+    return messages, feedback
+
+
+def item_probabilities(scores: list[OptionScore], target: str) -> tuple[float, float, float] | None:
+    """(P(a), P(b|a), P(b|not a)) of one item from its K+1 passes, or None if a pass is missing."""
+    by_given = {s.given: s for s in scores}
+    if "" not in by_given:
+        return None
+    labels = by_given[""].labels
+    if any(label not in by_given for label in labels):
+        return None
+    gold = labels.index(target)
+    p1 = by_given[""].probs
+    p2_gold = [by_given[label].probs[gold] for label in labels]  # p2(g | k) for each k
+    p_a = p1[gold]
+    wrong_mass = 1.0 - p_a
+    p_b_not_a = sum(p1[k] * p2_gold[k] for k in range(len(labels)) if k != gold) / wrong_mass if wrong_mass > 0 else 0.0
+    return p_a, p2_gold[gold], p_b_not_a
