@@ -1,0 +1,160 @@
+"""The exact multiple-choice estimator: its formula on a hand-worked item, its bookkeeping, and its
+agreement with sampling through the real model's own sampler on the same items."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from selfcorrect import evaluate, metrics
+from selfcorrect.errors import UserError
+from selfcorrect.exact import ANSWER_PREFIX, item_probabilities
+from selfcorrect.store import OptionScore
+from selfcorrect.tasks import load_task
+
+from conftest import ScriptedBackend, run_cli
+
+
+def _score(given, probs, labels=("A", "B", "C")):
+    return OptionScore("q1", given, list(labels), list(probs), [], [], 0.0, "test")
+
+
+def test_item_probabilities_by_hand():
+    # p1 = (0.5, 0.3, 0.2), gold B. Given A the model moves to B with 0.6, given B it keeps B with 0.7,
+    # given C it moves to B with 0.1.
+    scores = [_score("", [0.5, 0.3, 0.2]), _score("A", [0.2, 0.6, 0.2]), _score("B", [0.1, 0.7, 0.2]),
+              _score("C", [0.5, 0.1, 0.4])]
+    p_a, p_b_a, p_b_not_a = item_probabilities(scores, "B")
+    assert p_a == pytest.approx(0.3)
+    assert p_b_a == pytest.approx(0.7)
+    # (0.5 * 0.6 + 0.2 * 0.1) / (1 - 0.3) = 0.32 / 0.7
+    assert p_b_not_a == pytest.approx(0.32 / 0.7)
+    assert item_probabilities(scores[:3], "B") is None  # a pass missing: the item is not complete
+
+
+def test_metrics_from_probabilities_by_hand():
+    # Two items. Item 1: P(a)=0.5, P(b|a)=0.8, P(b|not a)=0.4; item 2: P(a)=0.2, P(b|a)=1, P(b|not a)=0.25.
+    result = metrics.pair_metrics_from_probabilities([0.5, 0.2], [0.8, 1.0], [0.4, 0.25], n_boot=200)
+    acc1 = (0.5 + 0.2) / 2
+    acc2 = ((0.5 * 0.8 + 0.5 * 0.4) + (0.2 * 1.0 + 0.8 * 0.25)) / 2  # (0.6 + 0.4) / 2
+    cl = (0.5 * 0.8 + 0.2 * 1.0) / (0.5 + 0.2)  # 0.6 / 0.7
+    cs = (0.5 * 0.4 + 0.8 * 0.25) / (0.5 + 0.8)  # 0.4 / 1.3
+    assert (result["acc1"], result["acc2"]) == (pytest.approx(acc1), pytest.approx(acc2))
+    assert (result["cl"], result["cs"]) == (pytest.approx(cl), pytest.approx(cs))
+    assert result["acc2"] == pytest.approx(acc1 * cl + (1 - acc1) * cs)
+    assert result["transitions"]["c->c"] == pytest.approx((0.4 + 0.2) / 2)
+    assert result["transitions"]["w->c"] == pytest.approx((0.2 + 0.2) / 2)
+    assert sum(result["transitions"].values()) == pytest.approx(1.0)
+    assert result["mcnemar_p"] is None
+
+
+class ScoringBackend(ScriptedBackend):
+    """Scripted replies plus option scoring: always 0.5 on the label it was made to give, the rest spread."""
+
+    def __init__(self):
+        super().__init__()
+        self.scored: list[list[dict]] = []
+
+    def option_probs(self, messages, answer_prefix, labels):
+        self.scored.append([dict(m) for m in messages])
+        given = messages[1]["content"].removeprefix(f"{answer_prefix} ").rstrip(".") if len(messages) > 1 else None
+        if given not in labels:
+            return [1.0 / len(labels)] * len(labels)
+        return [0.5 if label == given else 0.5 / (len(labels) - 1) for label in labels]
+
+
+def test_scoring_passes_resume_and_reach_the_report(tmp_path, shared_data):
+    db = tmp_path / "r.sqlite"
+    backend = ScoringBackend()
+    run = evaluate(task="mcq", data=shared_data / "commonsense_qa.jsonl", limit=4, backend=backend, db=db)
+    assert run.estimator == "exact" and run.generated == 4 * 6 == len(backend.scored)
+    report = run.report()
+    # First answer uniform over 5 options; given any answer, the model keeps it with 0.5.
+    assert report["acc"][0] == pytest.approx(0.2)
+    assert report["cl"] == pytest.approx(0.5)
+    assert report["cs"] == pytest.approx(0.125)  # moves to gold with 0.5 / 4 from a wrong answer
+    again = ScoringBackend()
+    assert evaluate(task="mcq", data=shared_data / "commonsense_qa.jsonl", limit=4, backend=again, db=db).generated == 0
+    assert again.scored == []
+
+
+def test_critique_round_generates_the_review_before_scoring(tmp_path, shared_data):
+    backend = ScoringBackend()
+    evaluate(task="mcq", data=shared_data / "boolq.jsonl", limit=2, strategy="critique", backend=backend,
+             db=tmp_path / "r.sqlite")
+    # Per item: 1 first pass + 2 given answers, each after one generated review.
+    assert len(backend.scored) == 2 * 3 and len(backend.calls) == 2 * 2
+    corrected = [m for m in backend.scored if len(m) > 1]
+    assert all(m[2]["content"].startswith("Review your previous answer") for m in corrected)
+
+
+def test_exact_where_impossible_is_a_clear_error(tmp_path, shared_data):
+    with pytest.raises(UserError, match="--estimator exact: not possible here: task 'arithmetic' has free-form"):
+        evaluate(task="arithmetic", estimator="exact", backend=ScoringBackend(), db=tmp_path / "r.sqlite")
+    with pytest.raises(UserError, match="cannot score option labels"):
+        evaluate(task="mcq", data=shared_data / "boolq.jsonl", estimator="exact", backend=ScriptedBackend(),
+                 db=tmp_path / "r.sqlite")
+    assert not (tmp_path / "r.sqlite").exists()
+    # auto falls back to sampling when the model cannot score
+    run = evaluate(task="mcq", data=shared_data / "boolq.jsonl", limit=1, backend=ScriptedBackend(),
+                   db=tmp_path / "r.sqlite")
+    assert run.estimator == "sampling"
+
+
+def _sample_label(backend, messages, labels, seed):
+    """One answer drawn by llama.cpp's own sampler at temperature 1 with the reply started by the answer
+    prefix, redrawn until it names an option (conditioning on an option, as the exact estimator does)."""
+    prompt = backend.chat_format(messages=messages).prompt + ANSWER_PREFIX
+    for attempt in range(50):
+        text = backend.llm.create_completion(
+            prompt, max_tokens=1, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed * 100 + attempt
+        )["choices"][0]["text"].strip()
+        if text in labels:
+            return text
+    raise AssertionError(f"the model named no option in 50 draws: {text!r}")
+
+
+def test_exact_agrees_with_sampling_on_the_embedded_model(tmp_path, shared_data, embedded):
+    data = shared_data / "commonsense_qa.jsonl"
+    n_items, n_samples = 16, 12
+    exact = evaluate(task="mcq", data=data, limit=n_items, estimator="exact", backend=embedded, db=tmp_path / "r.sqlite")
+    exact_report = exact.report()
+    assert exact_report["n_items"] == n_items
+
+    task = load_task("mcq", data)
+    a = np.zeros((n_items, n_samples), dtype=bool)
+    b = np.zeros((n_items, n_samples), dtype=bool)
+    for i, item in enumerate(task.items[:n_items]):
+        labels, question = task.labels(item), task.prompt(item)
+        for j in range(n_samples):
+            first = _sample_label(embedded, [{"role": "user", "content": question}], labels, seed=2 * (i * n_samples + j))
+            context = [{"role": "user", "content": question},
+                       {"role": "assistant", "content": f"{ANSWER_PREFIX} {first}."},
+                       {"role": "user", "content": question}]  # reask
+            second = _sample_label(embedded, context, labels, seed=2 * (i * n_samples + j) + 1)
+            a[i, j], b[i, j] = first == item.target, second == item.target
+    sampled = metrics.pair_metrics(a, b, n_boot=2000, seed=0)
+    for name in ("acc1", "acc2", "cl", "cs"):
+        low, high = sampled["ci"][name]
+        exact_value = exact_report["pairs"][0][name]
+        assert low <= exact_value <= high, f"{name}: exact {exact_value:.3f} outside sampling CI [{low:.3f}, {high:.3f}]"
+    print(json.dumps({"exact": {k: exact_report["pairs"][0][k] for k in ("acc1", "acc2", "cl", "cs")},
+                      "sampled": {k: sampled[k] for k in ("acc1", "acc2", "cl", "cs")}}))
+
+
+def test_cli_report_and_export_name_the_estimator(tmp_path, shared_data):
+    db = str(tmp_path / "r.sqlite")
+    done = run_cli("run", "--task", "mcq", "--data", str(shared_data / "boolq.jsonl"), "--limit", "3", "--db", db, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["estimator"] == "exact" and report["n_items"] == 3
+    shown = run_cli("report", report["run_id"], "--db", db)
+    assert "estimator: exact" in shown.stdout
+    lines = run_cli("export", report["run_id"], "--db", db).stdout.splitlines()
+    assert len(lines) == 3 * 3  # first pass + one per label (yes, no)
+    record = json.loads(lines[0])
+    assert record["labels"] == ["yes", "no"] and sum(record["probs"]) == pytest.approx(1.0)
+    bad = run_cli("run", "--estimator", "exact", "--db", db)
+    assert bad.returncode == 2 and "--estimator exact: not possible here" in bad.stderr
