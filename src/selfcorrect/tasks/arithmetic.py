@@ -43,7 +43,10 @@ def generate_items(n: int, digits: int, operands: int, operators: str, seed: int
     return items
 
 
-@register_task("arithmetic", "built-in seeded arithmetic (options: n, digits, operands, operators, seed)", builtin=True)
+@register_task(
+    "arithmetic", "built-in seeded arithmetic (options: n, digits, operands, operators, seed)",
+    grader="number", answer="a number", builtin=True,
+)
 def arithmetic(data: Path | None, options: dict[str, str]) -> Task:
     if data is not None:
         raise UserError("--data: task 'arithmetic' generates its own items; drop --data or pick --task gsm8k/mcq")

@@ -6,6 +6,7 @@ the user's `--data` path (or None) and `--task-opt KEY=VALUE` options and return
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -64,18 +65,26 @@ TaskFactory = Callable[[Path | None, dict[str, str]], Task]
 
 @dataclass(frozen=True)
 class TaskEntry:
+    """What `selfcorrect tasks` shows about a task without loading its data."""
+
     factory: TaskFactory
     description: str
-    # True when the task makes its items itself (no file, no network), so listing them is cheap.
+    grader: str
+    answer: str  # the answer format the grader expects
+    # True when the task makes its items itself (no file, no network), so counting them is cheap.
     builtin: bool = False
+    # True when answers are option labels, which is what the exact estimator needs.
+    multiple_choice: bool = False
 
 
 TASKS: dict[str, TaskEntry] = {}
 
 
-def register_task(name: str, description: str, builtin: bool = False) -> Callable[[TaskFactory], TaskFactory]:
+def register_task(
+    name: str, description: str, *, grader: str, answer: str, builtin: bool = False, multiple_choice: bool = False
+) -> Callable[[TaskFactory], TaskFactory]:
     def decorate(factory: TaskFactory) -> TaskFactory:
-        TASKS[name] = TaskEntry(factory, description, builtin)
+        TASKS[name] = TaskEntry(factory, description, grader, answer, builtin, multiple_choice)
         return factory
 
     return decorate
@@ -96,6 +105,34 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
             yield number, record
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line or row number, record) from a JSONL, CSV or Parquet file, chosen by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from read_jsonl(path)
+        return
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the --data path")
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            # Row numbers count the header as line 1, as an editor shows them.
+            for number, row in enumerate(csv.DictReader(handle), start=2):
+                yield number, row
+        return
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError:
+            raise UserError(f"{path}: reading Parquet needs pyarrow: pip install 'selfcorrect[hub]'") from None
+        try:
+            table = parquet.read_table(path)
+        except Exception as err:  # pyarrow raises several kinds for a damaged file
+            raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    raise UserError(f"{path}: unknown file type '{suffix}'; use .jsonl, .csv or .parquet")
 
 
 def require_field(path: Path, line: int, record: dict, name: str, kind: type | tuple[type, ...]):

@@ -18,13 +18,14 @@ _NUMBER_RE = re.compile(_NUMBER)
 _ANSWER_PHRASE_RE = re.compile(r"answer(?:\s+to\s+[^.\n]{0,40}?)?\s*(?:is|:|=)\s*:?\s*", re.IGNORECASE)
 
 
-def _normalise_text(text: str) -> str:
+def normalise_text(text: str) -> str:
+    """Replace unicode minus signs and dashes with '-' so numbers parse."""
     for sign in _MINUS_SIGNS:
         text = text.replace(sign, "-")
     return text
 
 
-def _boxed(text: str) -> str | None:
+def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...}, with nested braces balanced."""
     start = text.rfind("\\boxed{")
     if start < 0:
@@ -42,7 +43,7 @@ def _boxed(text: str) -> str | None:
 
 def canonical_number(token: str) -> str | None:
     """'1,234.50' -> '1234.5', '$-3' -> '-3', '7.0' -> '7'; None when it is not a number."""
-    cleaned = _normalise_text(token).replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    cleaned = normalise_text(token).replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
     cleaned = cleaned.rstrip("%")
     try:
         value = float(cleaned)
@@ -63,8 +64,8 @@ def extract_number(response: str) -> str | None:
     Order: the last \\boxed{}, then the number stated after the last "answer is"/"answer:"/"####"
     (in the same sentence), then the last number anywhere.
     """
-    text = _normalise_text(response)
-    boxed = _boxed(text)
+    text = normalise_text(response)
+    boxed = last_boxed(text)
     if boxed is not None:
         numbers = _numbers_in(boxed.replace("\\frac", ""))
         if numbers:

@@ -35,7 +35,9 @@ def _items_from_hub() -> list[Item]:
     return [Item(id=f"gsm8k-{i + 1}", question=r["question"], target=_target(r["answer"]) or "") for i, r in enumerate(rows)]
 
 
-@register_task("gsm8k", "GSM8K maths word problems (--data JSONL, or the Hub when online)")
+@register_task(
+    "gsm8k", "GSM8K maths word problems (--data JSONL, or the Hub when online)", grader="number", answer="a number"
+)
 def gsm8k(data: Path | None, options: dict[str, str]) -> Task:
     reject_unknown_options("gsm8k", options, set())
     items = _items_from_file(data) if data is not None else _items_from_hub()

@@ -17,20 +17,40 @@ from .grading import grade_equal
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+def format_options(choices) -> str:
+    """'A. first\nB. second ...': how options are shown under the question."""
+    return "\n".join(f"{LETTERS[k]}. {choice}" for k, choice in enumerate(choices))
+
+
 def _item(path: Path, line: int, record: dict) -> Item:
     question = require_field(path, line, record, "question", str)
     item_id = str(record.get("id", f"mcq-{line}"))
-    if "choices" in record:
-        choices = require_field(path, line, record, "choices", list)
-        if not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
-            raise UserError(f"{path}:{line}: field 'choices' must be a list of 2 to 26 option strings")
-        answer = require_field(path, line, record, "answer", int)
-        if isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise UserError(f"{path}:{line}: field 'answer' must be an option index from 0 to {len(choices) - 1}")
-        options = "\n".join(f"{LETTERS[k]}. {choice}" for k, choice in enumerate(choices))
-        return Item(id=item_id, question=f"{question}\n{options}", target=LETTERS[answer], choices=tuple(choices))
-    answer = require_field(path, line, record, "answer", bool)
-    return Item(id=item_id, question=question, target="yes" if answer else "no")
+    if "choices" not in record:
+        answer = require_field(path, line, record, "answer", bool)
+        return Item(id=item_id, question=question, target="yes" if answer else "no")
+    choices, answer_index = _choices_and_answer(path, line, record)
+    return Item(item_id, f"{question}\n{format_options(choices)}", LETTERS[answer_index], tuple(choices))
+
+
+def _choices_and_answer(path: Path, line: int, record: dict) -> tuple[list[str], int]:
+    """Options and the gold index from the CommonsenseQA/MMLU form (`choices` list, `answer` index or
+    letter) or the ARC form (`choices` {"text": [...], "label": [...]}, `answerKey` label)."""
+    raw = require_field(path, line, record, "choices", (list, dict))
+    if isinstance(raw, dict):  # ARC
+        choices, labels = raw.get("text"), raw.get("label")
+        key = require_field(path, line, record, "answerKey", str)
+        if not isinstance(labels, list) or key not in labels:
+            raise UserError(f"{path}:{line}: field 'answerKey' {key!r} is not one of choices.label")
+        answer = labels.index(key)
+    else:
+        choices, answer = raw, require_field(path, line, record, "answer", (int, str))
+        if isinstance(answer, str) and len(answer) == 1 and answer.upper() in LETTERS:
+            answer = LETTERS.index(answer.upper())
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+        raise UserError(f"{path}:{line}: field 'choices' must be a list of 2 to 26 option strings")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise UserError(f"{path}:{line}: field 'answer' must be an option index from 0 to {len(choices) - 1} or its letter")
+    return choices, answer
 
 
 def _instruction(item: Item) -> str:
@@ -39,17 +59,20 @@ def _instruction(item: Item) -> str:
     return 'Answer yes or no and end with "The answer is yes." or "The answer is no."'
 
 
-def _labels(item: Item) -> list[str]:
+def option_labels(item: Item) -> list[str]:
     return list(LETTERS[: len(item.choices)]) if item.choices else ["yes", "no"]
 
 
-def _grade(item: Item, response: str) -> Grade:
+def grade_option(item: Item, response: str) -> Grade:
     if item.choices:
         return grade_equal(item, extract_choice(response, list(item.choices)), "option")
     return grade_equal(item, extract_yes_no(response), "yes/no answer")
 
 
-@register_task("mcq", "multiple choice (CommonsenseQA form) or yes/no (BoolQ form) from --data JSONL")
+@register_task(
+    "mcq", "multiple choice (CommonsenseQA, MMLU/ARC form) or yes/no (BoolQ form) from --data JSONL",
+    grader="choice", answer="option letter, or yes/no", multiple_choice=True,
+)
 def mcq(data: Path | None, options: dict[str, str]) -> Task:
     reject_unknown_options("mcq", options, set())
     if data is None:
@@ -59,8 +82,8 @@ def mcq(data: Path | None, options: dict[str, str]) -> Task:
         name="mcq",
         items=items,
         instruction=_instruction,
-        grade=_grade,
-        labels=_labels,
+        grade=grade_option,
+        labels=option_labels,
         max_tokens=192,
         identity={"task": "mcq", **file_identity(data)},
     )

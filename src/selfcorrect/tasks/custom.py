@@ -1,0 +1,159 @@
+"""Your own data: a JSONL, CSV or Parquet file (or a Hugging Face dataset id) with a field mapping and
+a grader chosen by name.
+
+    selfcorrect run --task custom --data quiz.csv --field question=q,answer=a --grader number
+    selfcorrect run --task custom --data hf:allenai/ai2_arc:ARC-Easy@test \\
+        --field question=question,choices=choices.text,answer=answerKey --grader choice
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import UserError
+from .base import Grade, Item, Task, file_identity, read_records, register_task, reject_unknown_options
+from .base import require_items
+from .extract import canonical_number
+from .grading import grade_math, grade_number
+from .hub import load_hub_rows
+from .mcq import LETTERS, format_options, grade_option, option_labels
+
+GRADERS = ("exact", "number", "math", "choice", "code")
+DEFAULT_FIELDS = {"question": "question", "answer": "answer", "choices": "choices", "id": "id"}
+INSTRUCTIONS = {
+    "exact": 'End with "The answer is X." where X is your answer.',
+    "number": 'End with "The answer is N." where N is a number.',
+    "math": "Put the final answer in \\boxed{}.",
+    "choice": 'Pick one option and end with "The answer is X." where X is its letter.',
+    "code": "Write the solution as one Python code block.",
+}
+
+
+def parse_fields(spec: str) -> dict[str, str]:
+    """'question=q,answer=a' -> the full mapping, unnamed fields keeping their default column names."""
+    fields = dict(DEFAULT_FIELDS)
+    for pair in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, column = pair.partition("=")
+        if not sep or name not in DEFAULT_FIELDS or not column:
+            raise UserError(f"--field {pair}: expected NAME=COLUMN with NAME one of {', '.join(DEFAULT_FIELDS)}")
+        fields[name] = column
+    return fields
+
+
+def _value(record: dict, column: str):
+    """record[column], where 'a.b' reaches into nested records (Hub datasets nest choices)."""
+    value = record
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _choices(raw, where: str) -> tuple[str, ...]:
+    if isinstance(raw, str):  # CSV: a JSON list or options separated by |
+        raw = json.loads(raw) if raw.strip().startswith("[") else raw.split("|")
+    if not isinstance(raw, list) or not 2 <= len(raw) <= len(LETTERS):
+        raise UserError(f"{where}: choices must be a list of 2 to 26 options (in CSV: a JSON list or a|b|c)")
+    return tuple(str(choice).strip() for choice in raw)
+
+
+def _choice_target(answer, choices: tuple[str, ...], where: str) -> str:
+    """An answer given as an index, a letter or the option's text, as the option's letter."""
+    text = str(answer).strip()
+    if text.isdigit() and int(text) < len(choices):
+        return LETTERS[int(text)]
+    if len(text) == 1 and text.upper() in LETTERS[: len(choices)]:
+        return text.upper()
+    if text in choices:
+        return LETTERS[choices.index(text)]
+    raise UserError(f"{where}: answer {text!r} is not an option index, letter or option text")
+
+
+def _item(number: int, record: dict, fields: dict[str, str], grader: str, source: str) -> Item:
+    where = f"{source}:{number}"
+    question, answer = _value(record, fields["question"]), _value(record, fields["answer"])
+    for name, value in (("question", question), ("answer", answer)):
+        if value is None or str(value).strip() == "":
+            raise UserError(f"{where}: no value in column '{fields[name]}' for {name}; map it with --field {name}=COLUMN")
+    raw_id = _value(record, fields["id"])
+    item_id = str(raw_id) if raw_id is not None and str(raw_id) != "" else f"row-{number}"
+    if grader == "choice":
+        raw = _value(record, fields["choices"])
+        if raw is None:
+            raise UserError(f"{where}: --grader choice needs options; map them with --field choices=COLUMN")
+        choices = _choices(raw, where)
+        target = _choice_target(answer, choices, where)
+        return Item(item_id, f"{question}\n{format_options(choices)}", target, choices)
+    if grader == "number":
+        target = canonical_number(str(answer))
+        if target is None:
+            raise UserError(f"{where}: answer {answer!r} is not a number, which --grader number needs")
+        return Item(item_id, str(question), target)
+    return Item(item_id, str(question), str(answer).strip())
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().strip(".\"'`*").casefold())
+
+
+def _stated_answer(response: str) -> str | None:
+    """The text after the last "answer is"/"answer:", else the last non-empty line."""
+    statements = re.findall(r"answer\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s|\.$|\n|$)", response, re.IGNORECASE)
+    if statements:
+        return statements[-1]
+    lines = [line for line in response.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def grade_exact(item: Item, response: str) -> Grade:
+    """The stated answer equals the target, ignoring case, runs of spaces and outer punctuation."""
+    stated = _stated_answer(response)
+    if stated is None:
+        return Grade(None, False, "no answer found in the reply")
+    answer, target = _normalise(stated), _normalise(item.target)
+    relation = "equals" if answer == target else "differs from"
+    return Grade(answer, answer == target, f"answer {answer!r} {relation} the target {item.target!r}")
+
+
+def _grader(name: str):
+    if name == "code":
+        from .code import grade_code_with_tests
+
+        return grade_code_with_tests
+    return {"exact": grade_exact, "number": grade_number, "math": grade_math, "choice": grade_option}[name]
+
+
+@register_task(
+    "custom", "your own JSONL/CSV/Parquet or hf:DATASET, with --field and --grader",
+    grader="--grader exact|number|math|choice|code", answer="as the grader expects",
+)
+def custom(data: Path | None, options: dict[str, str]) -> Task:
+    reject_unknown_options("custom", options, {"fields", "grader"})
+    grader = options.get("grader", "exact")
+    if grader not in GRADERS:
+        raise UserError(f"--grader {grader}: choose one of {', '.join(GRADERS)}")
+    fields = parse_fields(options.get("fields", ""))
+    if data is None:
+        raise UserError("--task custom needs --data PATH (JSONL, CSV, Parquet) or --data hf:DATASET[:CONFIG][@SPLIT]")
+    if str(data).startswith("hf:"):
+        name, _, split = str(data).removeprefix("hf:").partition("@")
+        dataset, _, config = name.partition(":")
+        rows = load_hub_rows(dataset, config or None, split or "test", task="custom")
+        source, identity = str(data), {"hub": str(data)}
+        records = enumerate(rows, start=1)
+    else:
+        source, identity = str(data), file_identity(data) if data.is_file() else {}
+        records = read_records(data)
+    items = require_items([_item(number, record, fields, grader, source) for number, record in records], source)
+    return Task(
+        name="custom",
+        items=items,
+        instruction=lambda item: INSTRUCTIONS[grader],
+        grade=_grader(grader),
+        max_tokens=512 if grader in ("math", "code") else 256,
+        labels=option_labels if grader == "choice" else None,
+        identity={"task": "custom", "grader": grader, "fields": fields, **identity},
+    )
