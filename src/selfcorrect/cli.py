@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .api import evaluate, load_run
 from .errors import UserError
-from .models import MODEL_SPECS
+from .models import MODEL_SPECS, can_score_options, check_model_spec
 from .report import print_report
 from .store import Store, default_db_path
 from .strategies import STRATEGIES
@@ -51,20 +51,32 @@ def user_errors(command: Callable) -> Callable:
     return guarded
 
 
-def parse_task_options(pairs: list[str]) -> dict[str, str]:
+def parse_task_options(pairs: list[str], fields: list[str], grader: str | None) -> dict[str, str]:
+    """--task-opt KEY=VALUE pairs, plus --field and --grader, which are options of the custom task."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--task-opt {pair}: expected KEY=VALUE, for example --task-opt digits=2")
         options[key.strip()] = value.strip()
+    if fields:
+        options["fields"] = ",".join(fields)
+    if grader is not None:
+        options["grader"] = grader
     return options
+
+
+TASK_HELP = "task name; `selfcorrect tasks` lists them"
+DATA_HELP = "data file (JSONL, CSV, Parquet) or hf:DATASET[:CONFIG][@SPLIT] for tasks that read one"
+TASK_OPT_HELP = "task option KEY=VALUE (repeatable)"
+FIELD_HELP = "custom task: map fields to columns, NAME=COLUMN[,NAME=COLUMN] (question, answer, choices, id)"
+GRADER_HELP = "custom task: exact | number | math | choice | code"
 
 
 @app.command()
 @user_errors
 def run(
-    task: str = typer.Option("arithmetic", help="task name; `selfcorrect tasks` lists them"),
+    task: str = typer.Option("arithmetic", help=TASK_HELP),
     model: str = typer.Option("embedded", help="embedded | llamacpp:PATH.gguf"),
     strategy: str = typer.Option("reask", help="correction strategy; `selfcorrect strategies` lists them"),
     rounds: int = typer.Option(1, help="correction rounds after the first answer"),
@@ -72,8 +84,10 @@ def run(
     temperature: float = typer.Option(0.0, help="sampling temperature (0 = greedy)"),
     limit: Optional[int] = typer.Option(None, help="use only the first N items"),
     seed: int = typer.Option(0, help="seed for sampling and bootstrap"),
-    data: Optional[Path] = typer.Option(None, help="data file for tasks that read one (JSONL)"),
-    task_opt: list[str] = typer.Option([], "--task-opt", help="task option KEY=VALUE (repeatable)"),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    task_opt: list[str] = typer.Option([], "--task-opt", help=TASK_OPT_HELP),
+    field: list[str] = typer.Option([], "--field", help=FIELD_HELP),
+    grader: Optional[str] = typer.Option(None, help=GRADER_HELP),
     max_tokens: Optional[int] = typer.Option(None, help="cap on tokens per reply (default: the task's)"),
     estimator: str = typer.Option(
         "auto", help="exact (option log-probs, multiple choice) | sampling | auto: exact where possible"
@@ -93,7 +107,7 @@ def run(
 
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
-            limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt), max_tokens=max_tokens,
+            limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
             estimator=estimator, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
         )
     report = result.report()
@@ -152,16 +166,65 @@ def runs(
 
 @app.command()
 @user_errors
-def tasks():
-    """List the tasks."""
-    table = Table(title="Tasks")
-    for column in ("task", "items", "description"):
+def tasks(
+    model: str = typer.Option("embedded", help="model to check the exact estimator against"),
+    as_json: bool = typer.Option(False, "--json", help="print the list as JSON"),
+):
+    """List the tasks: item count, grader, answer format, and whether the exact estimator is available."""
+    check_model_spec(model)
+    rows = [
+        {
+            "task": name,
+            # Only built-in tasks are counted: the others would need a file or the network.
+            "items": len(load_task(name).items) if entry.builtin else None,
+            "grader": entry.grader,
+            "answer": entry.answer,
+            "exact_estimator": entry.multiple_choice and can_score_options(model),
+            "description": entry.description,
+        }
+        for name, entry in sorted(TASKS.items())
+    ]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"Tasks (exact estimator checked for --model {model})")
+    for column in ("task", "items", "grader", "answer format", "exact"):
         table.add_column(column)
-    for name, entry in sorted(TASKS.items()):
-        # Only built-in tasks are counted: the others would need a file or the network.
-        count = str(len(load_task(name).items)) if entry.builtin else "from --data"
-        table.add_row(name, count, entry.description)
+    for row in rows:
+        table.add_row(
+            row["task"], "from --data" if row["items"] is None else str(row["items"]), row["grader"], row["answer"],
+            "yes" if row["exact_estimator"] else "no",
+        )
     out.print(table)
+    for row in rows:
+        out.print(f"[bold]{row['task']}[/bold]: {row['description']}", highlight=False)
+
+
+@app.command()
+@user_errors
+def grade(
+    task: str = typer.Option(..., help=TASK_HELP),
+    item: str = typer.Option(..., help="item id (as in `selfcorrect export`)"),
+    response: Path = typer.Option(..., help="file holding the reply to grade; - reads standard input"),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    task_opt: list[str] = typer.Option([], "--task-opt", help=TASK_OPT_HELP),
+    field: list[str] = typer.Option([], "--field", help=FIELD_HELP),
+    grader: Optional[str] = typer.Option(None, help=GRADER_HELP),
+):
+    """Grade one reply to one item and print {"correct", "reason", "answer"} as JSON."""
+    the_task = load_task(task, data, parse_task_options(task_opt, field, grader))
+    found = [candidate for candidate in the_task.items if candidate.id == item]
+    if not found:
+        raise UserError(f"--item {item}: no such item in task '{task}' (ids look like {the_task.items[0].id!r})")
+    if str(response) == "-":
+        text = sys.stdin.read()
+    elif response.is_file():
+        text = response.read_text(encoding="utf-8")
+    else:
+        raise UserError(f"--response {response}: no such file; give a file with the reply, or - for standard input")
+    verdict = the_task.grade(found[0], text)
+    print(json.dumps({"correct": verdict.correct, "reason": verdict.reason, "answer": verdict.answer,
+                      "item_id": item, "extra": verdict.extra}))
 
 
 @app.command()

@@ -15,6 +15,12 @@ MODEL_SPECS = {
 }
 
 
+def can_score_options(spec: str) -> bool:
+    """Whether the model a spec names can score option labels (the exact estimator), known without
+    loading it: llama.cpp models can."""
+    return spec == "embedded" or spec.startswith("llamacpp:")
+
+
 def check_model_spec(spec: str) -> None:
     """Reject a malformed spec before anything is loaded or written."""
     if spec == "embedded":

@@ -128,7 +128,7 @@ def _grader(name: str):
 
 @register_task(
     "custom", "your own JSONL/CSV/Parquet or hf:DATASET, with --field and --grader",
-    grader="--grader exact|number|math|choice|code", answer="as the grader expects",
+    grader="--grader", answer="as the grader expects",
 )
 def custom(data: Path | None, options: dict[str, str]) -> Task:
     reject_unknown_options("custom", options, {"fields", "grader"})
