@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from . import arithmetic, custom, gsm8k, math_problems, mcq  # noqa: F401 - importing registers the tasks
+from . import arithmetic, code, custom, gsm8k, math_problems, mcq  # noqa: F401 - importing registers the tasks
 from .base import TASKS, Grade, Item, Task, register_task
 
 __all__ = ["TASKS", "Grade", "Item", "Task", "load_task", "register_task"]
