@@ -132,3 +132,12 @@ def test_grade_command(tmp_path):
     assert wrong["correct"] is False and wrong["answer"] == "4"  # the last number in the box
     missing = run_cli("grade", "--task", "math", "--data", str(MATH), "--item", "zzz", "--response", str(reply))
     assert missing.returncode == 2 and "--item zzz: no such item" in missing.stderr
+
+
+def test_custom_csv_runs_end_to_end_on_the_embedded_model(tmp_path, embedded):
+    data = tmp_path / "quiz.csv"
+    data.write_text("q,a\nWhat is 2 + 2?,4\nWhat is 3 + 3?,6\n")
+    run = evaluate(task="custom", data=data, task_options={"fields": "question=q,answer=a", "grader": "number"},
+                   limit=2, backend=embedded, db=tmp_path / "r.sqlite")
+    assert run.report()["n_items"] == 2 and len(run.turns) == 4
+    assert {turn.item_id for turn in run.turns} == {"row-2", "row-3"}
