@@ -37,9 +37,9 @@ def main() -> None:
 
     started = time.perf_counter()
     raw_tokens = 0
-    for turn in run.turns:
+    for turn in run.turns:  # a turn's messages end with its reply: send what came before it
         reply = backend.llm.create_chat_completion(
-            messages=turn.messages, max_tokens=run.config["max_tokens"], temperature=0.0, seed=0
+            messages=turn.messages[:-1], max_tokens=run.config["max_tokens"], temperature=0.0, seed=0
         )
         raw_tokens += reply["usage"]["completion_tokens"]
     raw_s = time.perf_counter() - started

@@ -49,13 +49,13 @@ def test_critique_round_keeps_the_critique_as_feedback(tmp_path):
     backend = ScriptedBackend(lambda messages, seed: f"reply {len(messages)}")
     run = evaluate(task="arithmetic", limit=1, rounds=1, strategy="critique", backend=backend, db=tmp_path / "r.sqlite")
     first, correction = run.turns
-    assert first.feedback == [] and len(first.messages) == 1
-    # question, answer, review prompt, critique, improve prompt: the graded reply answers the last one.
+    assert first.feedback == [] and len(first.messages) == 2
+    # question, answer, review prompt, critique, improve prompt, graded reply.
     roles = [m["role"] for m in correction.messages]
-    assert roles == ["user", "assistant", "user", "assistant", "user"]
+    assert roles == ["user", "assistant", "user", "assistant", "user", "assistant"]
     assert correction.messages[2]["content"].startswith("Review your previous answer")
     assert correction.feedback == [correction.messages[3]["content"]] == ["reply 3"]
-    assert correction.response == "reply 5"
+    assert correction.response == correction.messages[-1]["content"] == "reply 5"
     assert len(backend.calls) == 3
 
 

@@ -84,8 +84,9 @@ def test_critique_round_generates_the_review_before_scoring(tmp_path, shared_dat
     backend = ScoringBackend()
     evaluate(task="mcq", data=shared_data / "boolq.jsonl", limit=2, strategy="critique", backend=backend,
              db=tmp_path / "r.sqlite")
-    # Per item: 1 first pass + 2 given answers, each after one generated review.
-    assert len(backend.scored) == 2 * 3 and len(backend.calls) == 2 * 2
+    # Per item: 1 first pass + 2 given answers. Each given answer: the review and the improved reply are
+    # generated, then the labels are scored where the improved reply began.
+    assert len(backend.scored) == 2 * 3 and len(backend.calls) == 2 * 2 * 2
     corrected = [m for m in backend.scored if len(m) > 1]
     assert all(m[2]["content"].startswith("Review your previous answer") for m in corrected)
 

@@ -6,14 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from selfcorrect import sandbox
 from selfcorrect.sandbox import run_program
 
-RUNNER = os.path.abspath(sandbox.__file__)
 
 
 def run(program: str, **limits):
@@ -21,20 +19,21 @@ def run(program: str, **limits):
     return run_program(program, **{"timeout_s": 3, **limits})
 
 
-def live_runner_processes() -> list[int]:
-    """Pids of sandbox runners (and their forks) that still run; zombies have finished and don't count."""
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids of the process group that still run; zombies have finished and don't count.
+
+    By group, not by command line: other test runs on this machine may be using the sandbox meanwhile.
+    """
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read().split(b"\0")
             with open(f"/proc/{entry}/stat") as handle:
-                state = handle.read().rsplit(")", 1)[1].split()[0]
+                state, _, group = handle.read().rsplit(")", 1)[1].split()[:3]
         except OSError:
             continue
-        if RUNNER.encode() in cmdline and state not in ("Z", "X"):
+        if int(group) == pgid and state not in ("Z", "X"):
             pids.append(int(entry))
     return pids
 
@@ -92,11 +91,10 @@ def test_the_cpu_limit_ends_a_busy_program():
 
 
 def test_a_fork_bomb_is_refused_and_leaves_no_process():
-    before = set(live_runner_processes())
-    result = run("import os\nwhile True:\n    os.fork()\n")
+    result = run("import os\nprint(os.getpgrp(), flush=True)\nwhile True:\n    os.fork()\n")
     assert not result.passed
-    assert result.reason == "PermissionError at line 3: sandbox: os.fork is not allowed"
-    assert set(live_runner_processes()) - before == set()
+    assert result.reason == "PermissionError at line 4: sandbox: os.fork is not allowed"
+    assert live_processes_in_group(int(result.stdout)) == []
 
 
 def test_processes_started_around_the_guard_do_not_outlive_the_run():
@@ -104,18 +102,18 @@ def test_processes_started_around_the_guard_do_not_outlive_the_run():
     # the program ends, though they hold the output pipes and would sleep for a minute: not only
     # after the grace period for draining the pipes.
     program = (
-        "import ctypes, time\n"
+        "import ctypes, os, time\n"
+        "print(os.getpgrp(), flush=True)\n"
         "libc = ctypes.CDLL(None)\n"
         "for _ in range(4):\n"
         "    if libc.fork() == 0:\n"
         "        time.sleep(60)\n"
         "        libc._exit(0)\n"
     )
-    before = set(live_runner_processes())
     result = run(program)
     assert (result.passed, result.reason) == (True, "passed")
     assert result.duration_s < sandbox._DRAIN_S
-    assert set(live_runner_processes()) - before == set()
+    assert live_processes_in_group(int(result.stdout)) == []
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,9 @@ class Run:
             "n_items_total": len(self.items),
             "complete": n_complete == len(self.items),
             "generated": self.generated,
-            "tokens": _token_totals(self.turns, len(self.items)),
+            "upper_bound": self.config["upper_bound"],
+            "tokens": _costs(self.turns, len(self.items)),
+            "verifier": _verifier(self.turns),
         }
         if summary is None:
             return {**report, "acc": [], "acc_ci": [], "cl": None, "cs": None, "rss": None, "acc_inf": None,
@@ -120,10 +122,41 @@ class Run:
         }
 
 
-def _token_totals(turns: list[Turn], n_items: int) -> dict:
-    prompt = sum(t.prompt_tokens for t in turns)
-    completion = sum(t.completion_tokens for t in turns)
-    return {"prompt": prompt, "completion": completion, "per_item": (prompt + completion) / max(n_items, 1)}
+def _costs(turns: list[Turn], n_items: int) -> dict:
+    """Tokens and wall time per run, per item and per round (round 0 is the first answer)."""
+    rounds: dict[int, dict] = {}
+    for turn in turns:
+        cost = rounds.setdefault(turn.round, {"round": turn.round, "prompt": 0, "completion": 0, "seconds": 0.0})
+        cost["prompt"] += turn.prompt_tokens
+        cost["completion"] += turn.completion_tokens
+        cost["seconds"] += turn.latency_s
+    prompt = sum(c["prompt"] for c in rounds.values())
+    completion = sum(c["completion"] for c in rounds.values())
+    seconds = sum(c["seconds"] for c in rounds.values())
+    per = max(n_items, 1)
+    return {"prompt": prompt, "completion": completion, "per_item": (prompt + completion) / per,
+            "seconds": seconds, "seconds_per_item": seconds / per, "per_round": [rounds[r] for r in sorted(rounds)]}
+
+
+def _verifier(turns: list[Turn]) -> dict | None:
+    """How well a strategy's own verdict ("my previous answer is wrong") matched the grade of that answer:
+    precision and recall of "wrong", over correction rounds where the strategy gave a verdict."""
+    grade = {(t.item_id, t.sample, t.round): t.correct for t in turns}
+    pairs = [
+        (t.notes["judged_wrong"], not grade[(t.item_id, t.sample, t.round - 1)])
+        for t in turns
+        if t.round > 0 and t.notes.get("judged_wrong") is not None and (t.item_id, t.sample, t.round - 1) in grade
+    ]
+    if not pairs:
+        return None
+    flagged = [wrong for judged, wrong in pairs if judged]
+    actually_wrong = [judged for judged, wrong in pairs if wrong]
+    return {
+        "verdicts": len(pairs),
+        "precision_wrong": sum(flagged) / len(flagged) if flagged else None,
+        "recall_wrong": sum(actually_wrong) / len(actually_wrong) if actually_wrong else None,
+        "accuracy": sum(judged == wrong for judged, wrong in pairs) / len(pairs),
+    }
 
 
 ESTIMATORS = ("auto", "exact", "sampling")
@@ -196,6 +229,11 @@ def evaluate(
         raise UserError(f"--estimator {estimator}: choose one of {', '.join(ESTIMATORS)}")
     the_task = load_task(task, Path(data).expanduser() if data is not None else None, task_options)
     the_strategy = get_strategy(strategy)
+    if the_strategy.needs_execution_feedback and not the_task.execution_feedback:
+        raise UserError(
+            f"--strategy {strategy}: needs execution feedback, which only code tasks give (humaneval, mbpp, "
+            f"custom --grader code); task '{the_task.name}' has none"
+        )
     check_model_spec(model)
     items = the_task.items[:limit] if limit else the_task.items
     backend = backend or load_model(model)
@@ -206,6 +244,7 @@ def evaluate(
         "model": model,
         "backend": backend.identity,
         "strategy": the_strategy.name,
+        "upper_bound": the_strategy.oracle,  # the strategy reads the gold answer: not a method, a ceiling
         "rounds": rounds,
         "samples": samples,
         "temperature": temperature,

@@ -6,7 +6,8 @@ Cells already in the store are read back instead of generated, which is all that
 conversation is rebuilt from the stored messages and continues from the first missing round.
 
 Every generation gets a seed derived from the run seed and its cell, so a cell's reply does not depend on
-which cells ran before it: a resumed run produces what an uninterrupted one would have.
+which cells ran before it: a resumed run produces what an uninterrupted one would have. A turn stores the
+whole conversation after its round, so the next round continues from exactly what the model saw.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Callable
 
 from .models import Backend, Message
 from .store import Store, Turn
-from .strategies import Strategy
+from .strategies import CorrectionRound, Strategy
 from .tasks import Item, Task
 
 
@@ -27,13 +28,48 @@ def cell_seed(run_seed: int, item_id: str, sample: int, round_: int, step: int) 
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def round_prompts(task: Task, strategy: Strategy, item: Item, round_: int) -> list[str]:
-    """The user messages of one round. The strategy gets the question as the model saw it, not the item,
-    so it cannot read the gold answer."""
-    question = task.prompt(item)
+class Dialogue:
+    """One conversation being extended: `ask` sends a user message, appends the model's reply, and
+    counts tokens. Each reply gets its own seed, so a reply never depends on what ran before it."""
+
+    def __init__(self, backend: Backend, history: list[Message], *, max_tokens: int, temperature: float,
+                 seed: Callable[[int], int]):
+        self.backend, self.max_tokens, self.temperature, self.seed = backend, max_tokens, temperature, seed
+        self.messages = list(history)
+        self.replies: list[str] = []
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def ask(self, prompt: str) -> str:
+        self.messages.append({"role": "user", "content": prompt})
+        reply = self.backend.complete(self.messages, self.max_tokens, self.temperature, self.seed(len(self.replies)))
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+        self.replies.append(reply.text)
+        self.messages.append({"role": "assistant", "content": reply.text})
+        return reply.text
+
+
+def play_round(
+    task: Task, strategy: Strategy, item: Item, round_: int, dialogue: Dialogue, previous: Turn | None,
+) -> tuple[str | None, dict]:
+    """Run round `round_` on `dialogue`: ask the question (round 0) or let the strategy correct the
+    `previous` turn. Returns (the reply to grade, or None if the strategy kept the previous answer; the
+    strategy's notes).
+
+    The strategy gets the question as the model saw it, not the item, so it cannot read the gold answer;
+    only an oracle strategy is told whether the previous answer was right.
+    """
     if round_ == 0:
-        return [question]
-    return strategy.round_prompts(question, task.instruction(item))
+        return dialogue.ask(task.prompt(item)), {}
+    correction = CorrectionRound(
+        question=task.prompt(item),
+        instruction=task.instruction(item),
+        previous_reply=previous.response,
+        ask=dialogue.ask,
+        execution_feedback=previous.reason if task.execution_feedback else None,
+        previous_correct=previous.correct if strategy.oracle else None,
+    )
+    return strategy.correct(correction), correction.notes
 
 
 def run_cells(
@@ -60,41 +96,37 @@ def run_cells(
     generated = 0
     for item in items:
         for sample in range(samples):
-            history: list[Message] = []
+            previous: Turn | None = None
             for round_ in range(rounds + 1):
                 turn = stored.get((item.id, sample, round_))
                 if turn is None:
-                    turn = _generate_turn(task, strategy, backend, item, sample, round_, history,
+                    turn = _generate_turn(task, strategy, backend, item, sample, round_, previous,
                                           temperature=temperature, max_tokens=max_tokens, seed=seed)
                     store.add_turn(run_id, turn)
                     generated += 1
                     on_turn()
-                history = turn.messages + [{"role": "assistant", "content": turn.response}]
+                previous = turn
     return generated
 
 
 def _generate_turn(
     task: Task, strategy: Strategy, backend: Backend, item: Item, sample: int, round_: int,
-    history: list[Message], *, temperature: float, max_tokens: int, seed: int,
+    previous: Turn | None, *, temperature: float, max_tokens: int, seed: int,
 ) -> Turn:
-    messages = list(history)
-    feedback: list[str] = []
-    prompt_tokens = completion_tokens = 0
     started = time.perf_counter()
-    prompts = round_prompts(task, strategy, item, round_)
-    for step, prompt in enumerate(prompts):
-        if step > 0:
-            # The reply to an earlier prompt of the round (a critique) stays in the conversation.
-            feedback.append(reply.text)
-            messages.append({"role": "assistant", "content": reply.text})
-        messages.append({"role": "user", "content": prompt})
-        reply = backend.complete(messages, max_tokens, temperature, cell_seed(seed, item.id, sample, round_, step))
-        prompt_tokens += reply.prompt_tokens
-        completion_tokens += reply.completion_tokens
-    grade = task.grade(item, reply.text)
+    dialogue = Dialogue(
+        backend, previous.messages if previous else [], max_tokens=max_tokens, temperature=temperature,
+        seed=lambda step: cell_seed(seed, item.id, sample, round_, step),
+    )
+    response, notes = play_round(task, strategy, item, round_, dialogue, previous)
+    if response is None:  # the strategy stopped: the previous answer stands, and all replies were feedback
+        response, feedback = previous.response, dialogue.replies
+    else:
+        feedback = dialogue.replies[:-1]
+    grade = task.grade(item, response)
     return Turn(
-        item_id=item.id, sample=sample, round=round_, messages=messages, response=reply.text, feedback=feedback,
-        answer=grade.answer, correct=grade.correct, reason=grade.reason, extra=grade.extra,
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        item_id=item.id, sample=sample, round=round_, messages=dialogue.messages, response=response,
+        feedback=feedback, answer=grade.answer, correct=grade.correct, reason=grade.reason, extra=grade.extra,
+        notes=notes, prompt_tokens=dialogue.prompt_tokens, completion_tokens=dialogue.completion_tokens,
         latency_s=time.perf_counter() - started, backend=backend.identity,
     )

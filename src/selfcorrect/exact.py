@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .engine import cell_seed, round_prompts
+from .engine import Dialogue, cell_seed, play_round
 from .models import Backend, Message
-from .store import OptionScore, Store
+from .store import OptionScore, Store, Turn
 from .strategies import Strategy
 from .tasks import Item, Task
 
@@ -38,15 +38,16 @@ def run_scoring(
     done = 0
     for item in items:
         labels = task.labels(item)
-        first: list[Message] = [{"role": "user", "content": task.prompt(item)}]
         for given in ["", *labels]:
             if (item.id, given) in stored:
                 continue
             started = time.perf_counter()
-            messages, feedback = first, []
+            first: list[Message] = [{"role": "user", "content": task.prompt(item)}]
             if given:
-                messages, feedback = _correction_context(task, strategy, backend, item, first, given, max_tokens, seed)
-            probs = backend.option_probs(messages, ANSWER_PREFIX, labels)
+                probs, messages, feedback = _score_correction(task, strategy, backend, item, first, given, labels,
+                                                              max_tokens, seed)
+            else:
+                probs, messages, feedback = backend.option_probs(first, ANSWER_PREFIX, labels), first, []
             store.add_option_score(
                 run_id,
                 OptionScore(item.id, given, labels, probs, messages, feedback, time.perf_counter() - started, backend.identity),
@@ -56,22 +57,26 @@ def run_scoring(
     return done
 
 
-def _correction_context(
+def _score_correction(
     task: Task, strategy: Strategy, backend: Backend, item: Item, first: list[Message], given: str,
-    max_tokens: int, seed: int,
-) -> tuple[list[Message], list[str]]:
-    """The conversation after the model 'answered' `given`, up to the last prompt of the correction round.
-    Replies to earlier prompts of the round (a critique) are generated greedily."""
-    messages = [*first, {"role": "assistant", "content": f"{ANSWER_PREFIX} {given}."}]
-    prompts = round_prompts(task, strategy, item, 1)
-    feedback = []
-    for step, prompt in enumerate(prompts[:-1]):
-        messages.append({"role": "user", "content": prompt})
-        reply = backend.complete(messages, max_tokens, 0.0, cell_seed(seed, item.id, 0, 1, step))
-        feedback.append(reply.text)
-        messages.append({"role": "assistant", "content": reply.text})
-    messages.append({"role": "user", "content": prompts[-1]})
-    return messages, feedback
+    labels: list[str], max_tokens: int, seed: int,
+) -> tuple[list[float], list[Message], list[str]]:
+    """p2(.|given): the model made to have answered `given`, then the strategy's round run greedily; the
+    reply it would grade is replaced by scoring the labels at that point of the conversation. A strategy
+    that stops keeps the given answer, so p2 puts all its mass there."""
+    previous_reply = f"{ANSWER_PREFIX} {given}."
+    dialogue = Dialogue(
+        backend, [*first, {"role": "assistant", "content": previous_reply}], max_tokens=max_tokens, temperature=0.0,
+        seed=lambda step: cell_seed(seed, item.id, 0, 1, step),
+    )
+    # The given answer as a graded first turn: an oracle strategy may see whether it is right.
+    previous = Turn(item.id, 0, 0, dialogue.messages, previous_reply, [], given, given == item.target, "", {}, {},
+                    0, 0, 0.0, backend.identity)
+    response, _ = play_round(task, strategy, item, 1, dialogue, previous)
+    if response is None:
+        return [1.0 if label == given else 0.0 for label in labels], dialogue.messages, dialogue.replies
+    context = dialogue.messages[:-1]  # up to the prompt that the graded reply answered
+    return backend.option_probs(context, ANSWER_PREFIX, labels), context, dialogue.replies[:-1]
 
 
 def item_probabilities(scores: list[OptionScore], target: str) -> tuple[float, float, float] | None:

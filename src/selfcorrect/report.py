@@ -39,6 +39,8 @@ def print_report(report: dict, console: Console) -> None:
     )
     console.print(f"items: {report['n_items']} complete of {report['n_items_total']}   store: {report['db']}")
     console.print(f"estimator: {ESTIMATOR_NOTES[report['estimator']]}")
+    if report["upper_bound"]:
+        console.print("[bold red]UPPER BOUND: this strategy reads the gold answer; it is not a method[/bold red]")
     if not report["complete"]:
         console.print("[yellow]incomplete: run the same command again to fill the missing turns[/yellow]")
     if not report["acc"]:
@@ -73,6 +75,13 @@ def print_report(report: dict, console: Console) -> None:
         console.print(steps)
     tokens = report["tokens"]
     console.print(
-        f"tokens: {tokens['prompt']} prompt + {tokens['completion']} completion "
-        f"({tokens['per_item']:.0f} per item)"
+        f"cost: {tokens['prompt']} prompt + {tokens['completion']} completion tokens "
+        f"({tokens['per_item']:.0f} per item), {tokens['seconds']:.1f} s of generation "
+        f"({tokens['seconds_per_item']:.2f} s per item)"
     )
+    if report["verifier"]:
+        verifier = report["verifier"]
+        console.print(
+            f"the model's own verdicts on its answers ({verifier['verdicts']}): accuracy {_num(verifier['accuracy'])}, "
+            f"precision of 'wrong' {_num(verifier['precision_wrong'])}, recall of 'wrong' {_num(verifier['recall_wrong'])}"
+        )

@@ -35,13 +35,14 @@ CREATE TABLE IF NOT EXISTS turns (
     item_id TEXT NOT NULL,
     sample INTEGER NOT NULL,
     round INTEGER NOT NULL,          -- 0 is the first answer, 1.. are corrections
-    messages TEXT NOT NULL,          -- JSON: the whole conversation sent for the graded reply
+    messages TEXT NOT NULL,          -- JSON: the whole conversation after the round, replies included
     response TEXT NOT NULL,
     feedback TEXT NOT NULL,          -- JSON list: earlier replies within the round (a critique, say)
     answer TEXT,                     -- extracted answer, NULL when none was found
     correct INTEGER NOT NULL,
     reason TEXT NOT NULL,            -- the grader's explanation (may quote the target; never shown to the model)
     extra TEXT NOT NULL,             -- JSON: secondary scores of the grader, e.g. {"loose": true}
+    notes TEXT NOT NULL,             -- JSON: what the strategy decided, e.g. {"stopped": true}
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     latency_s REAL NOT NULL,
@@ -87,6 +88,7 @@ class Turn:
     correct: bool
     reason: str
     extra: dict
+    notes: dict
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
@@ -151,10 +153,11 @@ class Store:
         """Write one graded turn in its own transaction."""
         with self.db:
             self.db.execute(
-                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_id, turn.item_id, turn.sample, turn.round, json.dumps(turn.messages), turn.response,
                     json.dumps(turn.feedback), turn.answer, int(turn.correct), turn.reason, json.dumps(turn.extra),
+                    json.dumps(turn.notes),
                     turn.prompt_tokens,
                     turn.completion_tokens, turn.latency_s, turn.backend, _now(),
                 ),
@@ -205,14 +208,14 @@ class Store:
         """Every stored turn of the run, ordered by item position, sample and round."""
         rows = self.db.execute(
             """SELECT t.item_id, t.sample, t.round, t.messages, t.response, t.feedback, t.answer, t.correct,
-                      t.reason, t.extra, t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend
+                      t.reason, t.extra, t.notes, t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend
                FROM turns t JOIN items i ON i.run_id = t.run_id AND i.item_id = t.item_id
                WHERE t.run_id = ? ORDER BY i.position, t.sample, t.round""",
             (run_id,),
         )
         return [
             Turn(r[0], r[1], r[2], json.loads(r[3]), r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], json.loads(r[9]),
-                 r[10], r[11], r[12], r[13])
+                 json.loads(r[10]), r[11], r[12], r[13], r[14])
             for r in rows
         ]
 

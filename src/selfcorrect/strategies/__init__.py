@@ -1,53 +1,90 @@
-"""Correction strategies: what the model is told after its previous answer.
+"""Correction strategies: how the model is led from its previous answer to the next one.
 
-A strategy turns the question (as first asked) and the task's answer instruction into the user messages of
-one correction round. The model replies to each in turn; the reply to the last one is the round's answer
-and is graded, replies to earlier ones (a critique, say) are kept as the round's feedback. A strategy sees
-only what the model saw, never the item's gold answer.
+A strategy is a function that runs one correction round. It gets a `CorrectionRound`: the question as the
+model saw it, the task's answer instruction, the previous reply, execution feedback where the task has
+it (code), and `ask(prompt)`, which sends a user message and returns the model's reply (both stay in the
+conversation). It returns the reply to grade, or None to keep the previous answer (the strategy stopped).
+It may write what it decided into `notes` (for example its own verdict), which is stored with the turn.
+
+A strategy never sees the item's gold answer. `oracle-stop` is the one exception, allowed only as an
+upper bound: it is registered with `oracle=True`, the engine hands it the previous answer's grade, and
+every report marks it.
+
+Add your own in a file of yours:
+
+    from selfcorrect.strategies import register_strategy
+
+    @register_strategy("double-check", "ask twice whether the answer holds, then answer again")
+    def double_check(round):
+        round.ask("Check your previous answer once more, step by step.")
+        return round.ask(f"Now give your final answer. {round.instruction}")
+
+and make it known to the command line with an entry point in your package's pyproject.toml:
+
+    [project.entry-points."selfcorrect.strategies"]
+    double-check = "my_package.strategies"
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Callable
 
 from ..errors import UserError
 
-RoundPrompts = Callable[[str, str], list[str]]
+
+@dataclass
+class CorrectionRound:
+    question: str  # the first user message, as the model saw it
+    instruction: str  # how the task wants the answer stated
+    previous_reply: str
+    ask: Callable[[str], str]
+    # The task's gold-free feedback on the previous reply (the sandbox's verdict on code), or None.
+    execution_feedback: str | None = None
+    # Only for strategies registered with oracle=True: whether the previous answer was right.
+    previous_correct: bool | None = None
+    notes: dict = field(default_factory=dict)
+
+
+CorrectFn = Callable[[CorrectionRound], "str | None"]
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str
     description: str
-    round_prompts: RoundPrompts
+    correct: CorrectFn
+    oracle: bool = False  # reads the gold answer: an upper bound, never a method
+    needs_execution_feedback: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register_strategy(name: str, description: str) -> Callable[[RoundPrompts], RoundPrompts]:
-    def decorate(round_prompts: RoundPrompts) -> RoundPrompts:
-        STRATEGIES[name] = Strategy(name, description, round_prompts)
-        return round_prompts
+def register_strategy(
+    name: str, description: str, *, oracle: bool = False, needs_execution_feedback: bool = False
+) -> Callable[[CorrectFn], CorrectFn]:
+    def decorate(correct: CorrectFn) -> CorrectFn:
+        STRATEGIES[name] = Strategy(name, description, correct, oracle, needs_execution_feedback)
+        return correct
 
     return decorate
 
 
+def _load_plugins() -> None:
+    """Import the modules that packages list under the 'selfcorrect.strategies' entry point."""
+    for entry in entry_points(group="selfcorrect.strategies"):
+        if entry.name not in STRATEGIES:
+            entry.load()
+
+
 def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        _load_plugins()
     if name not in STRATEGIES:
         raise UserError(f"--strategy {name}: unknown strategy; choose one of {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name]
 
 
-@register_strategy("reask", "ask the same question again with the previous answer in context (Yang et al.)")
-def reask(question: str, instruction: str) -> list[str]:
-    return [question]
-
-
-@register_strategy("critique", "review the previous answer for problems, then improve it (Huang et al.)")
-def critique(question: str, instruction: str) -> list[str]:
-    return [
-        "Review your previous answer and find problems with your answer.",
-        f"Based on the problems you found, improve your answer. {instruction}",
-    ]
+from . import builtin  # noqa: E402,F401 - registers the strategies that ship with selfcorrect

@@ -53,6 +53,9 @@ class Task:
     # The option labels of a multiple-choice item (["A", "B", ...] or ["yes", "no"]), for tasks whose
     # answers are labels; None for free-form tasks. Makes the exact estimator possible.
     labels: Callable[[Item], list[str]] | None = None
+    # True when the grade's reason is gold-free feedback a model may see (the sandbox's verdict on code),
+    # which strategies such as exec-feedback show it.
+    execution_feedback: bool = False
     # Everything that defines the item set, for the run's identity (options, data file and its hash).
     identity: dict = field(default_factory=dict)
 

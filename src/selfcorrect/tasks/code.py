@@ -86,6 +86,7 @@ def humaneval(data: Path | None, options: dict[str, str]) -> Task:
         instruction=lambda item: INSTRUCTION,
         grade=grade_humaneval,
         max_tokens=512,
+        execution_feedback=True,
         identity={"task": "humaneval", **file_identity(data)},
     )
 
@@ -116,5 +117,6 @@ def mbpp(data: Path | None, options: dict[str, str]) -> Task:
         instruction=lambda item: INSTRUCTION,
         grade=grade_code_with_tests,
         max_tokens=512,
+        execution_feedback=True,
         identity={"task": "mbpp", **file_identity(data)},
     )

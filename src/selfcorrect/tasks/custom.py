@@ -155,5 +155,6 @@ def custom(data: Path | None, options: dict[str, str]) -> Task:
         grade=_grader(grader),
         max_tokens=512 if grader in ("math", "code") else 256,
         labels=option_labels if grader == "choice" else None,
+        execution_feedback=grader == "code",
         identity={"task": "custom", "grader": grader, "fields": fields, **identity},
     )

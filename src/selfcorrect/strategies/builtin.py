@@ -1,0 +1,94 @@
+"""The strategies that ship with selfcorrect, each after the paper that introduced or studied it."""
+
+from __future__ import annotations
+
+import re
+
+from . import CorrectionRound, register_strategy
+
+
+@register_strategy("reask", "ask the same question again with the previous answer in context (Yang et al.)")
+def reask(round: CorrectionRound) -> str:
+    return round.ask(round.question)
+
+
+@register_strategy("critique", "review the previous answer for problems, then improve it (Huang et al.)")
+def critique(round: CorrectionRound) -> str:
+    round.ask("Review your previous answer and find problems with your answer.")
+    return round.ask(f"Based on the problems you found, improve your answer. {round.instruction}")
+
+
+# The two ends of Yang et al.'s confidence-critique trade-off: a prompt that licenses keeping the answer
+# moves CL up (and CS down); one that presumes a mistake moves CS up (and CL down).
+@register_strategy("confident", "reconsider, keeping the answer unless sure it is wrong (raises CL)")
+def confident(round: CorrectionRound) -> str:
+    return round.ask(
+        "Please double-check your previous answer. If you are confident it is correct, keep it; change it "
+        f"only if you find a clear mistake. {round.instruction}"
+    )
+
+
+@register_strategy("critical", "assume the answer may be wrong and look for the error (raises CS)")
+def critical(round: CorrectionRound) -> str:
+    return round.ask(
+        "Your previous answer may contain a mistake. Check every step critically, find the error and give "
+        f"the corrected answer. {round.instruction}"
+    )
+
+
+NO_CHANGE = "NO CHANGES NEEDED"
+
+
+@register_strategy("self-refine", "feedback, then refine; stops when the model's feedback finds nothing to change (Madaan et al.)")
+def self_refine(round: CorrectionRound) -> str | None:
+    feedback = round.ask(
+        "Give feedback on your previous answer: point out each mistake or weakness. "
+        f'If it is fully correct and nothing needs to change, reply exactly "{NO_CHANGE}".'
+    )
+    if NO_CHANGE.lower() in feedback.lower():
+        round.notes["stopped"] = True
+        return None
+    return round.ask(f"Refine your answer using this feedback. {round.instruction}")
+
+
+def judged_wrong(verdict: str) -> bool | None:
+    """The model's verdict on its own answer: True for 'incorrect', False for 'correct', None if unclear."""
+    words = re.findall(r"\b(incorrect|wrong|correct|right)\b", verdict.lower())
+    if not words:
+        return None
+    return words[0] in ("incorrect", "wrong")
+
+
+@register_strategy("verify-then-revise", "the model judges its answer first and revises only if it judges it wrong")
+def verify_then_revise(round: CorrectionRound) -> str | None:
+    verdict = round.ask('Is your previous answer correct? Start your reply with "Correct" or "Incorrect", then explain.')
+    wrong = judged_wrong(verdict)
+    round.notes["judged_wrong"] = wrong
+    if wrong is False:
+        round.notes["stopped"] = True
+        return None
+    return round.ask(f"Then give a corrected answer. {round.instruction}")
+
+
+@register_strategy(
+    "exec-feedback", "show the sandbox's verdict on the code and ask for a fix; stops once it passes (Self-Debug)",
+    needs_execution_feedback=True,
+)
+def exec_feedback(round: CorrectionRound) -> str | None:
+    if round.execution_feedback == "passed":
+        round.notes["stopped"] = True
+        return None
+    return round.ask(
+        f"Running your code gave: {round.execution_feedback}\nFix the code. {round.instruction}"
+    )
+
+
+@register_strategy(
+    "oracle-stop", "UPPER BOUND, reads the gold answer: reask, but only where the previous answer was wrong",
+    oracle=True,
+)
+def oracle_stop(round: CorrectionRound) -> str | None:
+    if round.previous_correct:
+        round.notes["stopped"] = True
+        return None
+    return round.ask(round.question)
