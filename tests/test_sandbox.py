@@ -13,7 +13,6 @@ from selfcorrect import sandbox
 from selfcorrect.sandbox import run_program
 
 
-
 def run(program: str, **limits):
     """run_program with limits small enough that a hostile program costs the suite seconds, not minutes."""
     return run_program(program, **{"timeout_s": 3, **limits})
