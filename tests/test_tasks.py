@@ -126,3 +126,10 @@ def test_gsm8k_without_data_offline_says_to_pass_data(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="pass --data PATH"):
         load_task("gsm8k")
+
+
+def test_arithmetic_questions_are_distinct_and_bounded():
+    items = generate_items(n=162, digits=1, operands=2, operators="+-", seed=0)  # every possible one
+    assert len({item.question for item in items}) == 162
+    with pytest.raises(UserError, match="only 162 distinct problems"):
+        load_task("arithmetic", options={"n": "163"})

@@ -15,9 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .api import evaluate, load_run
+from .compare import compare_runs
 from .errors import UserError
 from .models import MODEL_SPECS, can_score_options, check_model_spec
-from .report import print_report
+from .report import print_comparison, print_report
 from .store import Store, default_db_path
 from .strategies import STRATEGIES
 from .tasks import TASKS, load_task
@@ -135,6 +136,21 @@ def report(
         print(json.dumps(result.report()))
     else:
         print_report(result.report(), out)
+
+
+@app.command()
+@user_errors
+def compare(
+    run_ids: list[str] = typer.Argument(..., help="two or more run ids (or unique prefixes) on the same items"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the comparison as one JSON object"),
+):
+    """Compare runs on their common items: accuracy, CL, CS, RSS, cost, and paired tests."""
+    result = compare_runs([load_run(run_id, db) for run_id in run_ids])
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print_comparison(result, out)
 
 
 @app.command()

@@ -88,14 +88,14 @@ def pair_metrics_from_probabilities(p_a, p_b_given_a, p_b_given_not_a, n_boot: i
 def _metrics_from_item_quantities(pa: np.ndarray, x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dict:
     """Point estimates, bootstrap intervals and transition shares from the per-item (pa, x, y)."""
     point = _ratio_metrics(pa[None, :], x[None, :], y[None, :])
-    idx = _bootstrap_indices(len(pa), n_boot, seed)
+    idx = bootstrap_indices(len(pa), n_boot, seed)
     replicates = _ratio_metrics(pa[idx], x[idx], y[idx])
     result = {"n_items": int(len(pa))}
     result.update({name: _scalar(point[name][0]) for name in _RATIO_METRICS})
     # x_i is P(right then right) for item i and y_i P(wrong then right): their means are the shares.
     shares = {"c->c": x.mean(), "c->w": (pa - x).mean(), "w->c": y.mean(), "w->w": (1.0 - pa - y).mean()}
     result["transitions"] = {k: float(shares[k]) for k in TRANSITIONS}
-    result["ci"] = {name: _percentile_ci(replicates[name]) for name in _RATIO_METRICS}
+    result["ci"] = {name: percentile_ci(replicates[name]) for name in _RATIO_METRICS}
     return result
 
 
@@ -107,8 +107,8 @@ def accuracy(correct, n_boot: int = 2000, seed: int = 0) -> dict:
     """
     correct = _as_table(correct, 2, "correct")
     pa = correct.mean(axis=1)
-    idx = _bootstrap_indices(len(pa), n_boot, seed)
-    return {"acc": float(pa.mean()), "ci": _percentile_ci(pa[idx].mean(axis=1))}
+    idx = bootstrap_indices(len(pa), n_boot, seed)
+    return {"acc": float(pa.mean()), "ci": percentile_ci(pa[idx].mean(axis=1))}
 
 
 def summarize(correct, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -189,7 +189,7 @@ def _ratio_metrics(pa: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict:
             "acc_inf": acc_inf, "delta": acc2 - acc1}
 
 
-def _bootstrap_indices(n_items: int, n_boot: int, seed: int) -> np.ndarray:
+def bootstrap_indices(n_items: int, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, n_items) matrix of item indices; each row is one resample of items with replacement."""
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
@@ -197,7 +197,7 @@ def _bootstrap_indices(n_items: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.integers(0, n_items, size=(n_boot, n_items))
 
 
-def _percentile_ci(replicates: np.ndarray):
+def percentile_ci(replicates: np.ndarray):
     """Percentile interval of the defined replicates, or None if no replicate is defined."""
     defined = replicates[np.isfinite(replicates)]
     if defined.size == 0:

@@ -85,3 +85,29 @@ def print_report(report: dict, console: Console) -> None:
             f"the model's own verdicts on its answers ({verifier['verdicts']}): accuracy {_num(verifier['accuracy'])}, "
             f"precision of 'wrong' {_num(verifier['precision_wrong'])}, recall of 'wrong' {_num(verifier['recall_wrong'])}"
         )
+
+
+def print_comparison(comparison: dict, console: Console) -> None:
+    left_out = sum(comparison["left_out"].values())
+    console.print(f"[bold]{len(comparison['runs'])} runs on {comparison['n_items']} common items[/bold]"
+                  + (f" ({left_out} item results outside the common set left out)" if left_out else ""))
+    runs = Table(title="Runs (first answer to final answer; 95% bootstrap intervals over the common items)")
+    for column in ("run", "strategy", "est.", "final acc", "95% CI", "change", "CL", "CS", "RSS", "tok/item",
+                   "acc/1k tok"):
+        runs.add_column(column, justify="right")
+    for row in comparison["runs"]:
+        strategy = row["strategy"] + (" [red](UPPER BOUND)[/red]" if row["upper_bound"] else "")
+        runs.add_row(
+            row["run_id"][:8], strategy, row["estimator"], _num(row["acc_final"]), _interval(row["acc_final_ci"]),
+            _num(row["delta"]), _num(row["cl"]), _num(row["cs"]), _num(row["rss"]),
+            "n/a" if row["tokens_per_item"] is None else f"{row['tokens_per_item']:.0f}",
+            _num(row["acc_per_1k_tokens"]),
+        )
+    console.print(runs)
+    pairs = Table(title="Pairs: final accuracy of b minus a, paired over items")
+    for column in ("a", "b", "difference", "95% CI", "McNemar p"):
+        pairs.add_column(column, justify="right")
+    for pair in comparison["pairs"]:
+        pairs.add_row(pair["a"][:8], pair["b"][:8], _num(pair["diff"]), _interval(pair["diff_ci"]),
+                      _num(pair["mcnemar_p"], 4))
+    console.print(pairs)

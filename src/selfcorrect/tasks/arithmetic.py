@@ -29,17 +29,27 @@ def _int_option(options: dict[str, str], name: str, low: int, high: int) -> int:
 
 
 def generate_items(n: int, digits: int, operands: int, operators: str, seed: int) -> list[Item]:
-    """`n` expressions, the same ones for the same arguments on every machine."""
+    """`n` distinct expressions, the same ones for the same arguments on every machine.
+
+    Distinct, because items are the unit the bootstrap resamples: a repeated question would count twice.
+    """
     rng = random.Random(seed)
+    low = 10 ** (digits - 1) if digits > 1 else 1  # operands never start with 0, so 1 digit draws 1..9
+    possible = (10**digits - low) ** operands * len(set(operators)) ** (operands - 1)
+    if n > possible:
+        raise UserError(f"--task-opt n={n}: these options allow only {possible} distinct problems; lower n or raise digits")
+    seen: set[str] = set()
     items = []
-    for index in range(n):
-        # Operands never start with 0 so "digits" means what it says (1 digit draws 1..9).
-        numbers = [rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10**digits - 1) for _ in range(operands)]
+    while len(items) < n:
+        numbers = [rng.randint(low, 10**digits - 1) for _ in range(operands)]
         ops = [rng.choice(operators) for _ in range(operands - 1)]
         expression = str(numbers[0]) + "".join(f" {op} {num}" for op, num in zip(ops, numbers[1:]))
+        if expression in seen:
+            continue
+        seen.add(expression)
         # Python's precedence is the usual one for + - *, and the operands are plain integers.
         target = str(eval(expression))  # noqa: S307 - built from digits and + - * only
-        items.append(Item(id=f"arith-{index}", question=f"What is {expression}?", target=target))
+        items.append(Item(id=f"arith-{len(items)}", question=f"What is {expression}?", target=target))
     return items
 
 

@@ -1,0 +1,97 @@
+"""`compare`: runs paired by item, hand-checkable differences, McNemar where outcomes are binary, and
+the command line on real runs of the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfcorrect import evaluate
+from selfcorrect.compare import compare_runs
+from selfcorrect.errors import UserError
+
+from conftest import ScriptedBackend, run_cli
+
+
+def _fixed(right_items: set[int]):
+    """A scripted model that answers item k right exactly when k is in `right_items`, in every round."""
+
+    def reply(messages, seed):
+        question = messages[0]["content"]
+        expression = question.split("What is ")[1].split("?")[0]
+        value = eval(expression)  # noqa: S307 - our own generated arithmetic
+        k = _item_index[question]
+        return f"The answer is {value if k in right_items else value + 1}."
+
+    return ScriptedBackend(reply)
+
+
+_item_index: dict[str, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _index_items():
+    from selfcorrect.tasks import load_task
+
+    task = load_task("arithmetic")
+    _item_index.update({task.prompt(item): k for k, item in enumerate(task.items)})
+
+
+def test_differences_and_mcnemar_by_hand(tmp_path):
+    db = tmp_path / "r.sqlite"
+    # Run a gets items 0-5 right; run b gets 0-3 and 6-9 right: b fixes 6-9 (4) and breaks 4-5 (2).
+    a = evaluate(task="arithmetic", limit=10, backend=_fixed(set(range(6))), db=db, seed=1)
+    b = evaluate(task="arithmetic", limit=10, backend=_fixed({0, 1, 2, 3, 6, 7, 8, 9}), db=db, seed=2)
+    result = compare_runs([a, b], n_boot=500)
+    assert result["n_items"] == 10
+    row_a, row_b = result["runs"]
+    assert (row_a["acc_final"], row_b["acc_final"]) == (0.6, 0.8)
+    assert row_a["cl"] == 1.0 and row_a["delta"] == 0.0  # the scripted model never changes its answer
+    pair = result["pairs"][0]
+    assert (pair["a"], pair["b"]) == (a.run_id, b.run_id)
+    assert pair["diff"] == pytest.approx(0.2)
+    assert pair["mcnemar_p"] == pytest.approx(2 * (1 + 6 + 15) / 64)  # 2 * P(X <= 2), X ~ Bin(6, 1/2)
+    low, high = pair["diff_ci"]
+    assert low <= 0.2 <= high
+    assert row_a["tokens_per_item"] > 0 and row_a["acc_per_1k_tokens"] == pytest.approx(
+        0.6 / (row_a["tokens_per_item"] / 1000))
+
+
+def test_only_common_items_count(tmp_path):
+    db = tmp_path / "r.sqlite"
+    a = evaluate(task="arithmetic", limit=10, backend=_fixed(set(range(10))), db=db)
+    b = evaluate(task="arithmetic", limit=4, backend=_fixed(set()), db=db)
+    result = compare_runs([a, b], n_boot=200)
+    assert result["n_items"] == 4 and result["left_out"] == {a.run_id: 6, b.run_id: 0}
+    assert result["pairs"][0]["diff"] == -1.0
+
+
+def test_no_common_items_is_an_error(tmp_path, shared_data):
+    db = tmp_path / "r.sqlite"
+    a = evaluate(task="arithmetic", limit=2, backend=ScriptedBackend(), db=db)
+    b = evaluate(task="gsm8k", data=shared_data / "gsm8k_test.jsonl", limit=2, backend=ScriptedBackend(), db=db)
+    with pytest.raises(UserError, match="share no complete items"):
+        compare_runs([a, b])
+    with pytest.raises(UserError, match="at least two runs"):
+        compare_runs([a])
+
+
+def test_compare_cli_on_real_runs(tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    ids = []
+    for strategy in ("reask", "critical", "oracle-stop"):
+        done = run_cli("run", "--strategy", strategy, "--limit", "6", "--db", db, "--json")
+        assert done.returncode == 0, done.stderr
+        ids.append(json.loads(done.stdout)["run_id"])
+    shown = run_cli("compare", *ids, "--db", db, "--json")
+    assert shown.returncode == 0, shown.stderr
+    result = json.loads(shown.stdout)
+    assert result["n_items"] == 6 and len(result["pairs"]) == 3
+    for pair in result["pairs"]:
+        assert {"a", "b", "mcnemar_p", "diff_ci"} <= set(pair) and len(pair["diff_ci"]) == 2
+    assert [row["upper_bound"] for row in result["runs"]] == [False, False, True]
+    table = run_cli("compare", *ids, "--db", db)
+    assert "UPPER BOUND" in table.stdout
+    bad = run_cli("compare", ids[0], "--db", db)
+    assert bad.returncode == 2 and "at least two runs" in bad.stderr
