@@ -42,9 +42,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 class ScriptedBackend:
     """A test double: replies are a pure function of (messages, seed), and every call is recorded."""
 
-    identity = "scripted:v1"
-
-    def __init__(self, reply=None):
+    def __init__(self, reply=None, identity: str = "scripted:v1"):
+        # The identity names the script: two different scripts must not share cached replies.
+        self.identity = identity
         self.calls: list[tuple[list[dict], int]] = []
         self.reply = reply or self.default_reply
 

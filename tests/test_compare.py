@@ -24,7 +24,7 @@ def _fixed(right_items: set[int]):
         k = _item_index[question]
         return f"The answer is {value if k in right_items else value + 1}."
 
-    return ScriptedBackend(reply)
+    return ScriptedBackend(reply, identity=f"scripted:right={sorted(right_items)}")
 
 
 _item_index: dict[str, int] = {}

@@ -38,7 +38,8 @@ def test_resume_after_lost_turns_matches_uninterrupted(tmp_path):
     with sqlite3.connect(partial_db) as db:
         db.execute("DELETE FROM turns WHERE (item_id = 'arith-1' AND round >= 1) OR item_id IN ('arith-4', 'arith-5')")
     backend = ScriptedBackend()
-    resumed = evaluate(task="arithmetic", limit=6, rounds=2, backend=backend, db=partial_db)
+    # Without the response cache, which would serve the lost turns again, the lost cells are regenerated.
+    resumed = evaluate(task="arithmetic", limit=6, rounds=2, backend=backend, db=partial_db, cache=False)
     assert resumed.generated == 2 + 3 + 3 == len(backend.calls)
     as_rows = lambda run: [(t.item_id, t.sample, t.round, t.messages, t.response, t.correct) for t in run.turns]
     assert as_rows(resumed) == as_rows(full)
@@ -86,3 +87,34 @@ def test_load_run_reads_back_what_evaluate_wrote(tmp_path):
     assert loaded.run_id == run.run_id
     assert loaded.turns == run.turns
     assert loaded.report()["acc"] == run.report()["acc"]
+
+
+def test_strategies_sharing_a_first_turn_generate_it_once(tmp_path):
+    """The response cache: a second strategy on the same items reuses the first answers, and only those."""
+    db = tmp_path / "r.sqlite"
+    backend = ScriptedBackend()
+    first = evaluate(task="arithmetic", limit=5, strategy="reask", backend=backend, db=db)
+    assert (first.generated, first.cache_hits) == (10, 0) and len(backend.calls) == 10
+    second = evaluate(task="arithmetic", limit=5, strategy="critique", backend=backend, db=db)
+    # First answers (5) from the cache; the critique rounds (2 replies each) generated.
+    assert (second.generated, second.cache_hits) == (5, 5) and len(backend.calls) == 10 + 5 * 2
+    assert [t.response for t in second.turns if t.round == 0] == [t.response for t in first.turns if t.round == 0]
+    report = second.report()
+    assert (report["generated"], report["cache_hits"]) == (5, 5)
+    uncached = evaluate(task="arithmetic", limit=5, strategy="confident", backend=backend, db=db, cache=False)
+    assert (uncached.generated, uncached.cache_hits) == (10, 0) and len(backend.calls) == 20 + 10
+
+
+def test_cache_key_names_everything_that_determines_a_reply():
+    from selfcorrect.cache import cache_key
+
+    base = ("llamacpp:m.gguf", [{"role": "user", "content": "hi"}], 64, 0.0, 1)
+    variants = [
+        ("openai:m@http://other:8000/v1", *base[1:]),
+        (base[0], [{"role": "user", "content": "hi!"}], *base[2:]),
+        (*base[:2], 65, *base[3:]),
+        (*base[:3], 0.7, base[4]),
+        (*base[:4], 2),
+    ]
+    assert len({cache_key(*base), *(cache_key(*v) for v in variants)}) == 6
+    assert cache_key(*base) == cache_key(*base)

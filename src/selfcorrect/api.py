@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from . import metrics
+from .cache import CachedBackend
 from .engine import run_cells
 from .errors import UserError
 from .exact import can_score_options, item_probabilities, run_scoring
@@ -33,7 +34,8 @@ class Run:
     items: list[dict]
     turns: list[Turn]
     scores: list[OptionScore] = field(default_factory=list)  # the exact estimator's scoring passes
-    generated: int = 0  # turns (or scoring passes) made by the call that returned this object
+    generated: int = 0  # turns (or scoring passes) the model made for the call that returned this object
+    cache_hits: int = 0  # turns that call took whole from the response cache
 
     @property
     def estimator(self) -> str:
@@ -97,6 +99,7 @@ class Run:
             "n_items_total": len(self.items),
             "complete": n_complete == len(self.items),
             "generated": self.generated,
+            "cache_hits": self.cache_hits,
             "upper_bound": self.config["upper_bound"],
             "tokens": _costs(self.turns, len(self.items)),
             "verifier": _verifier(self.turns),
@@ -212,6 +215,7 @@ def evaluate(
     max_tokens: int | None = None,
     db: str | Path | None = None,
     estimator: str = "auto",
+    cache: bool = True,
     backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
     on_turn: Callable[[], None] = lambda: None,
@@ -254,23 +258,26 @@ def evaluate(
     }
     run_id = run_id_for(config)
     store = Store(_db_path(db))
+    if cache:
+        backend = CachedBackend(backend, store)
     try:
         store.create_run(run_id, config, items)
         if chosen == "exact":
             total = sum(1 + len(the_task.labels(item)) for item in items)
             on_start(run_id, total, len(store.option_scores(run_id)))
+            cache_hits = 0  # scoring passes are not cached; the greedy replies inside them are
             generated = run_scoring(
                 run_id, the_task, items, the_strategy, backend, store,
                 max_tokens=config["max_tokens"], seed=seed, on_pass=on_turn,
             )
         else:
             on_start(run_id, len(items) * samples * (rounds + 1), len(store.turns(run_id)))
-            generated = run_cells(
+            generated, cache_hits = run_cells(
                 run_id, the_task, items, the_strategy, backend, store,
                 samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
                 seed=seed, on_turn=on_turn,
             )
-        return _read_run(store, run_id, generated)
+        return _read_run(store, run_id, generated, cache_hits)
     finally:
         store.close()
 
@@ -288,8 +295,8 @@ def _db_path(db: str | Path | None) -> Path:
     return Path(db).expanduser() if db is not None else default_db_path()
 
 
-def _read_run(store: Store, run_id: str, generated: int = 0) -> Run:
+def _read_run(store: Store, run_id: str, generated: int = 0, cache_hits: int = 0) -> Run:
     return Run(
         run_id, store.config(run_id), store.path, store.items(run_id), store.turns(run_id),
-        store.option_scores(run_id), generated,
+        store.option_scores(run_id), generated, cache_hits,
     )

@@ -93,6 +93,7 @@ def run(
     estimator: str = typer.Option(
         "auto", help="exact (option log-probs, multiple choice) | sampling | auto: exact where possible"
     ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="generate every reply, ignoring the response cache"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -109,7 +110,7 @@ def run(
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
-            estimator=estimator, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
+            estimator=estimator, cache=not no_cache, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
         )
     report = result.report()
     if as_json:
@@ -118,7 +119,8 @@ def run(
     print_report(report, out)
     out.print(
         f"\nstored in {result.db_path} as run {result.run_id} ({result.generated} "
-        f"{'scoring passes' if result.estimator == 'exact' else 'turns'} made now). "
+        f"{'scoring passes' if result.estimator == 'exact' else 'turns'} generated now, "
+        f"{result.cache_hits} from the response cache). "
         f"See it again: selfcorrect report {result.run_id}"
     )
 
@@ -151,6 +153,17 @@ def compare(
         print(json.dumps(result))
     else:
         print_comparison(result, out)
+
+
+@app.command("clear-cache")
+@user_errors
+def clear_cache(db: Optional[Path] = typer.Option(None, help=DB_HELP)):
+    """Forget every cached reply in the store (runs and their turns stay)."""
+    store = Store(db or default_db_path(), create=False)
+    try:
+        out.print(f"removed {store.clear_cache()} cached replies from {store.path}")
+    finally:
+        store.close()
 
 
 @app.command()

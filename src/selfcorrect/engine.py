@@ -38,12 +38,14 @@ class Dialogue:
         self.messages = list(history)
         self.replies: list[str] = []
         self.prompt_tokens = self.completion_tokens = 0
+        self.generated_replies = 0  # replies the model produced now, not served from the response cache
 
     def ask(self, prompt: str) -> str:
         self.messages.append({"role": "user", "content": prompt})
         reply = self.backend.complete(self.messages, self.max_tokens, self.temperature, self.seed(len(self.replies)))
         self.prompt_tokens += reply.prompt_tokens
         self.completion_tokens += reply.completion_tokens
+        self.generated_replies += not reply.cached
         self.replies.append(reply.text)
         self.messages.append({"role": "assistant", "content": reply.text})
         return reply.text
@@ -86,33 +88,36 @@ def run_cells(
     max_tokens: int,
     seed: int,
     on_turn: Callable[[], None] = lambda: None,
-) -> int:
-    """Generate and store every missing cell; returns how many turns were generated.
+) -> tuple[int, int]:
+    """Generate and store every missing cell; returns (turns generated, turns served whole from the
+    response cache).
 
     Conversations run one after another, each through all its rounds, so the backend's cached prefix
     (the conversation so far) is the one the next round extends.
     """
     stored = {(t.item_id, t.sample, t.round): t for t in store.turns(run_id)}
-    generated = 0
+    generated = cache_hits = 0
     for item in items:
         for sample in range(samples):
             previous: Turn | None = None
             for round_ in range(rounds + 1):
                 turn = stored.get((item.id, sample, round_))
                 if turn is None:
-                    turn = _generate_turn(task, strategy, backend, item, sample, round_, previous,
-                                          temperature=temperature, max_tokens=max_tokens, seed=seed)
+                    turn, from_cache = _generate_turn(task, strategy, backend, item, sample, round_, previous,
+                                                      temperature=temperature, max_tokens=max_tokens, seed=seed)
                     store.add_turn(run_id, turn)
-                    generated += 1
+                    cache_hits += from_cache
+                    generated += not from_cache
                     on_turn()
                 previous = turn
-    return generated
+    return generated, cache_hits
 
 
 def _generate_turn(
     task: Task, strategy: Strategy, backend: Backend, item: Item, sample: int, round_: int,
     previous: Turn | None, *, temperature: float, max_tokens: int, seed: int,
-) -> Turn:
+) -> tuple[Turn, bool]:
+    """The turn, and whether every reply in it came from the response cache."""
     started = time.perf_counter()
     dialogue = Dialogue(
         backend, previous.messages if previous else [], max_tokens=max_tokens, temperature=temperature,
@@ -124,9 +129,10 @@ def _generate_turn(
     else:
         feedback = dialogue.replies[:-1]
     grade = task.grade(item, response)
-    return Turn(
+    turn = Turn(
         item_id=item.id, sample=sample, round=round_, messages=dialogue.messages, response=response,
         feedback=feedback, answer=grade.answer, correct=grade.correct, reason=grade.reason, extra=grade.extra,
         notes=notes, prompt_tokens=dialogue.prompt_tokens, completion_tokens=dialogue.completion_tokens,
         latency_s=time.perf_counter() - started, backend=backend.identity,
     )
+    return turn, bool(dialogue.replies) and dialogue.generated_replies == 0

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import UserError
+from .models.base import Completion
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,6 +50,14 @@ CREATE TABLE IF NOT EXISTS turns (
     backend TEXT NOT NULL,
     created_at TEXT NOT NULL,
     PRIMARY KEY (run_id, item_id, sample, round)
+);
+-- Replies by cache key (see cache.py), shared by all runs in this store.
+CREATE TABLE IF NOT EXISTS response_cache (
+    key TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created_at TEXT NOT NULL
 );
 -- The exact multiple-choice estimator scores instead of sampling: per item, one pass for the first
 -- answer and one per option put in the model's mouth (K+1 passes), each a distribution over the labels.
@@ -184,6 +193,24 @@ class Store:
             OptionScore(r[0], r[1], json.loads(r[2]), json.loads(r[3]), json.loads(r[4]), json.loads(r[5]), r[6], r[7])
             for r in rows
         ]
+
+    def cached_reply(self, key: str) -> Completion | None:
+        row = self.db.execute(
+            "SELECT text, prompt_tokens, completion_tokens FROM response_cache WHERE key = ?", (key,)
+        ).fetchone()
+        return Completion(row[0], row[1], row[2], cached=True) if row else None
+
+    def cache_reply(self, key: str, reply: Completion) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO response_cache VALUES (?, ?, ?, ?, ?)",
+                (key, reply.text, reply.prompt_tokens, reply.completion_tokens, _now()),
+            )
+
+    def clear_cache(self) -> int:
+        """Forget every cached reply; returns how many there were."""
+        with self.db:
+            return self.db.execute("DELETE FROM response_cache").rowcount
 
     def find_run(self, prefix: str) -> str:
         """The full id of the one run whose id starts with `prefix`."""

@@ -13,6 +13,7 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    cached: bool = False  # served from the response cache, not generated now
 
 
 class Backend(Protocol):
