@@ -92,6 +92,6 @@ def test_compare_cli_on_real_runs(tmp_path):
         assert {"a", "b", "mcnemar_p", "diff_ci"} <= set(pair) and len(pair["diff_ci"]) == 2
     assert [row["upper_bound"] for row in result["runs"]] == [False, False, True]
     table = run_cli("compare", *ids, "--db", db)
-    assert "UPPER BOUND" in table.stdout
+    assert "oracle-stop*" in table.stdout and "UPPER BOUND" in table.stdout
     bad = run_cli("compare", ids[0], "--db", db)
     assert bad.returncode == 2 and "at least two runs" in bad.stderr

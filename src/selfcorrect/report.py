@@ -87,27 +87,39 @@ def print_report(report: dict, console: Console) -> None:
         )
 
 
+def _run_labels(rows: list[dict]) -> dict[str, str]:
+    """A short name per run: its strategy (with the run id where strategies repeat), '*' for an upper bound."""
+    strategies = [row["strategy"] for row in rows]
+    return {
+        row["run_id"]: (row["strategy"] if strategies.count(row["strategy"]) == 1 else f"{row['strategy']} {row['run_id'][:6]}")
+        + ("*" if row["upper_bound"] else "")
+        for row in rows
+    }
+
+
 def print_comparison(comparison: dict, console: Console) -> None:
+    rows = comparison["runs"]
+    labels = _run_labels(rows)
     left_out = sum(comparison["left_out"].values())
-    console.print(f"[bold]{len(comparison['runs'])} runs on {comparison['n_items']} common items[/bold]"
+    estimators = sorted({row["estimator"] for row in rows})
+    console.print(f"[bold]{len(rows)} runs on {comparison['n_items']} common items[/bold], estimator: {', '.join(estimators)}"
                   + (f" ({left_out} item results outside the common set left out)" if left_out else ""))
-    runs = Table(title="Runs (first answer to final answer; 95% bootstrap intervals over the common items)")
-    for column in ("run", "strategy", "est.", "final acc", "95% CI", "change", "CL", "CS", "RSS", "tok/item",
-                   "acc/1k tok"):
-        runs.add_column(column, justify="right")
-    for row in comparison["runs"]:
-        strategy = row["strategy"] + (" [red](UPPER BOUND)[/red]" if row["upper_bound"] else "")
-        runs.add_row(
-            row["run_id"][:8], strategy, row["estimator"], _num(row["acc_final"]), _interval(row["acc_final_ci"]),
-            _num(row["delta"]), _num(row["cl"]), _num(row["cs"]), _num(row["rss"]),
-            "n/a" if row["tokens_per_item"] is None else f"{row['tokens_per_item']:.0f}",
-            _num(row["acc_per_1k_tokens"]),
+    table = Table(title="First answer to final answer (95% bootstrap intervals over the common items)")
+    for column in ("run", "final acc", "95% CI", "change", "CL", "CS", "RSS", "tok/item", "acc/1k tok"):
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            labels[row["run_id"]], _num(row["acc_final"]), _interval(row["acc_final_ci"]), _num(row["delta"]),
+            _num(row["cl"]), _num(row["cs"]), _num(row["rss"]),
+            "n/a" if row["tokens_per_item"] is None else f"{row['tokens_per_item']:.0f}", _num(row["acc_per_1k_tokens"]),
         )
-    console.print(runs)
+    console.print(table)
+    if any(row["upper_bound"] for row in rows):
+        console.print("[red]* UPPER BOUND: reads the gold answer; not a method[/red]")
     pairs = Table(title="Pairs: final accuracy of b minus a, paired over items")
     for column in ("a", "b", "difference", "95% CI", "McNemar p"):
-        pairs.add_column(column, justify="right")
+        pairs.add_column(column, justify="left" if column in ("a", "b") else "right", no_wrap=True)
     for pair in comparison["pairs"]:
-        pairs.add_row(pair["a"][:8], pair["b"][:8], _num(pair["diff"]), _interval(pair["diff_ci"]),
+        pairs.add_row(labels[pair["a"]], labels[pair["b"]], _num(pair["diff"]), _interval(pair["diff_ci"]),
                       _num(pair["mcnemar_p"], 4))
     console.print(pairs)
