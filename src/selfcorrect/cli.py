@@ -20,7 +20,7 @@ from .errors import UserError
 from .models import MODEL_SPECS, can_score_options, check_model_spec
 from .report import print_comparison, print_report
 from .store import Store, default_db_path
-from .strategies import STRATEGIES
+from .strategies import all_strategies
 from .tasks import TASKS, load_task
 
 app = typer.Typer(
@@ -262,7 +262,7 @@ def strategies():
     table = Table(title="Strategies")
     table.add_column("strategy")
     table.add_column("what the model is told after its answer")
-    for name, strategy in sorted(STRATEGIES.items()):
+    for name, strategy in sorted(all_strategies().items()):
         table.add_row(name, strategy.description)
     out.print(table)
 

@@ -79,6 +79,12 @@ def _load_plugins() -> None:
             entry.load()
 
 
+def all_strategies() -> dict[str, Strategy]:
+    """Every strategy, plugins included."""
+    _load_plugins()
+    return STRATEGIES
+
+
 def get_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
         _load_plugins()
