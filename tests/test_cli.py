@@ -126,6 +126,14 @@ def test_sampling_is_seeded_and_samples_differ(tmp_path):
     assert len(set(first_answers)) > 1
 
 
+def test_critic_strategy_with_the_embedded_model_as_critic(tmp_path):
+    done = run_cli("run", "--strategy", "critic", "--critic-model", "embedded", "--limit", "2", "--db",
+                   str(tmp_path / "r.sqlite"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["n_items"] == 2 and report["config"]["critic"].startswith("llamacpp:SmolLM2")
+
+
 def test_tasks_lists_every_task():
     done = run_cli("tasks")
     assert done.returncode == 0

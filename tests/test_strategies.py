@@ -117,8 +117,11 @@ def test_no_strategy_sees_the_gold_answer(tmp_path, strategy):
         json.dumps({"question": f"Question {k}: how many apples?", "answer": f"work\n#### 98765{k}"}) for k in range(3)
     ))
     backend = ScriptedBackend(lambda messages, seed: "I think the answer is 12.")
-    evaluate(task="gsm8k", data=data, rounds=2, strategy=strategy, backend=backend, db=tmp_path / "r.sqlite")
-    assert backend.calls and "98765" not in json.dumps([messages for messages, _ in backend.calls])
+    critic = ScriptedBackend(lambda messages, seed: "Looks wrong to me.", identity="scripted:critic")
+    evaluate(task="gsm8k", data=data, rounds=2, strategy=strategy, backend=backend, db=tmp_path / "r.sqlite",
+             critic_model="embedded", critic_backend=critic)
+    sent = json.dumps([messages for messages, _ in backend.calls + critic.calls])
+    assert backend.calls and "98765" not in sent
 
 
 def test_a_users_strategy_plugs_in_through_an_entry_point(tmp_path, monkeypatch):
@@ -143,3 +146,21 @@ def test_a_users_strategy_plugs_in_through_an_entry_point(tmp_path, monkeypatch)
     finally:
         STRATEGIES.pop("shout", None)
         sys.modules.pop("my_strategies", None)
+
+
+def test_critic_reviews_and_the_model_revises(tmp_path):
+    backend = ScriptedBackend(lambda messages, seed: f"The answer is {len(messages)}.")
+    critic = ScriptedBackend(lambda messages, seed: "You added wrongly.", identity="scripted:critic")
+    run = evaluate(task="arithmetic", limit=2, strategy="critic", backend=backend, critic_model="embedded",
+                   critic_backend=critic, db=tmp_path / "r.sqlite")
+    assert len(critic.calls) == 2
+    review_request = critic.calls[0][0]
+    assert len(review_request) == 1 and "Question:\nWhat is 7 + 7?" in review_request[0]["content"]
+    assert "Answer:\nThe answer is 1." in review_request[0]["content"]
+    revision = [t for t in run.turns if t.round == 1][0]
+    assert revision.notes == {"critique": "You added wrongly."}
+    assert _last_user(revision.messages).startswith("A reviewer commented on your answer:\nYou added wrongly.")
+    assert run.config["critic"] == "scripted:critic"
+    with pytest.raises(UserError, match="--strategy critic: needs a second model; pass --critic-model"):
+        evaluate(task="arithmetic", strategy="critic", backend=backend, db=tmp_path / "s.sqlite")
+    assert not (tmp_path / "s.sqlite").exists()

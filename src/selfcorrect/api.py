@@ -216,7 +216,9 @@ def evaluate(
     db: str | Path | None = None,
     estimator: str = "auto",
     cache: bool = True,
+    critic_model: str | None = None,
     backend: Backend | None = None,
+    critic_backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
     on_turn: Callable[[], None] = lambda: None,
 ) -> Run:
@@ -238,9 +240,16 @@ def evaluate(
             f"--strategy {strategy}: needs execution feedback, which only code tasks give (humaneval, mbpp, "
             f"custom --grader code); task '{the_task.name}' has none"
         )
+    if the_strategy.needs_critic and critic_model is None:
+        raise UserError(f"--strategy {strategy}: needs a second model; pass --critic-model SPEC (e.g. embedded)")
     check_model_spec(model)
+    if critic_model is not None:
+        check_model_spec(critic_model)
     items = the_task.items[:limit] if limit else the_task.items
     backend = backend or load_model(model)
+    critic = None
+    if the_strategy.needs_critic:
+        critic = critic_backend or (backend if critic_model == model else load_model(critic_model))
     chosen = choose_estimator(estimator, the_task, backend, model, rounds, samples)
     config = {
         "estimator": chosen,
@@ -249,6 +258,7 @@ def evaluate(
         "backend": backend.identity,
         "strategy": the_strategy.name,
         "upper_bound": the_strategy.oracle,  # the strategy reads the gold answer: not a method, a ceiling
+        "critic": critic.identity if critic else None,
         "rounds": rounds,
         "samples": samples,
         "temperature": temperature,
@@ -260,6 +270,7 @@ def evaluate(
     store = Store(_db_path(db))
     if cache:
         backend = CachedBackend(backend, store)
+        critic = critic and CachedBackend(critic, store)
     try:
         store.create_run(run_id, config, items)
         if chosen == "exact":
@@ -268,14 +279,14 @@ def evaluate(
             cache_hits = 0  # scoring passes are not cached; the greedy replies inside them are
             generated = run_scoring(
                 run_id, the_task, items, the_strategy, backend, store,
-                max_tokens=config["max_tokens"], seed=seed, on_pass=on_turn,
+                max_tokens=config["max_tokens"], seed=seed, critic=critic, on_pass=on_turn,
             )
         else:
             on_start(run_id, len(items) * samples * (rounds + 1), len(store.turns(run_id)))
             generated, cache_hits = run_cells(
                 run_id, the_task, items, the_strategy, backend, store,
                 samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
-                seed=seed, on_turn=on_turn,
+                seed=seed, critic=critic, on_turn=on_turn,
             )
         return _read_run(store, run_id, generated, cache_hits)
     finally:

@@ -94,6 +94,7 @@ def run(
         "auto", help="exact (option log-probs, multiple choice) | sampling | auto: exact where possible"
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="generate every reply, ignoring the response cache"),
+    critic_model: Optional[str] = typer.Option(None, help="model spec of the critic, for --strategy critic"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -110,7 +111,7 @@ def run(
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
-            estimator=estimator, cache=not no_cache, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
+            estimator=estimator, cache=not no_cache, critic_model=critic_model, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
         )
     report = result.report()
     if as_json:

@@ -33,8 +33,9 @@ class Dialogue:
     counts tokens. Each reply gets its own seed, so a reply never depends on what ran before it."""
 
     def __init__(self, backend: Backend, history: list[Message], *, max_tokens: int, temperature: float,
-                 seed: Callable[[int], int]):
+                 seed: Callable[[int], int], critic: Backend | None = None):
         self.backend, self.max_tokens, self.temperature, self.seed = backend, max_tokens, temperature, seed
+        self.critic = critic
         self.messages = list(history)
         self.replies: list[str] = []
         self.prompt_tokens = self.completion_tokens = 0
@@ -48,6 +49,18 @@ class Dialogue:
         self.generated_replies += not reply.cached
         self.replies.append(reply.text)
         self.messages.append({"role": "assistant", "content": reply.text})
+        return reply.text
+
+    def ask_critic(self, prompt: str) -> str:
+        """A one-message conversation with the critic model; it stays out of the main conversation, but
+        its tokens count in the turn's cost."""
+        if self.critic is None:
+            raise RuntimeError("this round has no critic model")  # the API refuses such runs before they start
+        reply = self.critic.complete([{"role": "user", "content": prompt}], self.max_tokens, self.temperature,
+                                     self.seed(1000 + len(self.replies)))
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+        self.generated_replies += not reply.cached
         return reply.text
 
 
@@ -68,6 +81,7 @@ def play_round(
         instruction=task.instruction(item),
         previous_reply=previous.response,
         ask=dialogue.ask,
+        ask_critic=dialogue.ask_critic,
         execution_feedback=previous.reason if task.execution_feedback else None,
         previous_correct=previous.correct if strategy.oracle else None,
     )
@@ -87,6 +101,7 @@ def run_cells(
     temperature: float,
     max_tokens: int,
     seed: int,
+    critic: Backend | None = None,
     on_turn: Callable[[], None] = lambda: None,
 ) -> tuple[int, int]:
     """Generate and store every missing cell; returns (turns generated, turns served whole from the
@@ -104,7 +119,8 @@ def run_cells(
                 turn = stored.get((item.id, sample, round_))
                 if turn is None:
                     turn, from_cache = _generate_turn(task, strategy, backend, item, sample, round_, previous,
-                                                      temperature=temperature, max_tokens=max_tokens, seed=seed)
+                                                      temperature=temperature, max_tokens=max_tokens, seed=seed,
+                                                      critic=critic)
                     store.add_turn(run_id, turn)
                     cache_hits += from_cache
                     generated += not from_cache
@@ -115,13 +131,13 @@ def run_cells(
 
 def _generate_turn(
     task: Task, strategy: Strategy, backend: Backend, item: Item, sample: int, round_: int,
-    previous: Turn | None, *, temperature: float, max_tokens: int, seed: int,
+    previous: Turn | None, *, temperature: float, max_tokens: int, seed: int, critic: Backend | None,
 ) -> tuple[Turn, bool]:
     """The turn, and whether every reply in it came from the response cache."""
     started = time.perf_counter()
     dialogue = Dialogue(
         backend, previous.messages if previous else [], max_tokens=max_tokens, temperature=temperature,
-        seed=lambda step: cell_seed(seed, item.id, sample, round_, step),
+        seed=lambda step: cell_seed(seed, item.id, sample, round_, step), critic=critic,
     )
     response, notes = play_round(task, strategy, item, round_, dialogue, previous)
     if response is None:  # the strategy stopped: the previous answer stands, and all replies were feedback

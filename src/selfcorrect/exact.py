@@ -31,7 +31,7 @@ def can_score_options(backend: Backend) -> bool:
 
 def run_scoring(
     run_id: str, task: Task, items: list[Item], strategy: Strategy, backend: Backend, store: Store, *,
-    max_tokens: int, seed: int, on_pass: Callable[[], None] = lambda: None,
+    max_tokens: int, seed: int, critic: Backend | None = None, on_pass: Callable[[], None] = lambda: None,
 ) -> int:
     """Score every missing (item, given-answer) pass; returns how many passes ran."""
     stored = {(s.item_id, s.given) for s in store.option_scores(run_id)}
@@ -45,7 +45,7 @@ def run_scoring(
             first: list[Message] = [{"role": "user", "content": task.prompt(item)}]
             if given:
                 probs, messages, feedback = _score_correction(task, strategy, backend, item, first, given, labels,
-                                                              max_tokens, seed)
+                                                              max_tokens, seed, critic)
             else:
                 probs, messages, feedback = backend.option_probs(first, ANSWER_PREFIX, labels), first, []
             store.add_option_score(
@@ -59,7 +59,7 @@ def run_scoring(
 
 def _score_correction(
     task: Task, strategy: Strategy, backend: Backend, item: Item, first: list[Message], given: str,
-    labels: list[str], max_tokens: int, seed: int,
+    labels: list[str], max_tokens: int, seed: int, critic: Backend | None,
 ) -> tuple[list[float], list[Message], list[str]]:
     """p2(.|given): the model made to have answered `given`, then the strategy's round run greedily; the
     reply it would grade is replaced by scoring the labels at that point of the conversation. A strategy
@@ -67,7 +67,7 @@ def _score_correction(
     previous_reply = f"{ANSWER_PREFIX} {given}."
     dialogue = Dialogue(
         backend, [*first, {"role": "assistant", "content": previous_reply}], max_tokens=max_tokens, temperature=0.0,
-        seed=lambda step: cell_seed(seed, item.id, 0, 1, step),
+        seed=lambda step: cell_seed(seed, item.id, 0, 1, step), critic=critic,
     )
     # The given answer as a graded first turn: an oracle strategy may see whether it is right.
     previous = Turn(item.id, 0, 0, dialogue.messages, previous_reply, [], given, given == item.target, "", {}, {},

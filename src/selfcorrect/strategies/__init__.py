@@ -40,6 +40,8 @@ class CorrectionRound:
     instruction: str  # how the task wants the answer stated
     previous_reply: str
     ask: Callable[[str], str]
+    # A one-message conversation with the critic model (--critic-model), for strategies that use one.
+    ask_critic: Callable[[str], str] | None = None
     # The task's gold-free feedback on the previous reply (the sandbox's verdict on code), or None.
     execution_feedback: str | None = None
     # Only for strategies registered with oracle=True: whether the previous answer was right.
@@ -57,16 +59,18 @@ class Strategy:
     correct: CorrectFn
     oracle: bool = False  # reads the gold answer: an upper bound, never a method
     needs_execution_feedback: bool = False
+    needs_critic: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
 def register_strategy(
-    name: str, description: str, *, oracle: bool = False, needs_execution_feedback: bool = False
+    name: str, description: str, *, oracle: bool = False, needs_execution_feedback: bool = False,
+    needs_critic: bool = False,
 ) -> Callable[[CorrectFn], CorrectFn]:
     def decorate(correct: CorrectFn) -> CorrectFn:
-        STRATEGIES[name] = Strategy(name, description, correct, oracle, needs_execution_feedback)
+        STRATEGIES[name] = Strategy(name, description, correct, oracle, needs_execution_feedback, needs_critic)
         return correct
 
     return decorate

@@ -84,6 +84,19 @@ def exec_feedback(round: CorrectionRound) -> str | None:
 
 
 @register_strategy(
+    "critic", "a second model (--critic-model) reviews the answer; the first model revises with that review",
+    needs_critic=True,
+)
+def critic(round: CorrectionRound) -> str:
+    review = round.ask_critic(
+        "Review this answer to the question below. Point out any mistakes, briefly.\n\n"
+        f"Question:\n{round.question}\n\nAnswer:\n{round.previous_reply}"
+    )
+    round.notes["critique"] = review
+    return round.ask(f"A reviewer commented on your answer:\n{review}\n\nRevise your answer. {round.instruction}")
+
+
+@register_strategy(
     "oracle-stop", "UPPER BOUND, reads the gold answer: reask, but only where the previous answer was wrong",
     oracle=True,
 )
