@@ -275,14 +275,14 @@ def evaluate(
         store.create_run(run_id, config, items)
         if chosen == "exact":
             total = sum(1 + len(the_task.labels(item)) for item in items)
-            on_start(run_id, total, len(store.option_scores(run_id)))
+            on_start(run_id, total, store.count(run_id, "option_scores"))
             cache_hits = 0  # scoring passes are not cached; the greedy replies inside them are
             generated = run_scoring(
                 run_id, the_task, items, the_strategy, backend, store,
                 max_tokens=config["max_tokens"], seed=seed, critic=critic, on_pass=on_turn,
             )
         else:
-            on_start(run_id, len(items) * samples * (rounds + 1), len(store.turns(run_id)))
+            on_start(run_id, len(items) * samples * (rounds + 1), store.count(run_id, "turns"))
             generated, cache_hits = run_cells(
                 run_id, the_task, items, the_strategy, backend, store,
                 samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],

@@ -212,6 +212,11 @@ class Store:
         with self.db:
             return self.db.execute("DELETE FROM response_cache").rowcount
 
+    def count(self, run_id: str, table: str) -> int:
+        """Rows of a run in 'turns' or 'option_scores', without reading them."""
+        assert table in ("turns", "option_scores")
+        return self.db.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id = ?", (run_id,)).fetchone()[0]
+
     def find_run(self, prefix: str) -> str:
         """The full id of the one run whose id starts with `prefix`."""
         rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ? || '%'", (prefix,)).fetchall()
