@@ -16,45 +16,44 @@ from .api import Run
 from .errors import UserError
 
 
-def _first_and_final(run: Run) -> dict[str, tuple[float, float, np.ndarray | None]]:
-    """item id -> (first-answer accuracy, final accuracy, final correctness per sample or None).
-
-    For the exact estimator the accuracies are probabilities: P(a) and P(a)P(b|a) + (1-P(a))P(b|not a).
-    """
+def _per_item(run: Run) -> dict[str, tuple | np.ndarray]:
+    """item id -> what the run knows of it: (P(a), P(b|a), P(b|not a)) for the exact estimator, else the
+    correctness cells (samples x rounds). Read once per run; everything below derives from it."""
     if run.estimator == "exact":
-        ids, probabilities = run.exact_probabilities()
-        return {
-            item_id: (p_a, p_a * p_b_a + (1 - p_a) * p_b_not_a, None)
-            for item_id, (p_a, p_b_a, p_b_not_a) in zip(ids, probabilities)
-        }
+        return dict(zip(*run.exact_probabilities()))
     ids, correct = run.correctness()
-    return {item_id: (cells[:, 0].mean(), cells[:, -1].mean(), cells[:, -1]) for item_id, cells in zip(ids, correct)}
+    return dict(zip(ids, correct))
 
 
-def _first_last_metrics(run: Run, items: list[str], n_boot: int, seed: int) -> dict:
-    if run.estimator == "exact":
-        ids, probabilities = run.exact_probabilities()
-        chosen = dict(zip(ids, probabilities))
-        return metrics.pair_metrics_from_probabilities(*zip(*(chosen[i] for i in items)), n_boot=n_boot, seed=seed)
-    ids, correct = run.correctness()
-    chosen = dict(zip(ids, correct))
-    cells = np.stack([chosen[i] for i in items])
+def _final(known) -> float:
+    """Final accuracy of one item: the last round's share right, or P(a)P(b|a) + (1-P(a))P(b|not a)."""
+    if isinstance(known, tuple):
+        p_a, p_b_a, p_b_not_a = known
+        return p_a * p_b_a + (1 - p_a) * p_b_not_a
+    return float(known[:, -1].mean())
+
+
+def _first_last_metrics(known: dict, items: list[str], n_boot: int, seed: int) -> dict:
+    chosen = [known[i] for i in items]
+    if isinstance(chosen[0], tuple):
+        return metrics.pair_metrics_from_probabilities(*zip(*chosen), n_boot=n_boot, seed=seed)
+    cells = np.stack(chosen)
     return metrics.pair_metrics(cells[:, :, 0], cells[:, :, -1], n_boot=n_boot, seed=seed)
 
 
 def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
     if len(runs) < 2:
         raise UserError("compare: give at least two runs")
-    outcomes = [_first_and_final(run) for run in runs]
+    outcomes = [_per_item(run) for run in runs]
     items = [item_id for item_id in outcomes[0] if all(item_id in other for other in outcomes[1:])]
     if not items:
         raise UserError("compare: the runs share no complete items; compare runs of the same task and data")
     index = metrics.bootstrap_indices(len(items), n_boot, seed)
-    finals = [np.array([outcome[i][1] for i in items]) for outcome in outcomes]
+    finals = [np.array([_final(outcome[i]) for i in items]) for outcome in outcomes]
 
     rows = []
-    for run, final in zip(runs, finals):
-        step = _first_last_metrics(run, items, n_boot, seed)
+    for run, known, final in zip(runs, outcomes, finals):
+        step = _first_last_metrics(known, items, n_boot, seed)
         chosen = set(items)
         tokens = sum(t.prompt_tokens + t.completion_tokens for t in run.turns if t.item_id in chosen)
         seconds = sum(t.latency_s for t in run.turns if t.item_id in chosen)
@@ -97,9 +96,10 @@ def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
 def _mcnemar(a: dict, b: dict, items: list[str]) -> float | None:
     """McNemar's exact test on final correctness, when both runs have one graded answer per item; with
     several samples (or probabilities) there is no single paired binary outcome per item."""
-    finals_a, finals_b = [a[i][2] for i in items], [b[i][2] for i in items]
-    if any(f is None or len(f) != 1 for f in finals_a + finals_b):
+    if any(isinstance(known[i], tuple) or known[i].shape[0] != 1 for known in (a, b) for i in items):
         return None
-    only_a = sum(bool(x[0]) and not bool(y[0]) for x, y in zip(finals_a, finals_b))
-    only_b = sum(bool(y[0]) and not bool(x[0]) for x, y in zip(finals_a, finals_b))
+    right_a = [bool(a[i][0, -1]) for i in items]
+    right_b = [bool(b[i][0, -1]) for i in items]
+    only_a = sum(x and not y for x, y in zip(right_a, right_b))
+    only_b = sum(y and not x for x, y in zip(right_a, right_b))
     return metrics.mcnemar_exact(only_a, only_b)
