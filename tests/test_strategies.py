@@ -164,3 +164,125 @@ def test_critic_reviews_and_the_model_revises(tmp_path):
     with pytest.raises(UserError, match="--strategy critic: needs a second model; pass --critic-model"):
         evaluate(task="arithmetic", strategy="critic", backend=backend, db=tmp_path / "s.sqlite")
     assert not (tmp_path / "s.sqlite").exists()
+
+
+def _answer_with(values):
+    """A scripted model whose fresh samples (one-message conversations) state `values` in turn."""
+    fresh = iter(values)
+
+    def reply(messages, seed):
+        if len(messages) == 1 and messages[0]["content"].startswith("What is"):
+            return "The answer is 9." if seed == _first_seed[0] else f"The answer is {next(fresh)}."
+        return "The answer is 9."
+
+    return reply
+
+
+_first_seed = [None]
+
+
+def test_self_consistency_takes_the_majority_of_previous_and_fresh_answers(tmp_path):
+    from selfcorrect.engine import cell_seed
+
+    _first_seed[0] = cell_seed(0, "arith-0", 0, 0, 0)
+    backend = ScriptedBackend(_answer_with(["14", "14.0", "9", "14"]))
+    run = evaluate(task="arithmetic", limit=1, strategy="self-consistency", backend=backend, db=tmp_path / "r.sqlite")
+    first, voted = run.turns
+    assert first.answer == "9" and not first.correct  # 7 + 7
+    # Four fresh samples by default: 14, 14.0, 9, 14 plus the previous 9 -> 14 wins 3 to 2.
+    assert voted.notes["votes"] == {repr(9.0): 2, repr(14.0): 3}
+    assert voted.correct and voted.response == "The answer is 14."
+    assert len(voted.notes["candidates"]) == 4 and len(backend.calls) == 1 + 4
+    fresh_calls = backend.calls[1:]
+    assert all(len(messages) == 1 for messages, _ in fresh_calls)
+    assert len({seed for _, seed in fresh_calls}) == 4  # each fresh sample has its own seed
+    assert voted.prompt_tokens == sum(len(m[0]["content"]) for m, _ in fresh_calls)
+
+
+def test_self_consistency_keeps_the_previous_answer_on_a_tie(tmp_path):
+    from selfcorrect.engine import cell_seed
+
+    _first_seed[0] = cell_seed(0, "arith-0", 0, 0, 0)
+    backend = ScriptedBackend(_answer_with(["14", "3", "9", "14"]))
+    run = evaluate(task="arithmetic", limit=1, strategy="self-consistency", backend=backend, db=tmp_path / "r.sqlite")
+    assert run.turns[1].response == "The answer is 9."  # 9 and 14 both have two votes; 9 came first
+
+
+def test_budget_bounds_the_fresh_samples(tmp_path):
+    """The scripted model's tokens are characters: each fresh sample costs a known amount, so the number of
+    samples a budget buys can be worked out by hand."""
+    backend = ScriptedBackend()
+    one_sample = len("What is 7 + 7?\n" + 'Give the result as a number and end with "The answer is N."') + len("The answer is 0.")
+    run = evaluate(task="arithmetic", limit=1, strategy="self-consistency", budget=2 * one_sample + 1, backend=backend,
+                   db=tmp_path / "r.sqlite")
+    voted = run.turns[1]
+    assert len(voted.notes["candidates"]) == 3  # after two samples the round has spent less than the budget
+    assert voted.prompt_tokens + voted.completion_tokens > 2 * one_sample + 1
+    assert run.config["budget"] == 2 * one_sample + 1
+    with pytest.raises(UserError, match="--budget: only the compute-matched baselines"):
+        evaluate(task="arithmetic", strategy="reask", budget=100, backend=backend, db=tmp_path / "s.sqlite")
+
+
+def test_best_of_n_without_scores_asks_for_verdicts(tmp_path):
+    def reply(messages, seed):
+        prompt = messages[-1]["content"]
+        if prompt.startswith("Question:"):  # a verdict on a candidate
+            return "Correct." if "The answer is 14." in prompt else "Incorrect."
+        if len(messages) == 1 and seed != cell_seed(0, "arith-0", 0, 0, 0):
+            return "The answer is 14."
+        return "The answer is 9."
+
+    from selfcorrect.engine import cell_seed
+
+    backend = ScriptedBackend(reply)
+    run = evaluate(task="arithmetic", limit=1, strategy="best-of-n", backend=backend, db=tmp_path / "r.sqlite")
+    chosen = run.turns[1]
+    assert chosen.notes["scorer"] == "verdict" and chosen.notes["scores"] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert chosen.correct and chosen.response == "The answer is 14."
+    assert "Proposed answer:\nThe answer is 9." in backend.calls[-5][0][0]["content"]
+
+
+def test_in_context_examples_come_from_other_items(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("\n".join(
+        json.dumps({"question": f"Question {k}: how many apples?", "answer": f"work\n#### {98765 + 100 * k}00"}) for k in range(6)
+    ))
+    backend = ScriptedBackend(lambda messages, seed: "I think the answer is 12.")
+    run = evaluate(task="gsm8k", data=data, strategy="critical", icl_confident=2, icl_critical=1, backend=backend,
+                   db=tmp_path / "r.sqlite")
+    targets = {item["item_id"]: item["target"] for item in run.items}
+    for turn in (t for t in run.turns if t.round == 1):
+        prompt = turn.messages[2]["content"]
+        assert prompt.startswith("Here are examples of checking an answer again.")
+        assert prompt.endswith("Now check your own answer.\n\n" + turn.messages[2]["content"].split("\n\n")[-1])
+        assert prompt.count("Question ") == 3 and prompt.count("it is right, so I keep it") == 2
+        assert targets[turn.item_id] not in json.dumps(turn.messages)  # never its own gold answer
+        shown = [line for line in prompt.splitlines() if line.startswith("Previous answer:")]
+        stated = [line for line in prompt.splitlines() if line.startswith("Checked again:")]
+        wrong = [s for s, c in zip(shown, stated) if s.split("is ")[1] != c.split("is ")[-1]]
+        assert len(wrong) == 1  # the critical example shows a wrong answer and states the right one
+    assert run.config["icl"] == {"confident": 2, "critical": 1}
+    with pytest.raises(UserError, match="need at least 7 items"):
+        evaluate(task="gsm8k", data=data, icl_confident=6, backend=backend, db=tmp_path / "s.sqlite")
+    with pytest.raises(UserError, match="cannot be stated in one word"):
+        evaluate(task="math", data=pytest.importorskip("pathlib").Path(__file__).parent / "fixtures" / "math_problems.jsonl",
+                 icl_critical=1, backend=backend, db=tmp_path / "s.sqlite")
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_runs_on_the_embedded_model(tmp_path, embedded, strategy):
+    """Each strategy end to end on the real model: two items, every turn graded and stored, tokens counted."""
+    options = {"task": "arithmetic"}
+    if get_strategy(strategy).needs_execution_feedback:
+        options = {"task": "mbpp", "data": pytest.importorskip("pathlib").Path(__file__).parent / "fixtures" / "mbpp_sample.jsonl"}
+    run = evaluate(**options, limit=2, strategy=strategy, backend=embedded, critic_model="embedded",
+                   critic_backend=embedded, db=tmp_path / "r.sqlite", max_tokens=48)
+    report = run.report()
+    assert report["complete"] and report["n_items"] == 2 and len(run.turns) == 4
+    corrections = [t for t in run.turns if t.round == 1]
+    assert all(t.prompt_tokens > 0 for t in run.turns if t.round == 0)
+    assert all(t.notes.get("stopped") or t.prompt_tokens > 0 for t in corrections)
+    if strategy == "best-of-n":
+        assert all(t.notes["scorer"] == "p_true" and all(0 <= s <= 1 for s in t.notes["scores"]) for t in corrections)

@@ -21,6 +21,7 @@ from .exact import can_score_options, item_probabilities, run_scoring
 from .models import Backend, check_model_spec, load_model
 from .store import OptionScore, Store, Turn, default_db_path
 from .strategies import get_strategy
+from .strategies.examples import check_examples_possible, correction_examples
 from .tasks import load_task
 
 
@@ -67,6 +68,14 @@ class Run:
                 complete.append(item["item_id"])
                 probabilities.append(found)
         return complete, probabilities
+
+    def correction_tokens_per_round(self) -> int:
+        """Mean tokens (prompt + completion) one correction round of one conversation cost in this run:
+        the budget that makes a baseline spend what this run spent."""
+        spent = [t.prompt_tokens + t.completion_tokens for t in self.turns if t.round > 0]
+        if not spent:
+            raise UserError(f"--match-budget {self.run_id}: the run has no stored correction turns to match")
+        return max(1, round(sum(spent) / len(spent)))
 
     def _summary(self, n_boot: int) -> tuple[int, dict | None]:
         """(complete items, metrics.summarize-shaped summary or None) for this run's estimator."""
@@ -165,9 +174,11 @@ def _verifier(turns: list[Turn]) -> dict | None:
 ESTIMATORS = ("auto", "exact", "sampling")
 
 
-def choose_estimator(requested: str, task, backend: Backend, model: str, rounds: int, samples: int) -> str:
+def choose_estimator(requested: str, task, strategy, backend: Backend, model: str, rounds: int, samples: int) -> str:
     """The estimator a run uses; asking for "exact" where it cannot work is an error, "auto" falls back."""
     reasons = []
+    if strategy.baseline:
+        reasons.append(f"strategy '{strategy.name}' picks among sampled answers")
     if task.labels is None:
         reasons.append(f"task '{task.name}' has free-form answers, not option labels")
     if not can_score_options(backend):
@@ -217,6 +228,9 @@ def evaluate(
     estimator: str = "auto",
     cache: bool = True,
     critic_model: str | None = None,
+    icl_confident: int = 0,
+    icl_critical: int = 0,
+    budget: int | None = None,
     backend: Backend | None = None,
     critic_backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
@@ -228,13 +242,19 @@ def evaluate(
     passes an already loaded model (it must be the one `model` names). `estimator` is "exact" (option
     log-probabilities, multiple choice only), "sampling", or "auto" (exact where the task and model allow
     it and one sample per item was asked for). `on_start(run_id, total, done)` and `on_turn()` report
-    progress (one tick per turn, or per scoring pass of the exact estimator).
+    progress (one tick per turn, or per scoring pass of the exact estimator). `icl_confident` and
+    `icl_critical` put that many in-context examples of kept and of fixed answers before each correction
+    prompt; `budget` is the tokens per correction round that the compute-matched baselines may spend.
     """
     _check_numbers(rounds, samples, temperature, limit, max_tokens)
+    if budget is not None and budget < 1:
+        raise UserError(f"--budget {budget}: must be at least 1 token")
     if estimator not in ESTIMATORS:
         raise UserError(f"--estimator {estimator}: choose one of {', '.join(ESTIMATORS)}")
     the_task = load_task(task, Path(data).expanduser() if data is not None else None, task_options)
     the_strategy = get_strategy(strategy)
+    if budget is not None and not the_strategy.baseline:
+        raise UserError(f"--budget: only the compute-matched baselines (self-consistency, best-of-n) use it, not '{strategy}'")
     if the_strategy.needs_execution_feedback and not the_task.execution_feedback:
         raise UserError(
             f"--strategy {strategy}: needs execution feedback, which only code tasks give (humaneval, mbpp, "
@@ -242,6 +262,7 @@ def evaluate(
         )
     if the_strategy.needs_critic and critic_model is None:
         raise UserError(f"--strategy {strategy}: needs a second model; pass --critic-model SPEC (e.g. embedded)")
+    check_examples_possible(the_task, icl_confident, icl_critical)
     check_model_spec(model)
     if critic_model is not None:
         check_model_spec(critic_model)
@@ -250,7 +271,7 @@ def evaluate(
     critic = None
     if the_strategy.needs_critic:
         critic = critic_backend or (backend if critic_model == model else load_model(critic_model))
-    chosen = choose_estimator(estimator, the_task, backend, model, rounds, samples)
+    chosen = choose_estimator(estimator, the_task, the_strategy, backend, model, rounds, samples)
     config = {
         "estimator": chosen,
         "task": the_task.identity,
@@ -266,7 +287,15 @@ def evaluate(
         "seed": seed,
         "limit": limit,
     }
+    # Options that are off leave the config (and so the ids of earlier runs) as they were.
+    if icl_confident or icl_critical:
+        config["icl"] = {"confident": icl_confident, "critical": icl_critical}
+    if budget is not None:
+        config["budget"] = budget
     run_id = run_id_for(config)
+    def examples(item) -> str:
+        return correction_examples(the_task, item, icl_confident, icl_critical, seed)
+
     store = Store(_db_path(db))
     if cache:
         backend = CachedBackend(backend, store)
@@ -279,14 +308,14 @@ def evaluate(
             cache_hits = 0  # scoring passes are not cached; the greedy replies inside them are
             generated = run_scoring(
                 run_id, the_task, items, the_strategy, backend, store,
-                max_tokens=config["max_tokens"], seed=seed, critic=critic, on_pass=on_turn,
+                max_tokens=config["max_tokens"], seed=seed, critic=critic, on_pass=on_turn, examples=examples,
             )
         else:
             on_start(run_id, len(items) * samples * (rounds + 1), store.count(run_id, "turns"))
             generated, cache_hits = run_cells(
                 run_id, the_task, items, the_strategy, backend, store,
                 samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
-                seed=seed, critic=critic, on_turn=on_turn,
+                seed=seed, critic=critic, budget=budget, on_turn=on_turn, examples=examples,
             )
         return _read_run(store, run_id, generated, cache_hits)
     finally:

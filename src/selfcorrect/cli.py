@@ -95,10 +95,22 @@ def run(
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="generate every reply, ignoring the response cache"),
     critic_model: Optional[str] = typer.Option(None, help="model spec of the critic, for --strategy critic"),
+    icl_confident: int = typer.Option(0, help="in-context examples of a right answer kept, before each correction"),
+    icl_critical: int = typer.Option(0, help="in-context examples of a wrong answer fixed, before each correction"),
+    budget: Optional[int] = typer.Option(
+        None, help="tokens per correction round for the baselines (self-consistency, best-of-n)"
+    ),
+    match_budget: Optional[str] = typer.Option(
+        None, help="set --budget to the tokens per correction round of this stored run (id or prefix)"
+    ),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
     """Run (or resume) a self-correction run and print its report."""
+    if match_budget is not None:
+        if budget is not None:
+            raise UserError("--budget and --match-budget: give one of them")
+        budget = load_run(match_budget, db).correction_tokens_per_round()
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=err, transient=True,
@@ -111,7 +123,8 @@ def run(
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
-            estimator=estimator, cache=not no_cache, critic_model=critic_model, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
+            estimator=estimator, cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
+            icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
         )
     report = result.report()
     if as_json:

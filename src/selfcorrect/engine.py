@@ -8,18 +8,36 @@ conversation is rebuilt from the stored messages and continues from the first mi
 Every generation gets a seed derived from the run seed and its cell, so a cell's reply does not depend on
 which cells ran before it: a resumed run produces what an uninterrupted one would have. A turn stores the
 whole conversation after its round, so the next round continues from exactly what the model saw.
+
+Conversations run concurrently: as many as the backend can serve at once (`backend.max_in_flight`, 1 if it
+does not say) each run in a worker thread, and when one conversation's turn finishes its next turn goes
+straight back to the backend, which batches whatever is in flight. Only the calling thread writes turns to
+the store, in the order they finish. A request the backend cannot complete (`BackendError`) is recorded as
+a failed cell, never graded; the run stops starting new turns and the error reaches the caller.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from .errors import UserError
 from .models import Backend, Message
+from .models.base import BackendError
 from .store import Store, Turn
 from .strategies import CorrectionRound, Strategy
 from .tasks import Item, Task
+
+# Fresh samples of the compute-matched baselines need diversity: at temperature 0 every sample would be
+# the first answer again, so they are drawn at this temperature when the run itself is greedy.
+BASELINE_TEMPERATURE = 0.7
+# The P(True) probe (Kadavath et al., 2022): the model judges a proposed answer in a fresh conversation.
+P_TRUE_PROMPT = "Question:\n{question}\n\nProposed answer:\n{answer}\n\nIs the proposed answer correct? Answer True or False."
+P_TRUE_PREFIX = "The proposed answer is"
 
 
 def cell_seed(run_seed: int, item_id: str, sample: int, round_: int, step: int) -> int:
@@ -36,6 +54,7 @@ class Dialogue:
                  seed: Callable[[int], int], critic: Backend | None = None):
         self.backend, self.max_tokens, self.temperature, self.seed = backend, max_tokens, temperature, seed
         self.critic = critic
+        self.side_requests = 0  # numbers the seeds of requests outside the main conversation
         self.messages = list(history)
         self.replies: list[str] = []
         self.prompt_tokens = self.completion_tokens = 0
@@ -56,8 +75,33 @@ class Dialogue:
         its tokens count in the turn's cost."""
         if self.critic is None:
             raise RuntimeError("this round has no critic model")  # the API refuses such runs before they start
-        reply = self.critic.complete([{"role": "user", "content": prompt}], self.max_tokens, self.temperature,
-                                     self.seed(1000 + len(self.replies)))
+        return self._side_request(self.critic, prompt, self.temperature)
+
+    def ask_fresh(self, prompt: str) -> str:
+        """A one-message conversation with the model, outside the main one (a verdict on a candidate)."""
+        return self._side_request(self.backend, prompt, self.temperature)
+
+    def sample_fresh(self, question: str) -> str:
+        """A new answer to the question in a fresh conversation (for the self-consistency and best-of-n
+        baselines), sampled even when the run is greedy; its tokens count in the turn's cost."""
+        return self._side_request(self.backend, question, self.temperature or BASELINE_TEMPERATURE)
+
+    def p_true(self, question: str, answer: str) -> float | None:
+        """The model's probability that `answer` is right, read from its option scores; None when the
+        backend cannot score. The scoring prompt's tokens count in the turn's cost."""
+        if not (callable(getattr(self.backend, "option_probs", None)) and callable(getattr(self.backend, "count_tokens", None))):
+            return None
+        messages = [{"role": "user", "content": P_TRUE_PROMPT.format(question=question, answer=answer)}]
+        self.prompt_tokens += self.backend.count_tokens(messages, P_TRUE_PREFIX)
+        return self.backend.option_probs(messages, P_TRUE_PREFIX, ["True", "False"])[0]
+
+    def tokens_spent(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def _side_request(self, backend: Backend, prompt: str, temperature: float) -> str:
+        reply = backend.complete([{"role": "user", "content": prompt}], self.max_tokens, temperature,
+                                 self.seed(1000 + self.side_requests))
+        self.side_requests += 1
         self.prompt_tokens += reply.prompt_tokens
         self.completion_tokens += reply.completion_tokens
         self.generated_replies += not reply.cached
@@ -66,22 +110,38 @@ class Dialogue:
 
 def play_round(
     task: Task, strategy: Strategy, item: Item, round_: int, dialogue: Dialogue, previous: Turn | None,
+    *, budget: int | None = None, examples: str = "",
 ) -> tuple[str | None, dict]:
     """Run round `round_` on `dialogue`: ask the question (round 0) or let the strategy correct the
     `previous` turn. Returns (the reply to grade, or None if the strategy kept the previous answer; the
     strategy's notes).
 
     The strategy gets the question as the model saw it, not the item, so it cannot read the gold answer;
-    only an oracle strategy is told whether the previous answer was right.
+    only an oracle strategy is told whether the previous answer was right. `examples` (in-context
+    examples of corrections) go before the round's first prompt to the model.
     """
     if round_ == 0:
         return dialogue.ask(task.prompt(item)), {}
+    question = task.prompt(item)
+    pending_examples = [examples] if examples else []
+
+    def ask(prompt: str) -> str:
+        return dialogue.ask(f"{pending_examples.pop()}\n\n{prompt}" if pending_examples else prompt)
+
     correction = CorrectionRound(
-        question=task.prompt(item),
+        question=question,
         instruction=task.instruction(item),
         previous_reply=previous.response,
-        ask=dialogue.ask,
+        ask=ask,
         ask_critic=dialogue.ask_critic,
+        ask_fresh=dialogue.ask_fresh,
+        sample_fresh=lambda: dialogue.sample_fresh(question),
+        # The answer as the grader reads it. Extraction never looks at the target, and only the answer
+        # (not the verdict) is handed over, so this is gold-free.
+        answer_of=lambda reply: task.grade(item, reply).answer,
+        p_true=lambda reply: dialogue.p_true(question, reply),
+        tokens_spent=dialogue.tokens_spent,
+        budget=budget,
         execution_feedback=previous.reason if task.execution_feedback else None,
         previous_correct=previous.correct if strategy.oracle else None,
     )
@@ -102,36 +162,80 @@ def run_cells(
     max_tokens: int,
     seed: int,
     critic: Backend | None = None,
+    budget: int | None = None,
+    examples: Callable[[Item], str] = lambda item: "",
     on_turn: Callable[[], None] = lambda: None,
 ) -> tuple[int, int]:
     """Generate and store every missing cell; returns (turns generated, turns served whole from the
-    response cache).
-
-    Conversations run one after another, each through all its rounds, so the backend's cached prefix
-    (the conversation so far) is the one the next round extends.
-    """
+    response cache). Raises UserError when the backend failed a request (the failed cell is recorded;
+    every finished turn is stored, so the same call resumes)."""
     stored = {(t.item_id, t.sample, t.round): t for t in store.turns(run_id)}
-    generated = cache_hits = 0
-    for item in items:
-        for sample in range(samples):
+    conversations = [
+        (item, sample) for item in items for sample in range(samples)
+        if any((item.id, sample, round_) not in stored for round_ in range(rounds + 1))
+    ]
+    finished: queue.Queue = queue.Queue()  # (turn, from_cache), (failed cell, error) or None at a conversation's end
+    stop = threading.Event()
+
+    def converse(item: Item, sample: int) -> None:
+        try:
             previous: Turn | None = None
             for round_ in range(rounds + 1):
                 turn = stored.get((item.id, sample, round_))
                 if turn is None:
-                    turn, from_cache = _generate_turn(task, strategy, backend, item, sample, round_, previous,
-                                                      temperature=temperature, max_tokens=max_tokens, seed=seed,
-                                                      critic=critic)
-                    store.add_turn(run_id, turn)
-                    cache_hits += from_cache
-                    generated += not from_cache
-                    on_turn()
+                    if stop.is_set():
+                        return
+                    try:
+                        turn, from_cache = _generate_turn(
+                            task, strategy, backend, item, sample, round_, previous, temperature=temperature,
+                            max_tokens=max_tokens, seed=seed, critic=critic, budget=budget,
+                            examples=examples(item) if round_ > 0 else "",
+                        )
+                    except BackendError as error:
+                        stop.set()
+                        finished.put(((item.id, sample, round_), str(error)))
+                        return
+                    finished.put((turn, from_cache))
                 previous = turn
+        except BaseException:
+            stop.set()  # a bug or a bad grader: let the other conversations wind down
+            raise
+        finally:
+            finished.put(None)
+
+    generated = cache_hits = 0
+    failures: list[str] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, getattr(backend, "max_in_flight", 1)))
+    try:
+        futures = [pool.submit(converse, item, sample) for item, sample in conversations]
+        for _ in futures:  # each conversation ends with one None
+            while (message := finished.get()) is not None:
+                outcome, detail = message
+                if isinstance(outcome, Turn):
+                    store.add_turn(run_id, outcome)
+                    cache_hits += detail
+                    generated += not detail
+                    on_turn()
+                else:
+                    store.add_failure(run_id, *outcome, detail)
+                    failures.append(detail)
+        for future in futures:
+            future.result()  # re-raise what went wrong inside a conversation
+    finally:
+        stop.set()  # on an interrupt: conversations finish the turn they are in and start no other
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failures:
+        raise UserError(
+            f"{failures[0]} ({len(failures)} turn(s) failed; the finished turns are stored: run the same command "
+            "again to retry the rest)"
+        )
     return generated, cache_hits
 
 
 def _generate_turn(
     task: Task, strategy: Strategy, backend: Backend, item: Item, sample: int, round_: int,
     previous: Turn | None, *, temperature: float, max_tokens: int, seed: int, critic: Backend | None,
+    budget: int | None, examples: str,
 ) -> tuple[Turn, bool]:
     """The turn, and whether every reply in it came from the response cache."""
     started = time.perf_counter()
@@ -139,11 +243,13 @@ def _generate_turn(
         backend, previous.messages if previous else [], max_tokens=max_tokens, temperature=temperature,
         seed=lambda step: cell_seed(seed, item.id, sample, round_, step), critic=critic,
     )
-    response, notes = play_round(task, strategy, item, round_, dialogue, previous)
+    response, notes = play_round(task, strategy, item, round_, dialogue, previous, budget=budget, examples=examples)
     if response is None:  # the strategy stopped: the previous answer stands, and all replies were feedback
         response, feedback = previous.response, dialogue.replies
-    else:
+    elif dialogue.replies and response == dialogue.replies[-1]:
         feedback = dialogue.replies[:-1]
+    else:  # a baseline picked its answer among side samples: every reply in the conversation was feedback
+        feedback = dialogue.replies
     grade = task.grade(item, response)
     turn = Turn(
         item_id=item.id, sample=sample, round=round_, messages=dialogue.messages, response=response,
@@ -151,4 +257,5 @@ def _generate_turn(
         notes=notes, prompt_tokens=dialogue.prompt_tokens, completion_tokens=dialogue.completion_tokens,
         latency_s=time.perf_counter() - started, backend=backend.identity,
     )
-    return turn, bool(dialogue.replies) and dialogue.generated_replies == 0
+    made = dialogue.replies or dialogue.side_requests
+    return turn, bool(made) and dialogue.generated_replies == 0

@@ -32,6 +32,7 @@ def can_score_options(backend: Backend) -> bool:
 def run_scoring(
     run_id: str, task: Task, items: list[Item], strategy: Strategy, backend: Backend, store: Store, *,
     max_tokens: int, seed: int, critic: Backend | None = None, on_pass: Callable[[], None] = lambda: None,
+    examples: Callable[[Item], str] = lambda item: "",
 ) -> int:
     """Score every missing (item, given-answer) pass; returns how many passes ran."""
     stored = {(s.item_id, s.given) for s in store.option_scores(run_id)}
@@ -45,7 +46,7 @@ def run_scoring(
             first: list[Message] = [{"role": "user", "content": task.prompt(item)}]
             if given:
                 probs, messages, feedback = _score_correction(task, strategy, backend, item, first, given, labels,
-                                                              max_tokens, seed, critic)
+                                                              max_tokens, seed, critic, examples(item))
             else:
                 probs, messages, feedback = backend.option_probs(first, ANSWER_PREFIX, labels), first, []
             store.add_option_score(
@@ -59,7 +60,7 @@ def run_scoring(
 
 def _score_correction(
     task: Task, strategy: Strategy, backend: Backend, item: Item, first: list[Message], given: str,
-    labels: list[str], max_tokens: int, seed: int, critic: Backend | None,
+    labels: list[str], max_tokens: int, seed: int, critic: Backend | None, examples: str,
 ) -> tuple[list[float], list[Message], list[str]]:
     """p2(.|given): the model made to have answered `given`, then the strategy's round run greedily; the
     reply it would grade is replaced by scoring the labels at that point of the conversation. A strategy
@@ -72,7 +73,7 @@ def _score_correction(
     # The given answer as a graded first turn: an oracle strategy may see whether it is right.
     previous = Turn(item.id, 0, 0, dialogue.messages, previous_reply, [], given, given == item.target, "", {}, {},
                     0, 0, 0.0, backend.identity)
-    response, _ = play_round(task, strategy, item, 1, dialogue, previous)
+    response, _ = play_round(task, strategy, item, 1, dialogue, previous, examples=examples)
     if response is None:
         return [1.0 if label == given else 0.0 for label in labels], dialogue.messages, dialogue.replies
     context = dialogue.messages[:-1]  # up to the prompt that the graded reply answered

@@ -7,9 +7,11 @@ and fills the rest; the primary key makes a duplicate impossible.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
+import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +76,17 @@ CREATE TABLE IF NOT EXISTS option_scores (
     created_at TEXT NOT NULL,
     PRIMARY KEY (run_id, item_id, given)
 );
+-- Cells whose request failed after every retry (a server down, say): not graded, retried by a rerun.
+-- Writing the cell's turn deletes its row.
+CREATE TABLE IF NOT EXISTS failed_cells (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    item_id TEXT NOT NULL,
+    sample INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    error TEXT NOT NULL,             -- the backend's one-line message
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, item_id, sample, round)
+);
 """
 
 
@@ -126,14 +139,27 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _locked(method):
+    """Serialise a Store method: the engine's worker threads read and write the response cache while the
+    main thread writes turns, through one connection, and a transaction must not interleave with another."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
 class Store:
     def __init__(self, path: Path, create: bool = True):
         if not create and not path.is_file():
             raise UserError(f"--db {path}: no run store there yet; run `selfcorrect run` first or pass --db")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._lock = threading.RLock()
         try:
-            self.db = sqlite3.connect(path, timeout=30)
+            self.db = sqlite3.connect(path, timeout=30, check_same_thread=False)
             # WAL keeps readers (a report while a run goes on) from blocking the writer. With WAL, a
             # committed turn survives a killed process even at synchronous=NORMAL, which skips the
             # fsync per commit (only a power cut can lose the last turns, and resume regenerates them).
@@ -143,9 +169,11 @@ class Store:
         except sqlite3.DatabaseError as err:
             raise UserError(f"--db {path}: not a selfcorrect run store ({err})") from None
 
+    @_locked
     def close(self) -> None:
         self.db.close()
 
+    @_locked
     def create_run(self, run_id: str, config: dict, items: list) -> None:
         """Record the run and its items once; a second call for the same run (a resume) changes nothing."""
         with self.db:
@@ -158,8 +186,9 @@ class Store:
                 [(run_id, item.id, position, item.question, item.target) for position, item in enumerate(items)],
             )
 
+    @_locked
     def add_turn(self, run_id: str, turn: Turn) -> None:
-        """Write one graded turn in its own transaction."""
+        """Write one graded turn in its own transaction, which also clears the cell's earlier failure."""
         with self.db:
             self.db.execute(
                 "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -171,7 +200,32 @@ class Store:
                     turn.completion_tokens, turn.latency_s, turn.backend, _now(),
                 ),
             )
+            self.db.execute(
+                "DELETE FROM failed_cells WHERE run_id = ? AND item_id = ? AND sample = ? AND round = ?",
+                (run_id, turn.item_id, turn.sample, turn.round),
+            )
 
+    @_locked
+    def add_failure(self, run_id: str, item_id: str, sample: int, round_: int, error: str) -> None:
+        """Record that a cell's request failed (the latest error wins); the cell stays ungraded."""
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO failed_cells VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, item_id, sample, round_, error, _now()),
+            )
+
+    @_locked
+    def failures(self, run_id: str) -> list[dict]:
+        """The run's failed cells that no turn has filled since, ordered by item position, sample and round."""
+        rows = self.db.execute(
+            """SELECT f.item_id, f.sample, f.round, f.error, f.created_at
+               FROM failed_cells f JOIN items i ON i.run_id = f.run_id AND i.item_id = f.item_id
+               WHERE f.run_id = ? ORDER BY i.position, f.sample, f.round""",
+            (run_id,),
+        )
+        return [{"item_id": r[0], "sample": r[1], "round": r[2], "error": r[3], "created_at": r[4]} for r in rows]
+
+    @_locked
     def add_option_score(self, run_id: str, score: "OptionScore") -> None:
         with self.db:
             self.db.execute(
@@ -182,6 +236,7 @@ class Store:
                 ),
             )
 
+    @_locked
     def option_scores(self, run_id: str) -> list["OptionScore"]:
         rows = self.db.execute(
             """SELECT s.item_id, s.given, s.labels, s.probs, s.messages, s.feedback, s.latency_s, s.backend
@@ -194,12 +249,14 @@ class Store:
             for r in rows
         ]
 
+    @_locked
     def cached_reply(self, key: str) -> Completion | None:
         row = self.db.execute(
             "SELECT text, prompt_tokens, completion_tokens FROM response_cache WHERE key = ?", (key,)
         ).fetchone()
         return Completion(row[0], row[1], row[2], cached=True) if row else None
 
+    @_locked
     def cache_reply(self, key: str, reply: Completion) -> None:
         with self.db:
             self.db.execute(
@@ -207,16 +264,19 @@ class Store:
                 (key, reply.text, reply.prompt_tokens, reply.completion_tokens, _now()),
             )
 
+    @_locked
     def clear_cache(self) -> int:
         """Forget every cached reply; returns how many there were."""
         with self.db:
             return self.db.execute("DELETE FROM response_cache").rowcount
 
+    @_locked
     def count(self, run_id: str, table: str) -> int:
         """Rows of a run in 'turns' or 'option_scores', without reading them."""
         assert table in ("turns", "option_scores")
         return self.db.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id = ?", (run_id,)).fetchone()[0]
 
+    @_locked
     def find_run(self, prefix: str) -> str:
         """The full id of the one run whose id starts with `prefix`."""
         rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ? || '%'", (prefix,)).fetchall()
@@ -226,16 +286,19 @@ class Store:
             raise UserError(f"run {prefix}: ambiguous, {len(rows)} runs start with it; give more characters")
         return rows[0][0]
 
+    @_locked
     def config(self, run_id: str) -> dict:
         row = self.db.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return json.loads(row[0])
 
+    @_locked
     def items(self, run_id: str) -> list[dict]:
         rows = self.db.execute(
             "SELECT item_id, question, target FROM items WHERE run_id = ? ORDER BY position", (run_id,)
         )
         return [{"item_id": r[0], "question": r[1], "target": r[2]} for r in rows]
 
+    @_locked
     def turns(self, run_id: str) -> list[Turn]:
         """Every stored turn of the run, ordered by item position, sample and round."""
         rows = self.db.execute(
@@ -251,6 +314,7 @@ class Store:
             for r in rows
         ]
 
+    @_locked
     def runs(self) -> list[dict]:
         """One summary row per run, newest first."""
         rows = self.db.execute(

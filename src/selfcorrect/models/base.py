@@ -16,6 +16,12 @@ class Completion:
     cached: bool = False  # served from the response cache, not generated now
 
 
+class BackendError(Exception):
+    """A request the backend could not complete (server down, retries exhausted). Its message is one line
+    naming the model and what failed. The engine records the cell as failed, never as a wrong answer, and
+    a rerun of the same command retries it."""
+
+
 class Backend(Protocol):
     # Names the weights and engine, so a run (and a cached response) is tied to what produced it.
     identity: str

@@ -87,6 +87,11 @@ class LlamaCppBackend:
         weights = np.exp(chosen - chosen.max())
         return (weights / weights.sum()).tolist()
 
+    def count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
+        """Tokens of the prompt `option_probs` would evaluate: what a scoring pass costs."""
+        prompt = self.chat_format(messages=messages).prompt + answer_prefix
+        return len(self.llm.tokenize(prompt.encode(), add_bos=False, special=True))
+
     def _eval_reusing_prefix(self, tokens: list[int]) -> None:
         """Evaluate `tokens`, keeping the KV cache of the prefix shared with what was evaluated last
         (as llama-cpp-python's own generate() does), so scoring K continuations of one conversation

@@ -5,6 +5,8 @@ model saw it, the task's answer instruction, the previous reply, execution feedb
 it (code), and `ask(prompt)`, which sends a user message and returns the model's reply (both stay in the
 conversation). It returns the reply to grade, or None to keep the previous answer (the strategy stopped).
 It may write what it decided into `notes` (for example its own verdict), which is stored with the turn.
+The compute-matched baselines also draw fresh answers (`sample_fresh`), read the answer a reply states
+(`answer_of`), score replies by the model's P(True) (`p_true`), and watch their token `budget`.
 
 A strategy never sees the item's gold answer. `oracle-stop` is the one exception, allowed only as an
 upper bound: it is registered with `oracle=True`, the engine hands it the previous answer's grade, and
@@ -42,6 +44,17 @@ class CorrectionRound:
     ask: Callable[[str], str]
     # A one-message conversation with the critic model (--critic-model), for strategies that use one.
     ask_critic: Callable[[str], str] | None = None
+    # A one-message conversation with the model, outside the main one (a verdict on a candidate answer).
+    ask_fresh: Callable[[str], str] | None = None
+    # A new answer to the question in a fresh conversation, sampled (at 0.7 when the run is greedy).
+    sample_fresh: Callable[[], str] | None = None
+    # The answer a reply states, as the task's grader extracts it (never whether it is right).
+    answer_of: Callable[[str], "str | None"] | None = None
+    # The model's probability that a reply is right (P(True)), or None when the backend cannot score.
+    p_true: Callable[[str], "float | None"] | None = None
+    # Tokens (prompt + completion) this round has spent so far, and the round's budget (--budget), if any.
+    tokens_spent: Callable[[], int] = lambda: 0
+    budget: int | None = None
     # The task's gold-free feedback on the previous reply (the sandbox's verdict on code), or None.
     execution_feedback: str | None = None
     # Only for strategies registered with oracle=True: whether the previous answer was right.
@@ -60,6 +73,8 @@ class Strategy:
     oracle: bool = False  # reads the gold answer: an upper bound, never a method
     needs_execution_feedback: bool = False
     needs_critic: bool = False
+    # A compute-matched baseline: picks its answer among fresh samples instead of correcting (--budget).
+    baseline: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -67,10 +82,10 @@ STRATEGIES: dict[str, Strategy] = {}
 
 def register_strategy(
     name: str, description: str, *, oracle: bool = False, needs_execution_feedback: bool = False,
-    needs_critic: bool = False,
+    needs_critic: bool = False, baseline: bool = False,
 ) -> Callable[[CorrectFn], CorrectFn]:
     def decorate(correct: CorrectFn) -> CorrectFn:
-        STRATEGIES[name] = Strategy(name, description, correct, oracle, needs_execution_feedback, needs_critic)
+        STRATEGIES[name] = Strategy(name, description, correct, oracle, needs_execution_feedback, needs_critic, baseline)
         return correct
 
     return decorate

@@ -105,3 +105,77 @@ def oracle_stop(round: CorrectionRound) -> str | None:
         round.notes["stopped"] = True
         return None
     return round.ask(round.question)
+
+
+# Compute-matched baselines: instead of correcting, spend the round's tokens on fresh answers to the same
+# question. Without --budget they draw DEFAULT_FRESH_SAMPLES; with it, they draw until the round has spent
+# the budget (at least one sample, at most MAX_FRESH_SAMPLES).
+DEFAULT_FRESH_SAMPLES = 4
+MAX_FRESH_SAMPLES = 32
+
+
+def _candidates(round: CorrectionRound) -> list[str]:
+    """The previous reply and the fresh samples the round's budget pays for."""
+    candidates = [round.previous_reply]
+    while len(candidates) <= MAX_FRESH_SAMPLES:
+        if round.budget is None and len(candidates) > DEFAULT_FRESH_SAMPLES:
+            break
+        if round.budget is not None and len(candidates) > 1 and round.tokens_spent() >= round.budget:
+            break
+        candidates.append(round.sample_fresh())
+    round.notes["candidates"] = candidates[1:]
+    return candidates
+
+
+def vote_key(answer: str | None) -> str | None:
+    """Answers that agree vote together: numbers by value ("14" and "14.0"), others case-blind."""
+    if answer is None:
+        return None
+    try:
+        return repr(float(answer))
+    except ValueError:
+        return answer.strip().lower()
+
+
+@register_strategy(
+    "self-consistency", "baseline: majority answer over the previous one and fresh samples (Wang et al.); --budget matches compute",
+    baseline=True,
+)
+def self_consistency(round: CorrectionRound) -> str:
+    candidates = _candidates(round)
+    keys = [vote_key(round.answer_of(reply)) for reply in candidates]
+    votes: dict[str, int] = {}
+    for key in keys:
+        if key is not None:
+            votes[key] = votes.get(key, 0) + 1
+    round.notes["votes"] = votes
+    if not votes:
+        return round.previous_reply
+    winner = max(votes, key=votes.get)  # ties go to the answer seen first: the previous one, if it is tied
+    return candidates[keys.index(winner)]
+
+
+@register_strategy(
+    "best-of-n", "baseline: the previous answer and fresh samples ranked by the model's P(True) or own verdict; --budget matches compute",
+    baseline=True,
+)
+def best_of_n(round: CorrectionRound) -> str:
+    candidates = _candidates(round)
+    scores = [round.p_true(reply) for reply in candidates]
+    if None in scores:  # the backend cannot score options: ask the model for a verdict instead
+        scores = [_verdict_score(round, reply) for reply in candidates]
+        round.notes["scorer"] = "verdict"
+    else:
+        round.notes["scorer"] = "p_true"
+    round.notes["scores"] = scores
+    return candidates[max(range(len(candidates)), key=scores.__getitem__)]  # ties: the earliest
+
+
+def _verdict_score(round: CorrectionRound, reply: str) -> float:
+    """1 if the model calls the reply correct, 0 if incorrect, 0.5 if it does not say."""
+    verdict = round.ask_fresh(
+        f"Question:\n{round.question}\n\nProposed answer:\n{reply}\n\n"
+        'Is the proposed answer correct? Start your reply with "Correct" or "Incorrect".'
+    )
+    wrong = judged_wrong(verdict)
+    return 0.5 if wrong is None else float(not wrong)
