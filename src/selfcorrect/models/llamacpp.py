@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 from ..errors import UserError
 import numpy as np
 
 from .base import Completion, Message
+from .llamacpp_batch import BatchDecoder
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -27,14 +29,14 @@ def embedded_model_path() -> Path:
 
 
 class LlamaCppBackend:
-    """One llama.cpp context. The chat template is the one stored in the GGUF file.
+    """A GGUF model on llama.cpp. The chat template is the one stored in the GGUF file.
 
-    Conversations are sent one at a time; llama-cpp-python keeps the previous prompt's KV cache and
-    only prefills the tokens after the longest shared prefix, so a correction turn that extends the
-    conversation just answered costs only its new tokens.
+    Replies come from a `BatchDecoder`: up to `max_in_flight` conversations decode together, each keeping
+    its KV cache between turns, so a correction turn prefills only its new tokens. Option scoring (the
+    exact estimator, P(True)) runs on a second, single-sequence context of the same weights.
     """
 
-    def __init__(self, path: Path, n_ctx: int = 4096, n_threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int = 4096, n_threads: int | None = None, max_in_flight: int = 16):
         if not path.is_file():
             raise UserError(f"--model llamacpp:{path}: no such file; give the path to a .gguf model")
         from llama_cpp import Llama  # heavy import, only when a llama.cpp model is really used
@@ -55,16 +57,21 @@ class LlamaCppBackend:
         eos = self.llm.detokenize([self.llm.token_eos()]).decode(errors="ignore")
         bos = self.llm.detokenize([self.llm.token_bos()]).decode(errors="ignore")
         self.chat_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self.max_in_flight = max_in_flight
+        self.decoder = BatchDecoder(self.llm._model, n_slots=max_in_flight, slot_ctx=n_ctx, n_threads=threads)
+        self.scoring_lock = threading.Lock()  # the scoring context serves one caller at a time
+
+    def _prompt_tokens(self, messages: list[Message], answer_prefix: str = "") -> list[int]:
+        prompt = self.chat_format(messages=messages).prompt + answer_prefix
+        return self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
-        reply = self.llm.create_chat_completion(
-            messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed
-        )
-        usage = reply["usage"]
+        prompt = self._prompt_tokens(messages)
+        generated = self.decoder.submit(prompt, max_tokens, temperature, seed).result()
         return Completion(
-            text=reply["choices"][0]["message"]["content"] or "",
-            prompt_tokens=usage["prompt_tokens"],
-            completion_tokens=usage["completion_tokens"],
+            text=self.llm.detokenize(generated).decode("utf-8", errors="ignore"),
+            prompt_tokens=len(prompt),
+            completion_tokens=len(generated),
         )
 
     def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
@@ -74,23 +81,22 @@ class LlamaCppBackend:
         reply is started with `answer_prefix` ("The answer is"), and the next-token distribution is read
         at the first token of each " label". This is what the exact multiple-choice estimator needs.
         """
-        prompt = self.chat_format(messages=messages).prompt + answer_prefix
-        tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        tokens = self._prompt_tokens(messages, answer_prefix)
         label_tokens = [self.llm.tokenize(f" {label}".encode(), add_bos=False, special=False)[0] for label in labels]
         if len(set(label_tokens)) != len(labels):
             raise UserError(f"--estimator exact: the option labels {labels} do not start with distinct tokens")
-        self._eval_reusing_prefix(tokens)
         import llama_cpp
 
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
-        chosen = logits[label_tokens].astype(np.float64)
+        with self.scoring_lock:
+            self._eval_reusing_prefix(tokens)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+            chosen = logits[label_tokens].astype(np.float64)  # a copy: the buffer is the context's
         weights = np.exp(chosen - chosen.max())
         return (weights / weights.sum()).tolist()
 
     def count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
         """Tokens of the prompt `option_probs` would evaluate: what a scoring pass costs."""
-        prompt = self.chat_format(messages=messages).prompt + answer_prefix
-        return len(self.llm.tokenize(prompt.encode(), add_bos=False, special=True))
+        return len(self._prompt_tokens(messages, answer_prefix))
 
     def _eval_reusing_prefix(self, tokens: list[int]) -> None:
         """Evaluate `tokens`, keeping the KV cache of the prefix shared with what was evaluated last

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible HTTP backend against a real server: llama-cpp-python's, serving the embedded GGUF
+on 127.0.0.1 behind an API key. Runs go to it directly and through a proxy that injects 429s, 500s,
+stalls, dropped and cut-off connections: the faulty run ends with the same turns. A server that is down
+is one line and exit code 2, its cell recorded as failed, not graded."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from selfcorrect import evaluate
+from selfcorrect.errors import UserError
+from selfcorrect.models import load_model
+from selfcorrect.models.base import BackendError
+from selfcorrect.models.llamacpp import embedded_model_path
+from selfcorrect.models.openai_http import OpenAIBackend
+from selfcorrect.store import Store, Turn
+from selfcorrect.tasks import Item
+
+from conftest import run_cli
+from fault_proxy import RETRY_AFTER_S, FaultProxy
+
+SERVED_AS = "smollm2"
+API_KEY = "test-key-7f3a"
+MAX_TOKENS = 48  # short replies keep the runs quick on a loaded machine; the comparison needs no more
+RUN = dict(task="arithmetic", limit=4, rounds=1, max_tokens=MAX_TOKENS, cache=False)
+TIMEOUT_S = 10.0  # through the proxy: well above a reply's time here, so only the injected stall times out
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """URL of a llama.cpp server (without /v1) that serves the embedded model as SERVED_AS to API_KEY."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as sink:
+        # One decoding thread: on a 2-core machine shared with other work, two spinning llama.cpp threads
+        # slowed to 0.35 tokens/s when the cores were busy, one thread kept about 7.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()), "--model_alias",
+             SERVED_AS, "--api_key", API_KEY, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
+             "--n_threads", "1"],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    ready = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(ready, timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the llama.cpp server did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+
+
+@pytest.fixture(scope="module")
+def direct_run(server, tmp_path_factory):
+    """The run straight against the server, as `--model openai:...` loads it (default retries, timeout and
+    requests in flight)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPENAI_API_KEY", API_KEY)
+        return evaluate(model=f"openai:{SERVED_AS}@{server}/v1", db=tmp_path_factory.mktemp("direct") / "runs.sqlite", **RUN)
+
+
+def _cells(turns: list[Turn]) -> list[tuple]:
+    return [(t.item_id, t.sample, t.round, t.messages, t.response, t.answer, t.correct) for t in turns]
+
+
+def test_a_run_against_a_real_server(direct_run, server):
+    report = direct_run.report()
+    assert report["complete"] and direct_run.generated == 4 * 2
+    assert {t.backend for t in direct_run.turns} == {f"openai:{SERVED_AS}@{server}/v1"}
+    for turn in direct_run.turns:
+        assert turn.response.strip()
+        # Token counts are the server's own usage figures.
+        assert turn.prompt_tokens > 0 and 0 < turn.completion_tokens <= MAX_TOKENS
+    first, correction = direct_run.turns[:2]
+    assert correction.messages[:2] == first.messages  # the correction continues the first conversation
+
+
+def test_faults_are_retried_and_the_run_ends_with_the_same_turns(server, direct_run, api_key, tmp_path):
+    with FaultProxy(server, stall_s=TIMEOUT_S + 10) as proxy:
+        # Two requests in flight: with more, queueing at the one-thread server could itself pass the timeout.
+        backend = OpenAIBackend(SERVED_AS, f"{proxy.url}/v1", timeout=TIMEOUT_S, max_retries=8, max_in_flight=2)
+        run = evaluate(model=f"openai:{SERVED_AS}@{proxy.url}/v1", backend=backend, db=tmp_path / "runs.sqlite", **RUN)
+    for fault in ("429", "500", "stall", "drop", "cut"):
+        assert proxy.injected(fault) >= 1, (fault, [entry["fault"] for entry in proxy.log])
+    assert run.report()["complete"] and run.generated == 4 * 2
+    assert _cells(run.turns) == _cells(direct_run.turns)
+    store = Store(tmp_path / "runs.sqlite")
+    assert store.failures(run.run_id) == []
+    store.close()
+    # A 429's retry (the next request with the same body) waited the Retry-After the proxy asked for, not
+    # the client's first backoff (at most 0.5 s).
+    for position, entry in enumerate(proxy.log):
+        if entry["fault"] == "429":
+            retry = next(later for later in proxy.log[position + 1:] if later["body"] == entry["body"])
+            assert retry["received_at"] - entry["answered_at"] >= RETRY_AFTER_S * 0.95
+
+
+def test_a_server_that_is_down_is_one_line_and_a_failed_cell(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nobody listens there
+    db = tmp_path / "runs.sqlite"
+    result = run_cli("run", "--model", f"openai:{SERVED_AS}@{url}", "--limit", "2", "--db", str(db),
+                     env={"SELFCORRECT_HTTP_RETRIES": "1"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and url in lines[0] and "2 tries" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM turns").fetchone()[0] == 0
+        failed = connection.execute("SELECT item_id, round, error FROM failed_cells").fetchall()
+    assert failed and all(round_ == 0 and url in error for _, round_, error in failed)
+
+
+def test_a_refused_key_and_a_wrong_path_are_final_with_what_to_fix(server, monkeypatch):
+    question = [{"role": "user", "content": "What is 2 + 2?"}]
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
+    with pytest.raises(BackendError, match="HTTP 401.*set OPENAI_API_KEY"):
+        load_model(f"openai:{SERVED_AS}@{server}/v1").complete(question, 8, 0.0, 0)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    with pytest.raises(BackendError, match=r"HTTP 404 .*usually /v1"):
+        load_model(f"openai:{SERVED_AS}@{server}").complete(question, 8, 0.0, 0)
+
+
+@pytest.mark.parametrize("spec", ["openai:m", "openai:@http://h/v1", "openai:m@ftp://h/v1", "openai:m@http://"])
+def test_a_malformed_spec_names_the_flag_and_writes_nothing(spec, tmp_path):
+    with pytest.raises(UserError, match=r"^--model openai:.*expected openai:MODEL@BASE_URL"):
+        evaluate(model=spec, db=tmp_path / "runs.sqlite", limit=1)
+    assert not (tmp_path / "runs.sqlite").exists()
+
+
+def test_spec_parts_and_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SELFCORRECT_HTTP_TIMEOUT", "7.5")
+    monkeypatch.setenv("SELFCORRECT_HTTP_RETRIES", "3")
+    # Model names may hold '/', ':' and '@'; the URL starts after the last '@'. Nothing is contacted.
+    backend = load_model("openai:org/model:7b@q4@http://127.0.0.1:9/v1")
+    assert (backend.model, backend.base_url) == ("org/model:7b@q4", "http://127.0.0.1:9/v1")
+    assert backend.identity == "openai:org/model:7b@q4@http://127.0.0.1:9/v1"
+    assert (backend.timeout, backend.max_retries) == (7.5, 3)
+    monkeypatch.setenv("SELFCORRECT_HTTP_RETRIES", "many")
+    with pytest.raises(UserError, match="SELFCORRECT_HTTP_RETRIES=many"):
+        load_model("openai:m@http://127.0.0.1:9/v1")
+
+
+def test_store_keeps_a_failed_cell_until_its_turn_is_written(tmp_path):
+    store = Store(tmp_path / "runs.sqlite")
+    store.create_run("r1", {}, [Item(id="a", question="q", target="1")])
+    store.add_failure("r1", "a", 0, 1, "openai:m@http://h/v1: request failed after 2 tries (refused)")
+    store.add_failure("r1", "a", 0, 1, "openai:m@http://h/v1: request failed after 2 tries (timeout)")
+    [failure] = store.failures("r1")
+    assert (failure["item_id"], failure["sample"], failure["round"]) == ("a", 0, 1)
+    assert failure["error"].endswith("(timeout)")  # the latest error replaces the earlier one
+    turn = Turn(item_id="a", sample=0, round=1, messages=[], response="1", feedback=[], answer="1", correct=True,
+                reason="", extra={}, notes={}, prompt_tokens=1, completion_tokens=1, latency_s=0.0, backend="m")
+    store.add_turn("r1", turn)
+    assert store.failures("r1") == []
+    store.close()
