@@ -17,6 +17,7 @@ from rich.table import Table
 from .api import evaluate, load_run
 from .compare import compare_runs
 from .errors import UserError
+from .html_report import render_html
 from .models import MODEL_SPECS, can_score_options, check_model_spec
 from .report import print_comparison, print_report
 from .store import Store, default_db_path
@@ -142,16 +143,29 @@ def run(
 @app.command()
 @user_errors
 def report(
-    run_id: str = typer.Argument(..., help="run id (or a unique prefix); `selfcorrect runs` lists them"),
+    run_ids: list[str] = typer.Argument(..., help="run ids (or unique prefixes); `selfcorrect runs` lists them"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object (a list for several runs)"),
+    html: Optional[Path] = typer.Option(
+        None, "--html", help="write one self-contained HTML file with plots and the items that flipped"
+    ),
 ):
-    """Show a stored run's metrics."""
-    result = load_run(run_id, db)
-    if as_json:
-        print(json.dumps(result.report()))
+    """Show stored runs' metrics, or write them as one HTML file."""
+    if html is not None and as_json:
+        raise UserError("--html and --json: choose one")
+    if html is not None and not html.parent.is_dir():
+        raise UserError(f"--html {html}: no such directory {html.parent}")
+    results = [load_run(run_id, db) for run_id in run_ids]
+    if html is not None:
+        page = render_html(results)  # built whole before the file is opened: a failure writes nothing
+        html.write_text(page, encoding="utf-8")
+        out.print(f"wrote the report of {len(results)} run(s) to {html}", highlight=False, soft_wrap=True)
+    elif as_json:
+        reports = [result.report() for result in results]
+        print(json.dumps(reports[0] if len(reports) == 1 else reports))
     else:
-        print_report(result.report(), out)
+        for result in results:
+            print_report(result.report(), out)
 
 
 @app.command()
