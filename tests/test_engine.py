@@ -118,3 +118,55 @@ def test_cache_key_names_everything_that_determines_a_reply():
     ]
     assert len({cache_key(*base), *(cache_key(*v) for v in variants)}) == 6
     assert cache_key(*base) == cache_key(*base)
+
+
+class ConcurrentScriptedBackend(ScriptedBackend):
+    """A scripted model that serves several conversations at once and remembers how many overlapped."""
+
+    def __init__(self, max_in_flight: int):
+        super().__init__()
+        self.max_in_flight, self.in_flight, self.most_in_flight = max_in_flight, 0, 0
+        self.lock = __import__("threading").Lock()
+
+    def complete(self, messages, max_tokens, temperature, seed):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        __import__("time").sleep(0.002)  # long enough for other workers to send theirs
+        try:
+            return super().complete(messages, max_tokens, temperature, seed)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_concurrent_conversations_store_what_one_at_a_time_stores(tmp_path):
+    one = evaluate(task="arithmetic", limit=30, rounds=2, strategy="critique", backend=ScriptedBackend(),
+                   db=tmp_path / "a.sqlite")
+    backend = ConcurrentScriptedBackend(max_in_flight=8)
+    many = evaluate(task="arithmetic", limit=30, rounds=2, strategy="critique", backend=backend, db=tmp_path / "b.sqlite")
+    assert 1 < backend.most_in_flight <= 8
+    as_rows = lambda run: [(t.item_id, t.sample, t.round, t.messages, t.response, t.correct) for t in run.turns]
+    assert as_rows(many) == as_rows(one) and many.generated == 30 * 3
+
+
+@pytest.mark.model
+def test_greedy_replies_do_not_depend_on_how_many_conversations_share_a_batch(tmp_path, embedded):
+    """The same run with conversations decoded one at a time and sixteen at a time (critique: a conversation
+    grows over its rounds, so slots hold earlier turns); at temperature 0 every reply is the same."""
+    from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
+
+    alone = LlamaCppBackend(embedded_model_path(), max_in_flight=1)
+    options = dict(task="arithmetic", limit=12, rounds=1, strategy="critique", max_tokens=64, cache=False)
+    one = evaluate(**options, backend=alone, db=tmp_path / "one.sqlite")
+    batched = evaluate(**options, backend=embedded, db=tmp_path / "batched.sqlite")
+    assert embedded.max_in_flight == 16 and alone.max_in_flight == 1
+    rows = lambda run: [(t.item_id, t.round, t.messages, t.completion_tokens) for t in run.turns]
+    assert rows(batched) == rows(one)
+    # One conversation at a time: each critique request found the conversation's previous prompt in the
+    # slot and prefilled only what follows it (the reply and the new message).
+    previous_prompts = [m for t in one.turns if t.round == 1 for m in (t.messages[:1], t.messages[:3])]
+    reused = sum(len(alone._prompt_tokens(messages)) for messages in previous_prompts)
+    counters = alone.decoder.counters
+    assert counters["prompt_tokens_reused"] == reused > 0
+    assert counters["prompt_tokens_reused"] + counters["prompt_tokens_prefilled"] == sum(t.prompt_tokens for t in one.turns)

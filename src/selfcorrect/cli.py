@@ -104,6 +104,17 @@ def run(
     match_budget: Optional[str] = typer.Option(
         None, help="set --budget to the tokens per correction round of this stored run (id or prefix)"
     ),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS",
+        help="shard conversations over Ray actors: local (a cluster on this machine), auto (the cluster of this "
+        "node) or a cluster address; needs the ray extra",
+    ),
+    ray_actors: Optional[int] = typer.Option(
+        None, metavar="N", help="with --ray: how many actors load --model (default 2)"
+    ),
+    ray_model: list[str] = typer.Option(
+        [], "--ray-model", metavar="SPEC", help="with --ray: one actor per SPEC instead, e.g. one vLLM server per GPU node (repeatable)"
+    ),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -112,6 +123,10 @@ def run(
         if budget is not None:
             raise UserError("--budget and --match-budget: give one of them")
         budget = load_run(match_budget, db).correction_tokens_per_round()
+    if ray is None and (ray_actors is not None or ray_model):
+        raise UserError("--ray-actors and --ray-model: only with --ray ADDRESS (local, auto or a cluster address)")
+    if ray_model and model != "embedded":
+        raise UserError("--model and --ray-model: give one of them (the --ray-model specs name the model)")
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=err, transient=True,
@@ -121,11 +136,18 @@ def run(
         def on_start(run_id: str, total: int, done: int) -> None:
             progress.update(bar, description=f"run {run_id}", total=total, completed=done)
 
+        backend = None
+        if ray is not None:
+            from .models.ray_pool import ray_backend
+
+            backend = ray_backend(model, ray, ray_actors, ray_model)
+            model = ray_model[0] if ray_model else model  # the run's model spec; the backend names every actor's
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
             estimator=estimator, cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
             icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
+            backend=backend,
         )
     report = result.report()
     if as_json:

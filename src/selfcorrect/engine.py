@@ -168,47 +168,64 @@ def run_cells(
 ) -> tuple[int, int]:
     """Generate and store every missing cell; returns (turns generated, turns served whole from the
     response cache). Raises UserError when the backend failed a request (the failed cell is recorded;
-    every finished turn is stored, so the same call resumes)."""
-    stored = {(t.item_id, t.sample, t.round): t for t in store.turns(run_id)}
-    conversations = [
+    every finished turn is stored, so the same call resumes).
+
+    Memory does not grow with the run: workers take conversations one at a time from a shared iterator,
+    and of the stored turns only their keys are held (a resumed conversation reads back its last turn).
+    """
+    stored = store.turn_keys(run_id)
+    conversations = iter([
         (item, sample) for item in items for sample in range(samples)
         if any((item.id, sample, round_) not in stored for round_ in range(rounds + 1))
-    ]
-    finished: queue.Queue = queue.Queue()  # (turn, from_cache), (failed cell, error) or None at a conversation's end
+    ])
+    take_lock = threading.Lock()
+    finished: queue.Queue = queue.Queue()  # (turn, from_cache), (failed cell, error), or None when a worker ends
     stop = threading.Event()
 
     def converse(item: Item, sample: int) -> None:
+        previous: Turn | None = None
+        for round_ in range(rounds + 1):
+            if (item.id, sample, round_) in stored:
+                previous = None  # read back only if a later round needs it
+                continue
+            if stop.is_set():
+                return
+            if round_ > 0 and previous is None:
+                previous = store.turn(run_id, item.id, sample, round_ - 1)
+            try:
+                turn, from_cache = _generate_turn(
+                    task, strategy, backend, item, sample, round_, previous, temperature=temperature,
+                    max_tokens=max_tokens, seed=seed, critic=critic, budget=budget,
+                    examples=examples(item) if round_ > 0 else "",
+                )
+            except BackendError as error:
+                stop.set()
+                finished.put(((item.id, sample, round_), str(error)))
+                return
+            finished.put((turn, from_cache))
+            previous = turn
+
+    def work() -> None:
         try:
-            previous: Turn | None = None
-            for round_ in range(rounds + 1):
-                turn = stored.get((item.id, sample, round_))
-                if turn is None:
-                    if stop.is_set():
-                        return
-                    try:
-                        turn, from_cache = _generate_turn(
-                            task, strategy, backend, item, sample, round_, previous, temperature=temperature,
-                            max_tokens=max_tokens, seed=seed, critic=critic, budget=budget,
-                            examples=examples(item) if round_ > 0 else "",
-                        )
-                    except BackendError as error:
-                        stop.set()
-                        finished.put(((item.id, sample, round_), str(error)))
-                        return
-                    finished.put((turn, from_cache))
-                previous = turn
+            while not stop.is_set():
+                with take_lock:
+                    conversation = next(conversations, None)
+                if conversation is None:
+                    return
+                converse(*conversation)
         except BaseException:
-            stop.set()  # a bug or a bad grader: let the other conversations wind down
+            stop.set()  # a bug or a bad grader: let the other workers wind down
             raise
         finally:
             finished.put(None)
 
     generated = cache_hits = 0
     failures: list[str] = []
-    pool = ThreadPoolExecutor(max_workers=max(1, getattr(backend, "max_in_flight", 1)))
+    n_workers = max(1, getattr(backend, "max_in_flight", 1))
+    pool = ThreadPoolExecutor(max_workers=n_workers)
     try:
-        futures = [pool.submit(converse, item, sample) for item, sample in conversations]
-        for _ in futures:  # each conversation ends with one None
+        workers = [pool.submit(work) for _ in range(n_workers)]
+        for _ in workers:  # each worker ends with one None
             while (message := finished.get()) is not None:
                 outcome, detail = message
                 if isinstance(outcome, Turn):
@@ -219,11 +236,11 @@ def run_cells(
                 else:
                     store.add_failure(run_id, *outcome, detail)
                     failures.append(detail)
-        for future in futures:
-            future.result()  # re-raise what went wrong inside a conversation
+        for worker in workers:
+            worker.result()  # re-raise what went wrong inside a conversation
     finally:
-        stop.set()  # on an interrupt: conversations finish the turn they are in and start no other
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop.set()  # on an interrupt: workers finish the turn they are in and start no other
+        pool.shutdown(wait=True)
     if failures:
         raise UserError(
             f"{failures[0]} ({len(failures)} turn(s) failed; the finished turns are stored: run the same command "

@@ -135,6 +135,15 @@ class OptionScore:
         return asdict(self)
 
 
+_TURN_COLUMNS = """t.item_id, t.sample, t.round, t.messages, t.response, t.feedback, t.answer, t.correct, t.reason,
+    t.extra, t.notes, t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend"""
+
+
+def _turn(r: tuple) -> Turn:
+    return Turn(r[0], r[1], r[2], json.loads(r[3]), r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], json.loads(r[9]),
+                json.loads(r[10]), r[11], r[12], r[13], r[14])
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -302,17 +311,24 @@ class Store:
     def turns(self, run_id: str) -> list[Turn]:
         """Every stored turn of the run, ordered by item position, sample and round."""
         rows = self.db.execute(
-            """SELECT t.item_id, t.sample, t.round, t.messages, t.response, t.feedback, t.answer, t.correct,
-                      t.reason, t.extra, t.notes, t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend
-               FROM turns t JOIN items i ON i.run_id = t.run_id AND i.item_id = t.item_id
-               WHERE t.run_id = ? ORDER BY i.position, t.sample, t.round""",
+            f"""SELECT {_TURN_COLUMNS} FROM turns t JOIN items i ON i.run_id = t.run_id AND i.item_id = t.item_id
+                WHERE t.run_id = ? ORDER BY i.position, t.sample, t.round""",
             (run_id,),
         )
-        return [
-            Turn(r[0], r[1], r[2], json.loads(r[3]), r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], json.loads(r[9]),
-                 json.loads(r[10]), r[11], r[12], r[13], r[14])
-            for r in rows
-        ]
+        return [_turn(row) for row in rows]
+
+    @_locked
+    def turn(self, run_id: str, item_id: str, sample: int, round_: int) -> Turn | None:
+        row = self.db.execute(
+            f"SELECT {_TURN_COLUMNS} FROM turns t WHERE t.run_id = ? AND t.item_id = ? AND t.sample = ? AND t.round = ?",
+            (run_id, item_id, sample, round_),
+        ).fetchone()
+        return _turn(row) if row else None
+
+    @_locked
+    def turn_keys(self, run_id: str) -> set[tuple[str, int, int]]:
+        """(item, sample, round) of every stored turn: what a resume needs to know, without the turns."""
+        return set(self.db.execute("SELECT item_id, sample, round FROM turns WHERE run_id = ?", (run_id,)))
 
     @_locked
     def runs(self) -> list[dict]:

@@ -1,22 +1,31 @@
 """Many conversations decoded as one batch by llama.cpp, each in a sequence slot that keeps its KV cache.
 
-The engine calls `complete` from one thread per conversation in flight. Each call becomes a request in a
-queue; one decoding thread admits requests into free sequence slots and runs a loop of `llama_decode`
-calls, each carrying the next token of every sequence that is generating plus chunks of the prompts still
-being prefilled. A request goes to the free slot whose cached tokens share the longest prefix with its
-prompt, so a conversation's next turn usually lands on the slot that holds its earlier turns and only the
-new tokens are prefilled (`counters` shows how many were reused and how many prefilled).
+The engine calls `complete` from one worker thread per conversation in flight, and each worker runs its
+conversations one after another. Each worker thread owns one sequence slot (its "lane"), so a
+conversation's next turn always finds its earlier turns in the slot's KV cache and only the new tokens
+are prefilled (`counters` shows how many were reused and how many prefilled). One decoding thread runs a
+loop of `llama_decode` calls, each carrying the next token of every sequence that is generating plus
+whole chunks of the prompts still being prefilled.
+
+Replies must not depend on how many conversations share a batch, nor on whether a turn found its
+conversation in the cache (after a resume, or when the response cache served the turn before it). In
+llama.cpp a token's logits are the same whatever else is in the batch, and the same however a prompt is
+cut into prefill chunks, but not the same for a token that was decoded one at a time during generation
+(llama.cpp's server documents this for its prompt cache). So a slot keeps only the KV of its previous
+*prompt*, and only for a request that extends that prompt (the same conversation, a turn later); the
+previous reply and the new message are prefilled again. Measured on the embedded model: 40 of 40
+correction turns equal with and without the cached prefix; keeping the decoded reply too, 33 of 40.
 
 Sampling happens here, in numpy, per request with the request's own seed: greedy is the argmax;
-otherwise temperature with llama-cpp-python's default top-k 40, top-p 0.95 and min-p 0.05. A reply thus
-depends only on its prompt, sampling parameters and seed, not on which other requests share the batch
-(up to the floating-point differences llama.cpp's batched kernels themselves make).
+otherwise temperature with llama-cpp-python's default top-k 40, top-p 0.95 and min-p 0.05.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -29,6 +38,7 @@ TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 
 @dataclass
 class Request:
+    lane: int
     prompt: list[int]
     max_tokens: int
     temperature: float
@@ -40,20 +50,12 @@ class Request:
 @dataclass
 class Slot:
     seq_id: int
+    waiting: deque = field(default_factory=deque)  # requests of this lane not yet admitted
     cached: list[int] = field(default_factory=list)  # tokens whose KV the slot holds, in position order
+    last_prompt: list[int] = field(default_factory=list)
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet prefilled
-    last_used: int = 0
     rng: np.random.Generator | None = None
-
-
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def sample_token(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> int:
@@ -75,7 +77,7 @@ class BatchDecoder:
     """Owns a llama.cpp context with `n_slots` sequences of `slot_ctx` tokens each, and the thread that
     decodes them. `submit(tokens, ...)` returns a Future of (generated tokens)."""
 
-    def __init__(self, model, n_slots: int, slot_ctx: int, n_threads: int, n_batch: int = 512):
+    def __init__(self, model, n_slots: int, slot_ctx: int, n_threads: int, n_batch: int = 1024):
         import llama_cpp
         from llama_cpp._internals import LlamaBatch, LlamaContext
 
@@ -94,10 +96,11 @@ class BatchDecoder:
         self.vocab = llama_cpp.llama_model_get_vocab(model.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.slot_ctx, self.n_batch = slot_ctx, n_batch
+        self.chunk = n_batch - n_slots  # a prompt chunk always fits beside one decoding token per slot
         self.slots = [Slot(seq_id) for seq_id in range(n_slots)]
         self.requests: queue.Queue[Request] = queue.Queue()
-        self.waiting: list[Request] = []
-        self.clock = 0
+        self.lanes = threading.local()  # the slot of the calling thread
+        self.next_lane = itertools.count()
         # What the KV reuse saved: prompt tokens found in a slot's cache against those prefilled.
         self.counters = {"requests": 0, "prompt_tokens_reused": 0, "prompt_tokens_prefilled": 0,
                          "completion_tokens": 0, "decode_calls": 0}
@@ -109,7 +112,9 @@ class BatchDecoder:
                 f"the conversation has {len(prompt)} tokens, more than the model's context of {self.slot_ctx} per "
                 "conversation; lower --rounds or --max-tokens"
             )
-        request = Request(prompt, min(max_tokens, self.slot_ctx - len(prompt)), temperature, seed)
+        if not hasattr(self.lanes, "lane"):  # a thread's first request: give it the next slot, in turn
+            self.lanes.lane = next(self.next_lane) % len(self.slots)
+        request = Request(self.lanes.lane, prompt, min(max_tokens, self.slot_ctx - len(prompt)), temperature, seed)
         self.requests.put(request)
         return request.future
 
@@ -119,34 +124,38 @@ class BatchDecoder:
         while True:
             busy = any(slot.request for slot in self.slots)
             try:
-                self._take_requests(block=not busy and not self.waiting)
+                self._take_requests(block=not busy)
                 self._step()
             except Exception as error:  # fail every request in flight rather than hang their callers
                 for slot in self.slots:
                     if slot.request:
                         slot.request.future.set_exception(error)
-                    slot.request, slot.pending, slot.cached = None, [], []
+                    slot.request, slot.pending, slot.cached, slot.last_prompt = None, [], [], []
                 self.llama_cpp.llama_memory_clear(self.context.memory, True)
 
     def _take_requests(self, block: bool) -> None:
         if block:
-            self.waiting.append(self.requests.get())
+            self._queue(self.requests.get())
         while True:
             try:
-                self.waiting.append(self.requests.get_nowait())
+                self._queue(self.requests.get_nowait())
             except queue.Empty:
                 break
-        while self.waiting and (free := [slot for slot in self.slots if slot.request is None]):
-            self._admit(self.waiting.pop(0), free)
+        for slot in self.slots:
+            if slot.request is None and slot.waiting:
+                self._admit(slot, slot.waiting.popleft())
 
-    def _admit(self, request: Request, free: list[Slot]) -> None:
-        """Put the request in the free slot that already holds the longest part of its prompt (the least
-        recently used among equals), and drop the rest of that slot's cache."""
-        slot = max(free, key=lambda s: (shared_prefix(s.cached, request.prompt), -s.last_used))
-        # At least the prompt's last token is evaluated again: its logits give the first reply token.
-        keep = min(shared_prefix(slot.cached, request.prompt), len(request.prompt) - 1)
+    def _queue(self, request: Request) -> None:
+        self.slots[request.lane].waiting.append(request)
+
+    def _admit(self, slot: Slot, request: Request) -> None:
+        """Start the request in its lane's slot, keeping the KV of the slot's previous prompt if the request
+        continues it (see the module docstring for why not more)."""
+        extends = len(request.prompt) > len(slot.last_prompt) and request.prompt[: len(slot.last_prompt)] == slot.last_prompt
+        keep = len(slot.last_prompt) if extends else 0
         self.llama_cpp.llama_memory_seq_rm(self.context.memory, slot.seq_id, keep, -1)
         slot.cached, slot.pending, slot.request = request.prompt[:keep], request.prompt[keep:], request
+        slot.last_prompt = request.prompt
         slot.rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
         self.counters["requests"] += 1
         self.counters["prompt_tokens_reused"] += keep
@@ -171,9 +180,12 @@ class BatchDecoder:
         for slot in active:
             if not slot.pending:
                 add(slot, slot.request.generated[-1], True)
-        for slot in active:
-            while slot.pending and batch.n_tokens < self.n_batch:
-                add(slot, slot.pending.pop(0), not slot.pending)
+        for slot in active:  # a prompt chunk goes in whole, or waits for the next call
+            chunk = slot.pending[: self.chunk]
+            if chunk and batch.n_tokens + len(chunk) <= self.n_batch:
+                del slot.pending[: len(chunk)]
+                for k, token in enumerate(chunk):
+                    add(slot, token, not slot.pending and k == len(chunk) - 1)
         if batch.n_tokens == 0:
             return
         status = self.llama_cpp.llama_decode(self.context.ctx, batch)
@@ -193,6 +205,5 @@ class BatchDecoder:
             request.generated.append(token)
             self.counters["completion_tokens"] += 1
         if finished or len(request.generated) >= request.max_tokens:
-            self.clock += 1
-            slot.request, slot.last_used = None, self.clock
+            slot.request = None
             request.future.set_result(request.generated)

@@ -1,0 +1,148 @@
+"""Models run by Hugging Face transformers on PyTorch: `hf:DIR_OR_HUB_ID`, or `hf:FILE.gguf` (a GGUF file,
+dequantised to float32 by transformers). Batched greedy generation and option log-probabilities.
+
+Needs the `hf` extra; torch and transformers are imported only when such a model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .base import Completion, Message
+
+INSTALL_HINT = "needs the hf extra: pip install 'selfcorrect[hf]' (install torch==2.13.0 first for the CPU build)"
+
+# Sampling at T > 0 truncates the distribution as llama-cpp-python does by default, so that switching a
+# model from llama.cpp to transformers does not change the sampling protocol.
+TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
+
+# torch's OpenMP threads spin while they wait for each other. On a machine that runs other work too, a
+# spinning thread holds the core its partner needs, and every operation waits for a descheduled thread:
+# on 2 shared cores (load 4-6) greedy generation ran at 0.8-1.8 tokens/s spinning, 6.9-8.4 passive. OpenMP
+# reads this when torch is imported, which is after this module is; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One conversation to complete, with the arguments of `Backend.complete`."""
+
+    messages: list[Message]
+    max_tokens: int
+    temperature: float
+    seed: int
+
+
+class TransformersBackend:
+    """A causal language model and its tokenizer, with the tokenizer's chat template.
+
+    `complete_batch` generates the greedy requests of a batch in one padded `generate` call (left padding
+    with an attention mask, so every row continues its own prompt). Requests with temperature > 0 are
+    generated one at a time after `torch.manual_seed(seed)`: one call shares one random stream between
+    its rows, so batching them would make a reply depend on its batch neighbours and break the response
+    cache's promise that the same seed gives the same reply. One lock serialises all use of the model.
+    """
+
+    def __init__(self, source: str):
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise UserError(f"--model hf:{source}: {INSTALL_HINT}") from None
+        self.torch = torch
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise UserError(f"--model hf:{source}: no such file; give the path to a .gguf model")
+            location, options = str(path.parent), {"gguf_file": path.name}
+            self.identity = f"hf:{path.name}:{path.stat().st_size}"
+        elif path.is_dir():
+            location, options = str(path), {}
+            weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+            self.identity = f"hf:{path.name}:{weights}"
+        else:  # a Hub id: the weights are whatever the Hub (or its local cache) serves under it
+            location, options = source, {}
+            self.identity = f"hf:{source}"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(location, **options)
+            self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **options)
+        except (OSError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--model hf:{source}: transformers cannot load it ({reason})") from None
+        if self.tokenizer.chat_template is None:
+            raise UserError(f"--model hf:{source}: the tokenizer has no chat template; use an instruction-tuned model")
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.stop_tokens = set(eos) if isinstance(eos, list) else {eos}
+        self.tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token_id = min(self.stop_tokens)
+        self.lock = threading.Lock()
+
+    def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
+        return self.complete_batch([Request(messages, max_tokens, temperature, seed)])[0]
+
+    def complete_batch(self, requests: list[Request]) -> list[Completion]:
+        """One completion per request, in order; the greedy ones are generated together."""
+        replies: dict[int, Completion] = {}
+        greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+        with self.lock:
+            if greedy:
+                replies.update(zip(greedy, self._generate([requests[i] for i in greedy])))
+            for i, request in enumerate(requests):
+                if request.temperature != 0:
+                    self.torch.manual_seed(request.seed)
+                    replies[i] = self._generate([request])[0]
+        return [replies[i] for i in range(len(requests))]
+
+    def _generate(self, requests: list[Request]) -> list[Completion]:
+        """One `generate` call for `requests`, all greedy or a single sampled one."""
+        prompts = [self._chat_prompt(r.messages) for r in requests]
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        temperature = requests[0].temperature
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": TOP_K, "top_p": TOP_P, "min_p": MIN_P}
+        output = self.model.generate(
+            **batch, max_new_tokens=max(r.max_tokens for r in requests), pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_tokens), **(sampling if temperature else {"do_sample": False}),
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
+        completions = []
+        for request, tokens, mask in zip(requests, new_tokens, batch["attention_mask"]):
+            # A row that stopped early is padded to the longest; one with a smaller budget than the
+            # batch's is cut to its own (greedy decoding of a prefix does not depend on the budget).
+            tokens = tokens[: request.max_tokens]
+            length = next((n for n, token in enumerate(tokens) if token in self.stop_tokens), len(tokens))
+            completions.append(Completion(
+                text=self.tokenizer.decode(tokens[:length], skip_special_tokens=True),
+                prompt_tokens=int(mask.sum()),
+                completion_tokens=length,
+            ))
+        return completions
+
+    def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
+        """P(label | conversation, assistant reply so far = answer_prefix), renormalised over `labels`, as
+        `LlamaCppBackend.option_probs` defines it: one forward pass over the chat-templated conversation
+        followed by `answer_prefix`, read at the first token of each " label"."""
+        label_tokens = [self.tokenizer.encode(f" {label}", add_special_tokens=False)[0] for label in labels]
+        if len(set(label_tokens)) != len(labels):
+            raise UserError(f"--estimator exact: the option labels {labels} do not start with distinct tokens")
+        tokens = self._scoring_tokens(messages, answer_prefix)
+        with self.lock, self.torch.inference_mode():
+            logits = self.model(**tokens).logits[0, -1]
+        return self.torch.softmax(logits[label_tokens].double(), dim=0).tolist()
+
+    def count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
+        """Tokens of the prompt `option_probs` would evaluate: what a scoring pass costs."""
+        return self._scoring_tokens(messages, answer_prefix)["input_ids"].shape[1]
+
+    def _scoring_tokens(self, messages: list[Message], answer_prefix: str):
+        return self.tokenizer(self._chat_prompt(messages) + answer_prefix, return_tensors="pt", add_special_tokens=False)
+
+    def _chat_prompt(self, messages: list[Message]) -> str:
+        # The template writes any BOS token itself, hence add_special_tokens=False wherever this is tokenized.
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,209 @@
+"""Conversations sharded over Ray actors (`selfcorrect run --ray ADDRESS`). Each actor owns a backend in its
+own process on some node of the cluster: the embedded engine (or any `--model`) on CPU nodes, or a client of
+one OpenAI-compatible server per GPU node (`--ray-model`).
+
+`RayPool` is a Backend like any other. The engine on the driver calls `complete` from one thread per
+conversation in flight, grades each reply and writes each turn to the one run store; the response cache
+stays on the driver too. Only generation (and option scoring) leaves the driver, so a run on Ray is
+stored, cached and resumed like any run.
+
+A request goes to the actor picked by a stable hash of the conversation's first message: every turn of a
+conversation (and every sample of an item) meets the actor whose llama.cpp decoder still holds the earlier
+turns in its KV cache. Ray runs an actor's methods on a pool of threads, so the requests routed to one
+actor reach its backend together and are batched as they would be locally.
+
+Needs the `ray` extra; ray is imported only when a pool is started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import Counter
+from typing import Sequence
+
+from ..errors import UserError
+from .base import BackendError, Completion, Message
+
+INSTALL_HINT = "needs the ray extra: pip install 'selfcorrect[ray]'"
+# Ray fixes an actor's thread pool when the actor is created, before its backend is loaded and can say how
+# many requests it batches; so the actor gets more threads than any backend batches (llama.cpp 16, HTTP 8)
+# and a semaphore lets exactly the backend's `max_in_flight` requests in at once.
+ACTOR_THREADS = 64
+DEFAULT_ACTORS = 2
+
+
+def ray_backend(model: str, address: str, actors: int | None = None, actor_specs: Sequence[str] = ()) -> RayPool:
+    """Join the Ray cluster at `address` (`local` starts one on this machine, `auto` finds the one this
+    node belongs to) and start the actors: one per spec of `actor_specs`, or else `actors` actors (default
+    2) that each load `model`."""
+    from . import check_model_spec
+
+    if actor_specs and actors is not None:
+        raise UserError("--ray-actors and --ray-model: give one of them (--ray-model starts one actor per spec)")
+    actors = DEFAULT_ACTORS if actors is None else actors
+    if actors < 1:
+        raise UserError(f"--ray-actors {actors}: must be at least 1")
+    specs = list(actor_specs) or [model] * actors
+    for spec in dict.fromkeys(specs):
+        check_model_spec(spec)  # a malformed spec fails here, before a cluster is started or joined
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"--ray: {INSTALL_HINT}") from None
+    try:
+        # Actors' own output stays in Ray's logs: forwarded, it would interleave with the report (and --json).
+        # What goes wrong in an actor reaches the driver as the error of the request.
+        ray.init(address=None if address == "local" else address, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise UserError(f"--ray {address}: cannot join a Ray cluster there ({_last_line(err)})") from None
+    return RayPool.start(specs)
+
+
+class ModelActor:
+    """One backend in a Ray worker process, with a count of what it served."""
+
+    def load(self, spec: str) -> dict:
+        """Load the model `spec` names; returns what the driver needs to know about it."""
+        import ray
+
+        from . import load_model
+
+        self.backend = load_model(spec)
+        self.slots = threading.Semaphore(getattr(self.backend, "max_in_flight", 1))
+        self.requests: Counter[str] = Counter()  # conversation's first message -> requests served
+        self.counting = threading.Lock()
+        return {
+            "identity": self.backend.identity,
+            "max_in_flight": getattr(self.backend, "max_in_flight", 1),
+            "can_score": callable(getattr(self.backend, "option_probs", None)),
+            "node": ray.util.get_node_ip_address(),
+        }
+
+    def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
+        with self.counting:
+            self.requests[messages[0]["content"]] += 1
+        with self.slots:
+            return self.backend.complete(messages, max_tokens, temperature, seed)
+
+    def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
+        return self.backend.option_probs(messages, answer_prefix, labels)  # backends serialise their scoring
+
+    def count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
+        return self.backend.count_tokens(messages, answer_prefix)
+
+    def served(self) -> dict[str, int]:
+        """Replies generated so far, by the first message of their conversation."""
+        with self.counting:
+            return dict(self.requests)
+
+
+def pool_identity(identities: list[str]) -> str:
+    """The identity of a pool whose actors report these identities: one run measures one model.
+
+    Actors that all load the same weights make the pool that model, so a run on Ray is the same run (same
+    run id, same cached replies) as a local run of it. HTTP servers of one model are another matter: an
+    endpoint is part of an HTTP model's identity, because two servers of one model name may run different
+    weights or engines. A pool of several endpoints is named by all of them: its replies never merge with
+    those of one of its servers, nor of another set of servers. Actors of different models are refused.
+    """
+    distinct = sorted(set(identities))
+    if len(distinct) == 1:
+        return distinct[0]
+    models = sorted({identity.rpartition("@")[0] if identity.startswith("openai:") else identity
+                     for identity in distinct})
+    if len(models) > 1:
+        raise UserError(f"--ray-model: the actors serve different models ({', '.join(models)}); "
+                        "one run measures one model, give specs of the same model")
+    return f"ray[{'+'.join(distinct)}]"
+
+
+def route(messages: list[Message], n_actors: int) -> int:
+    """The actor of a conversation: a hash of its first message that is the same in every process (Python's
+    `hash` of a string is salted per process)."""
+    digest = hashlib.sha256(messages[0]["content"].encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n_actors
+
+
+class RayPool:
+    """A backend whose requests are served by Ray actors, each conversation by one of them."""
+
+    def __init__(self, actors: list, descriptions: list[dict]):
+        self.actors, self.nodes = actors, [description["node"] for description in descriptions]
+        self.identity = pool_identity([description["identity"] for description in descriptions])
+        self.max_in_flight = sum(description["max_in_flight"] for description in descriptions)
+
+    @classmethod
+    def start(cls, specs: list[str]) -> RayPool:
+        """One actor per spec, spread over the nodes of the cluster this process has joined
+        (`ray.init`). A model that fails to load raises here the error it raised in its actor."""
+        import ray
+
+        actor_class = ray.remote(ModelActor).options(max_concurrency=ACTOR_THREADS, scheduling_strategy="SPREAD")
+        actors = [actor_class.remote() for _ in specs]
+        loading = [actor.load.remote(spec) for actor, spec in zip(actors, specs)]  # all load at once
+        try:
+            descriptions = [_get(loaded) for loaded in loading]
+            # Option scoring (the exact estimator, P(True)) is forwarded only if every actor's model can
+            # score, so that the engine sees the abilities it would see in a local run of the model.
+            scoring = all(description["can_score"] for description in descriptions)
+            return (ScoringRayPool if scoring else RayPool)(actors, descriptions)
+        except BaseException:  # a model that failed to load, or actors of different models
+            for actor in actors:
+                ray.kill(actor)
+            raise
+
+    def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
+        return self._call(route(messages, len(self.actors)), "complete", messages, max_tokens, temperature, seed)
+
+    def served(self) -> list[dict[str, int]]:
+        """Per actor, the replies it generated by first message of their conversation: where the work went."""
+        return [self._call(index, "served") for index in range(len(self.actors))]
+
+    def close(self) -> None:
+        """Stop the actors (they also end with the driver process)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def _call(self, index: int, method: str, *args):
+        import ray
+
+        try:
+            return _get(getattr(self.actors[index], method).remote(*args))
+        except ray.exceptions.RayActorError as error:
+            raise BackendError(
+                f"{self.identity}: the Ray actor {index} on node {self.nodes[index]} is gone ({_last_line(error)})"
+            ) from None
+
+
+class ScoringRayPool(RayPool):
+    """A pool of models that can score option labels (llama.cpp, transformers)."""
+
+    def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
+        return self._call(route(messages, len(self.actors)), "option_probs", messages, answer_prefix, labels)
+
+    def count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
+        return self._call(route(messages, len(self.actors)), "count_tokens", messages, answer_prefix)
+
+
+def _get(result):
+    """The value of an actor's `result`. An error the backend raised inside the actor (BackendError,
+    UserError) is raised here as itself, one line, not wrapped in Ray's RayTaskError with the remote
+    traceback."""
+    import ray
+
+    try:
+        return ray.get(result)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, (BackendError, UserError)):
+            raise error.cause from None
+        raise
+
+
+def _last_line(error: Exception) -> str:
+    """Ray's errors end with the line that says why."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
