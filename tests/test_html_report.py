@@ -33,9 +33,13 @@ SAMPLED = ("reask", "critique", "oracle-stop")
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory, embedded, shared_data):
-    """A store with three sampled arithmetic runs and one exact-estimator multiple-choice run."""
+    """A store with three sampled arithmetic runs and one exact-estimator multiple-choice run. Greedy, the
+    small model rarely changes an answer; three samples at temperature 1 make flips both ways likely."""
     db = tmp_path_factory.mktemp("html_runs") / "runs.sqlite"
-    sampled = {name: evaluate(strategy=name, limit=4, db=db, backend=embedded).run_id for name in SAMPLED}
+    sampled = {
+        name: evaluate(strategy=name, limit=4, samples=3, temperature=1.0, max_tokens=64, db=db, backend=embedded).run_id
+        for name in SAMPLED
+    }
     exact = evaluate(task="mcq", data=shared_data / "commonsense_qa.jsonl", strategy="confident", limit=2,
                      db=db, backend=embedded)
     assert exact.estimator == "exact"
