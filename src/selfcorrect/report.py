@@ -76,8 +76,8 @@ def print_report(report: dict, console: Console) -> None:
     tokens = report["tokens"]
     console.print(
         f"cost: {tokens['prompt']} prompt + {tokens['completion']} completion tokens "
-        f"({tokens['per_item']:.0f} per item), {tokens['seconds']:.1f} s of generation "
-        f"({tokens['seconds_per_item']:.2f} s per item)"
+        f"({tokens['per_item']:.0f} per item), {tokens['seconds_per_item']:.2f} s of turn latency per item "
+        "(summed over its turns; conversations run concurrently, so this exceeds wall time)"
     )
     if report["verifier"]:
         verifier = report["verifier"]
