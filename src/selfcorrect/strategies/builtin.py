@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from . import CorrectionRound, register_strategy
 
@@ -114,17 +115,24 @@ DEFAULT_FRESH_SAMPLES = 4
 MAX_FRESH_SAMPLES = 32
 
 
-def _candidates(round: CorrectionRound) -> list[str]:
-    """The previous reply and the fresh samples the round's budget pays for."""
-    candidates = [round.previous_reply]
+def _candidates(round: CorrectionRound, judge: Callable[[str], object]) -> tuple[list[str], list]:
+    """The previous reply and the fresh samples the round's budget pays for, each with `judge(reply)`.
+    Judging as they come lets its cost (best-of-n's scoring passes) count against the budget too."""
+    candidates, judged = [], []
+
+    def add(reply: str) -> None:
+        candidates.append(reply)
+        judged.append(judge(reply))
+
+    add(round.previous_reply)
     while len(candidates) <= MAX_FRESH_SAMPLES:
         if round.budget is None and len(candidates) > DEFAULT_FRESH_SAMPLES:
             break
         if round.budget is not None and len(candidates) > 1 and round.tokens_spent() >= round.budget:
             break
-        candidates.append(round.sample_fresh())
+        add(round.sample_fresh())
     round.notes["candidates"] = candidates[1:]
-    return candidates
+    return candidates, judged
 
 
 def vote_key(answer: str | None) -> str | None:
@@ -142,8 +150,7 @@ def vote_key(answer: str | None) -> str | None:
     baseline=True,
 )
 def self_consistency(round: CorrectionRound) -> str:
-    candidates = _candidates(round)
-    keys = [vote_key(round.answer_of(reply)) for reply in candidates]
+    candidates, keys = _candidates(round, lambda reply: vote_key(round.answer_of(reply)))
     votes: dict[str, int] = {}
     for key in keys:
         if key is not None:
@@ -160,13 +167,15 @@ def self_consistency(round: CorrectionRound) -> str:
     baseline=True,
 )
 def best_of_n(round: CorrectionRound) -> str:
-    candidates = _candidates(round)
-    scores = [round.p_true(reply) for reply in candidates]
-    if None in scores:  # the backend cannot score options: ask the model for a verdict instead
-        scores = [_verdict_score(round, reply) for reply in candidates]
-        round.notes["scorer"] = "verdict"
-    else:
+    def score(reply: str) -> float:
+        p_true = round.p_true(reply)
+        if p_true is None:  # the backend cannot score options: ask the model for a verdict instead
+            round.notes["scorer"] = "verdict"
+            return _verdict_score(round, reply)
         round.notes["scorer"] = "p_true"
+        return p_true
+
+    candidates, scores = _candidates(round, score)
     round.notes["scores"] = scores
     return candidates[max(range(len(candidates)), key=scores.__getitem__)]  # ties: the earliest
 
