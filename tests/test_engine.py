@@ -150,10 +150,30 @@ def test_concurrent_conversations_store_what_one_at_a_time_stores(tmp_path):
     assert as_rows(many) == as_rows(one) and many.generated == 30 * 3
 
 
+def _first_divergence_gap(backend, messages_a: list[dict], messages_b: list[dict]) -> float:
+    """Where two conversations first differ inside an assistant reply: the gap between the logits the model
+    gives (for the context up to there) to the token each took. A near-tie is a few hundredths."""
+    import llama_cpp
+    import numpy as np
+
+    k = next(i for i, (x, y) in enumerate(zip(messages_a, messages_b)) if x != y)
+    assert messages_a[k]["role"] == "assistant", "conversations may differ only in what the model said"
+    prompt = backend._prompt_tokens(messages_a[:k])
+    reply_a, reply_b = (backend.llm.tokenize(m[k]["content"].encode(), add_bos=False, special=False)
+                        for m in (messages_a, messages_b))
+    shared = next((i for i, (x, y) in enumerate(zip(reply_a, reply_b)) if x != y), min(len(reply_a), len(reply_b)))
+    with backend.scoring_lock:
+        backend._eval_reusing_prefix(prompt + reply_a[:shared])
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(backend.llm.ctx, -1), shape=(backend.llm.n_vocab(),))
+        took = [reply[shared] if shared < len(reply) else backend.llm.token_eos() for reply in (reply_a, reply_b)]
+        return abs(float(logits[took[0]] - logits[took[1]]))
+
+
 @pytest.mark.model
 def test_greedy_replies_do_not_depend_on_how_many_conversations_share_a_batch(tmp_path, embedded):
     """The same run with conversations decoded one at a time and sixteen at a time (critique: a conversation
-    grows over its rounds, so slots hold earlier turns); at temperature 0 every reply is the same."""
+    grows over its rounds, so slots hold earlier turns). llama.cpp's logits move by float rounding with
+    the batch's make-up, so a greedy reply may only differ where the model's top two tokens were tied."""
     from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
 
     alone = LlamaCppBackend(embedded_model_path(), max_in_flight=1)
@@ -161,8 +181,10 @@ def test_greedy_replies_do_not_depend_on_how_many_conversations_share_a_batch(tm
     one = evaluate(**options, backend=alone, db=tmp_path / "one.sqlite")
     batched = evaluate(**options, backend=embedded, db=tmp_path / "batched.sqlite")
     assert embedded.max_in_flight == 16 and alone.max_in_flight == 1
-    rows = lambda run: [(t.item_id, t.round, t.messages, t.completion_tokens) for t in run.turns]
-    assert rows(batched) == rows(one)
+    differing = [(a, b) for a, b in zip(one.turns, batched.turns) if a.messages != b.messages]
+    assert len({a.item_id for a, _ in differing}) <= 2, f"{len(differing)} of {len(one.turns)} turns differ"
+    for a, b in differing:
+        assert _first_divergence_gap(alone, a.messages, b.messages) < 0.05
     # One conversation at a time: each critique request found the conversation's previous prompt in the
     # slot and prefilled only what follows it (the reply and the new message).
     previous_prompts = [m for t in one.turns if t.round == 1 for m in (t.messages[:1], t.messages[:3])]

@@ -179,7 +179,14 @@ def run_cells(
         if any((item.id, sample, round_) not in stored for round_ in range(rounds + 1))
     ])
     take_lock = threading.Lock()
-    finished: queue.Queue = queue.Queue()  # (turn, from_cache), (failed cell, error), or None when a worker ends
+    n_workers = max(1, getattr(backend, "max_in_flight", 1))
+    if (temperature > 0 or strategy.baseline) and not getattr(backend, "batch_invariant", True):
+        # Sampled replies on a backend whose logits move slightly with the batch's make-up (llama.cpp): one
+        # conversation at a time, so that the same seed gives the same replies.
+        n_workers = 1
+    # (turn, from_cache), (failed cell, error), or None when a worker ends. Bounded, so workers wait for
+    # the writer rather than pile finished turns up in memory.
+    finished: queue.Queue = queue.Queue(maxsize=4 * n_workers)
     stop = threading.Event()
 
     def converse(item: Item, sample: int) -> None:
@@ -221,8 +228,8 @@ def run_cells(
 
     generated = cache_hits = 0
     failures: list[str] = []
-    n_workers = max(1, getattr(backend, "max_in_flight", 1))
     pool = ThreadPoolExecutor(max_workers=n_workers)
+    workers = []
     try:
         workers = [pool.submit(work) for _ in range(n_workers)]
         for _ in workers:  # each worker ends with one None
@@ -240,6 +247,11 @@ def run_cells(
             worker.result()  # re-raise what went wrong inside a conversation
     finally:
         stop.set()  # on an interrupt: workers finish the turn they are in and start no other
+        while not all(worker.done() for worker in workers):  # unblock workers waiting to hand over a turn
+            try:
+                finished.get(timeout=0.1)
+            except queue.Empty:
+                pass
         pool.shutdown(wait=True)
     if failures:
         raise UserError(

@@ -32,8 +32,9 @@ class LlamaCppBackend:
     """A GGUF model on llama.cpp. The chat template is the one stored in the GGUF file.
 
     Replies come from a `BatchDecoder`: up to `max_in_flight` conversations decode together, each keeping
-    its KV cache between turns, so a correction turn prefills only its new tokens. Option scoring (the
-    exact estimator, P(True)) runs on a second, single-sequence context of the same weights.
+    the KV cache of its previous prompt between turns, so a correction turn prefills only the previous
+    reply and its new message. Option scoring (the exact estimator, P(True)) runs on a second,
+    single-sequence context of the same weights.
     """
 
     def __init__(self, path: Path, n_ctx: int = 4096, n_threads: int | None = None, max_in_flight: int = 16):
@@ -58,6 +59,9 @@ class LlamaCppBackend:
         bos = self.llm.detokenize([self.llm.token_bos()]).decode(errors="ignore")
         self.chat_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self.max_in_flight = max_in_flight
+        # A token's logits move by float rounding with what else shares the batch: enough to change a
+        # sampled token now and then, rarely a greedy one. The engine samples one conversation at a time.
+        self.batch_invariant = False
         self.decoder = BatchDecoder(self.llm._model, n_slots=max_in_flight, slot_ctx=n_ctx, n_threads=threads)
         self.scoring_lock = threading.Lock()  # the scoring context serves one caller at a time
 

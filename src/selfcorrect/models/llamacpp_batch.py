@@ -2,10 +2,10 @@
 
 The engine calls `complete` from one worker thread per conversation in flight, and each worker runs its
 conversations one after another. Each worker thread owns one sequence slot (its "lane"), so a
-conversation's next turn always finds its earlier turns in the slot's KV cache and only the new tokens
-are prefilled (`counters` shows how many were reused and how many prefilled). One decoding thread runs a
-loop of `llama_decode` calls, each carrying the next token of every sequence that is generating plus
-whole chunks of the prompts still being prefilled.
+conversation's next turn always finds its previous prompt in the slot's KV cache and only what follows
+it (the previous reply and the new message) is prefilled; `counters` shows how many prompt tokens were
+reused and how many prefilled. One decoding thread runs a loop of `llama_decode` calls, each carrying the
+next token of every sequence that is generating plus whole chunks of the prompts still being prefilled.
 
 Replies must not depend on how many conversations share a batch, nor on whether a turn found its
 conversation in the cache (after a resume, or when the response cache served the turn before it). In
