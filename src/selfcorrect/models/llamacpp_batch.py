@@ -51,7 +51,7 @@ class Request:
 class Slot:
     seq_id: int
     waiting: deque = field(default_factory=deque)  # requests of this lane not yet admitted
-    cached: list[int] = field(default_factory=list)  # tokens whose KV the slot holds, in position order
+    n_cached: int = 0  # tokens whose KV the slot holds: the next token's position
     last_prompt: list[int] = field(default_factory=list)
     request: Request | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet prefilled
@@ -130,7 +130,7 @@ class BatchDecoder:
                 for slot in self.slots:
                     if slot.request:
                         slot.request.future.set_exception(error)
-                    slot.request, slot.pending, slot.cached, slot.last_prompt = None, [], [], []
+                    slot.request, slot.pending, slot.n_cached, slot.last_prompt = None, [], 0, []
                 self.llama_cpp.llama_memory_clear(self.context.memory, True)
 
     def _take_requests(self, block: bool) -> None:
@@ -154,7 +154,7 @@ class BatchDecoder:
         extends = len(request.prompt) > len(slot.last_prompt) and request.prompt[: len(slot.last_prompt)] == slot.last_prompt
         keep = len(slot.last_prompt) if extends else 0
         self.llama_cpp.llama_memory_seq_rm(self.context.memory, slot.seq_id, keep, -1)
-        slot.cached, slot.pending, slot.request = request.prompt[:keep], request.prompt[keep:], request
+        slot.n_cached, slot.pending, slot.request = keep, request.prompt[keep:], request
         slot.last_prompt = request.prompt
         slot.rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
         self.counters["requests"] += 1
@@ -169,9 +169,9 @@ class BatchDecoder:
 
         def add(slot: Slot, token: int, logits: bool) -> None:
             i = batch.n_tokens
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, len(slot.cached), 1
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, slot.n_cached, 1
             batch.seq_id[i][0], batch.logits[i] = slot.seq_id, logits
-            slot.cached.append(token)
+            slot.n_cached += 1
             batch.n_tokens += 1
             if logits:
                 wants_logits.append((slot, i))
