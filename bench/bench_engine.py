@@ -4,9 +4,10 @@ Workload: the embedded SmolLM2-135M on GSM8K questions (`../shared/data/gsm8k_te
 repository), a first answer and one `reask` correction each, greedy. Three ways through it, in one run:
 
 - the engine: `selfcorrect.evaluate`, which also grades every reply and writes every turn to SQLite;
-- the ceiling: the same prompts (every turn the engine sent, known in advance) through a bare loop of
-  llama.cpp calls, 16 sequences decoded per batch, each forced to the length the engine's reply had, with
-  no scheduling, grading or storing;
+- the ceiling: the same work through a bare loop of llama.cpp calls, 16 conversations at a time: each
+  turn prefills the prompt tokens the engine's turn added to its conversation (known in advance) and
+  decodes, 16 sequences per llama_decode, as many tokens as the engine's reply had; no scheduling,
+  sampling, grading or storing;
 - the naive loop: transformers' `model.generate`, one prompt at a time, as the paper's reference code does
   on a CPU, on `--naive` of the same turns' prompts spread over both rounds (it is slow).
 
@@ -36,9 +37,10 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.js
 WAVE = 16  # sequences per batch in the raw loop: the engine's conversations in flight
 
 
-def raw_batched_decode(backend, prompts: list[list[int]], lengths: list[int]) -> float:
-    """Seconds for llama.cpp alone to prefill `prompts` and decode `lengths[i]` greedy tokens after each,
-    WAVE sequences at a time in one llama_decode per step."""
+def raw_batched_decode(backend, conversations: list[list[tuple[list[int], int]]]) -> float:
+    """Seconds for llama.cpp alone to run `conversations`, WAVE at a time: each is a list of turns (new prompt
+    tokens, reply length); a turn prefills its new tokens after what the sequence holds, then decodes as many
+    greedy tokens as the reply had, the wave's sequences one llama_decode per step."""
     import llama_cpp
     from llama_cpp._internals import LlamaBatch, LlamaContext
 
@@ -56,28 +58,32 @@ def raw_batched_decode(backend, prompts: list[list[int]], lengths: list[int]) ->
                 for row in rows]
 
     started = time.perf_counter()
-    for first in range(0, len(prompts), WAVE):
-        wave = range(first, min(first + WAVE, len(prompts)))
+    for first in range(0, len(conversations), WAVE):
+        wave = conversations[first: first + WAVE]
         llama_cpp.llama_memory_clear(context.memory, True)
-        batch.reset()
-        for seq, i in enumerate(wave):
-            batch.add_sequence(prompts[i], seq, False)
-        llama_cpp.llama_decode(context.ctx, batch.batch)
-        ends = np.cumsum([len(prompts[i]) for i in wave]) - 1
-        tokens = next_tokens(list(ends))
-        positions = [len(prompts[i]) for i in wave]
-        left = [lengths[i] - 1 for i in wave]
-        while any(n > 0 for n in left):
-            live = [seq for seq, n in enumerate(left) if n > 0]
+        positions = [0] * len(wave)
+        for turn in range(max(len(c) for c in wave)):
+            seqs = [seq for seq, c in enumerate(wave) if turn < len(c)]
+            batch.reset()
             b = batch.batch
-            b.n_tokens = len(live)
-            for row, seq in enumerate(live):
-                b.token[row], b.pos[row], b.seq_id[row][0], b.n_seq_id[row], b.logits[row] = tokens[seq], positions[seq], seq, 1, True
-                positions[seq] += 1
-                left[seq] -= 1
+            for seq in seqs:
+                for k, token in enumerate(wave[seq][turn][0]):
+                    b.token[b.n_tokens], b.pos[b.n_tokens], b.seq_id[b.n_tokens][0] = token, positions[seq] + k, seq
+                    b.n_seq_id[b.n_tokens], b.logits[b.n_tokens] = 1, k == len(wave[seq][turn][0]) - 1
+                    b.n_tokens += 1
+                positions[seq] += len(wave[seq][turn][0])
             llama_cpp.llama_decode(context.ctx, b)
-            for seq, token in zip(live, next_tokens(list(range(len(live))))):
-                tokens[seq] = token
+            tokens = dict(zip(seqs, next_tokens(list(np.cumsum([len(wave[seq][turn][0]) for seq in seqs]) - 1))))
+            left = {seq: wave[seq][turn][1] - 1 for seq in seqs}
+            while any(n > 0 for n in left.values()):
+                live = [seq for seq, n in left.items() if n > 0]
+                b.n_tokens = len(live)
+                for row, seq in enumerate(live):
+                    b.token[row], b.pos[row], b.seq_id[row][0], b.n_seq_id[row], b.logits[row] = tokens[seq], positions[seq], seq, 1, True
+                    positions[seq] += 1
+                    left[seq] -= 1
+                llama_cpp.llama_decode(context.ctx, b)
+                tokens.update(zip(live, next_tokens(list(range(len(live))))))
     return time.perf_counter() - started
 
 
@@ -98,21 +104,27 @@ def main() -> None:
     engine_tokens = sum(t.completion_tokens for t in run.turns)
     counters = backend.decoder.counters
 
-    # Every turn's prompt is its conversation up to the reply; its length is the reply's length.
-    prompts = [backend._prompt_tokens(turn.messages[:-1]) for turn in run.turns]
-    lengths = [max(turn.completion_tokens, 1) for turn in run.turns]
-    raw_s = raw_batched_decode(backend, prompts, lengths)
+    # Each conversation's turns: the prompt tokens after what the sequence holds (the earlier prompt and all
+    # but the last token of the reply, which was sampled but not yet decoded), and the reply's length.
+    conversations: dict[str, list[tuple[list[int], int]]] = {}
+    for turn in sorted(run.turns, key=lambda t: (t.item_id, t.round)):
+        turns = conversations.setdefault(turn.item_id, [])
+        held = sum(len(new) + length - 1 for new, length in turns)
+        turns.append((backend._prompt_tokens(turn.messages[:-1])[held:], max(turn.completion_tokens, 1)))
+    raw_s = raw_batched_decode(backend, list(conversations.values()))
+    ceiling_tokens = sum(length for turns in conversations.values() for _, length in turns)
 
     by_round = [[turn.messages[:-1] for turn in run.turns if turn.round == r] for r in (0, 1)]
     naive_prompts = by_round[0][: args.naive // 2] + by_round[1][: args.naive - args.naive // 2]
     naive_tokens, naive_s = naive_generate_loop(embedded_model_path(), naive_prompts, run.config["max_tokens"])
 
-    engine_rate, raw_rate, naive_rate = engine_tokens / engine_s, sum(lengths) / raw_s, naive_tokens / naive_s
+    engine_rate, raw_rate, naive_rate = engine_tokens / engine_s, ceiling_tokens / raw_s, naive_tokens / naive_s
     print(f"workload: {args.items} GSM8K items x 2 rounds (reask), embedded SmolLM2-135M Q4_1, greedy, {os.cpu_count()} cores")
     print(f"turns: {len(run.turns)}")
     print(f"completion_tokens: {engine_tokens}")
     print(f"prompt_tokens_reused: {counters['prompt_tokens_reused']}")
     print(f"prompt_tokens_prefilled: {counters['prompt_tokens_prefilled']}")
+    print(f"prompt_tokens_replayed: {counters['prompt_tokens_replayed']}")
     print(f"engine_tokens_per_s: {engine_rate:.1f}")
     print(f"ceiling_tokens_per_s: {raw_rate:.1f}")
     print(f"naive_tokens_per_s: {naive_rate:.1f}  ({naive_tokens} tokens, {len(naive_prompts)} prompts)")

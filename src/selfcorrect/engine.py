@@ -180,10 +180,6 @@ def run_cells(
     ])
     take_lock = threading.Lock()
     n_workers = max(1, getattr(backend, "max_in_flight", 1))
-    if (temperature > 0 or strategy.baseline) and not getattr(backend, "batch_invariant", True):
-        # Sampled replies on a backend whose logits move slightly with the batch's make-up (llama.cpp): one
-        # conversation at a time, so that the same seed gives the same replies.
-        n_workers = 1
     # (turn, from_cache), (failed cell, error), or None when a worker ends. Bounded, so workers wait for
     # the writer rather than pile finished turns up in memory.
     finished: queue.Queue = queue.Queue(maxsize=4 * n_workers)

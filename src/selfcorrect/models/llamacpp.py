@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -32,8 +33,7 @@ class LlamaCppBackend:
     """A GGUF model on llama.cpp. The chat template is the one stored in the GGUF file.
 
     Replies come from a `BatchDecoder`: up to `max_in_flight` conversations decode together, each keeping
-    the KV cache of its previous prompt between turns, so a correction turn prefills only the previous
-    reply and its new message. Option scoring (the exact estimator, P(True)) runs on a second,
+    its KV cache between turns, so a correction turn prefills only its new message. Option scoring (the exact estimator, P(True)) runs on a second,
     single-sequence context of the same weights.
     """
 
@@ -59,9 +59,6 @@ class LlamaCppBackend:
         bos = self.llm.detokenize([self.llm.token_bos()]).decode(errors="ignore")
         self.chat_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self.max_in_flight = max_in_flight
-        # A token's logits move by float rounding with what else shares the batch: enough to change a
-        # sampled token now and then, rarely a greedy one. The engine samples one conversation at a time.
-        self.batch_invariant = False
         self.decoder = BatchDecoder(self.llm._model, n_slots=max_in_flight, slot_ctx=n_ctx, n_threads=threads)
         self.scoring_lock = threading.Lock()  # the scoring context serves one caller at a time
 
@@ -69,9 +66,29 @@ class LlamaCppBackend:
         prompt = self.chat_format(messages=messages).prompt + answer_prefix
         return self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
 
+    def _reply_mask(self, messages: list[Message], prompt: list[int]) -> list[bool]:
+        """Which prompt tokens lie inside an earlier assistant reply (the decoder computes those one per
+        call, as they were generated). Found by rendering the conversation with a marker in place of each
+        reply; a template that does not copy replies verbatim gets no marks, which costs speed, not results."""
+        replies = {f"\ue000{i}\ue001": m["content"] for i, m in enumerate(messages) if m["role"] == "assistant"}
+        marked = [dict(m, content=f"\ue000{i}\ue001") if m["role"] == "assistant" else m for i, m in enumerate(messages)]
+        spans, text = [], b""
+        for part in re.split("(\ue000\\d+\ue001)", self.chat_format(messages=marked).prompt):
+            if part in replies:
+                part = replies[part]
+                spans.append((len(text), len(text) + len(part.encode())))
+            text += part.encode()
+        sizes = np.array([len(self.llm.detokenize([token], special=True)) for token in prompt], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        if text != self.chat_format(messages=messages).prompt.encode() or (len(ends) and ends[-1] != len(text)):
+            return [False] * len(prompt)
+        starts = ends - sizes
+        return [any(a <= start and end <= b for a, b in spans) for start, end in zip(starts, ends)]
+
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
         prompt = self._prompt_tokens(messages)
-        generated = self.decoder.submit(prompt, max_tokens, temperature, seed).result()
+        replay = self._reply_mask(messages, prompt)
+        generated = self.decoder.submit(prompt, replay, max_tokens, temperature, seed).result()
         return Completion(
             text=self.llm.detokenize(generated).decode("utf-8", errors="ignore"),
             prompt_tokens=len(prompt),

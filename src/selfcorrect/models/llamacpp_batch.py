@@ -1,20 +1,24 @@
 """Many conversations decoded as one batch by llama.cpp, each in a sequence slot that keeps its KV cache.
 
-The engine calls `complete` from one worker thread per conversation in flight, and each worker runs its
+The engine calls `submit` from one worker thread per conversation in flight, and each worker runs its
 conversations one after another. Each worker thread owns one sequence slot (its "lane"), so a
-conversation's next turn always finds its previous prompt in the slot's KV cache and only what follows
-it (the previous reply and the new message) is prefilled; `counters` shows how many prompt tokens were
-reused and how many prefilled. One decoding thread runs a loop of `llama_decode` calls, each carrying the
-next token of every sequence that is generating plus whole chunks of the prompts still being prefilled.
+conversation's next turn finds the whole conversation so far, the reply it just generated included, in the
+slot's KV cache, and prefills only the new message; `counters` shows how many prompt tokens were reused and
+how many computed. One decoding thread runs a loop of `llama_decode` calls, each carrying the next token of
+every sequence that is generating plus prompt tokens still to be computed.
 
-Replies must not depend on how many conversations share a batch, nor on whether a turn found its
-conversation in the cache (after a resume, or when the response cache served the turn before it). In
-llama.cpp a token's logits are the same whatever else is in the batch, and the same however a prompt is
-cut into prefill chunks, but not the same for a token that was decoded one at a time during generation
-(llama.cpp's server documents this for its prompt cache). So a slot keeps only the KV of its previous
-*prompt*, and only for a request that extends that prompt (the same conversation, a turn later); the
-previous reply and the new message are prefilled again. Measured on the embedded model: 40 of 40
-correction turns equal with and without the cached prefix; keeping the decoded reply too, 33 of 40.
+A reply must not depend on whether its turn found the conversation in the cache (it does not after a resume,
+after another strategy's run served the first turn from the response cache, or when the slot held another
+conversation). llama.cpp computes a token slightly differently when it is decoded on its own (one token of
+its sequence per call, as during generation) than inside a prefill chunk (its server documents this for
+its prompt cache): keeping the decoded reply but prefilling it on a cache miss changed 7 of 40 greedy
+correction replies. So every prompt token is computed one canonical way, cached or not: the tokens of an
+earlier assistant reply one per call, as they were when generated, and every other token in prefill chunks
+cut from the start of its run of such tokens. A token's KV then comes out bit for bit the same whether it
+was generated in this slot or replayed after a resume (measured: 0.0 difference in the next logits). And
+what else shares a call changes nothing: one token of each of several sequences gives the logits one
+sequence alone gives, and a prefill chunk is decoded alone (see `_step`). So replies, sampled ones too,
+depend neither on how many conversations are in flight nor on the cache.
 
 Sampling happens here, in numpy, per request with the request's own seed: greedy is the argmax;
 otherwise temperature with llama-cpp-python's default top-k 40, top-p 0.95 and min-p 0.05.
@@ -39,7 +43,7 @@ TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 @dataclass
 class Request:
     lane: int
-    prompt: list[int]
+    prompt: list[tuple[int, bool]]  # (token, is it part of an earlier reply, computed one per call)
     max_tokens: int
     temperature: float
     seed: int
@@ -51,10 +55,9 @@ class Request:
 class Slot:
     seq_id: int
     waiting: deque = field(default_factory=deque)  # requests of this lane not yet admitted
-    n_cached: int = 0  # tokens whose KV the slot holds: the next token's position
-    last_prompt: list[int] = field(default_factory=list)
+    cached: list[tuple[int, bool]] = field(default_factory=list)  # the tokens whose KV the slot holds, as computed
     request: Request | None = None
-    pending: list[int] = field(default_factory=list)  # prompt tokens not yet prefilled
+    pending: list[tuple[int, bool]] = field(default_factory=list)  # prompt tokens not yet computed
     rng: np.random.Generator | None = None
 
 
@@ -75,7 +78,7 @@ def sample_token(logits: np.ndarray, temperature: float, rng: np.random.Generato
 
 class BatchDecoder:
     """Owns a llama.cpp context with `n_slots` sequences of `slot_ctx` tokens each, and the thread that
-    decodes them. `submit(tokens, ...)` returns a Future of (generated tokens)."""
+    decodes them. `submit(prompt, replay, ...)` returns a Future of the generated tokens."""
 
     def __init__(self, model, n_slots: int, slot_ctx: int, n_threads: int, n_batch: int = 1024):
         import llama_cpp
@@ -96,17 +99,18 @@ class BatchDecoder:
         self.vocab = llama_cpp.llama_model_get_vocab(model.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.slot_ctx, self.n_batch = slot_ctx, n_batch
-        self.chunk = n_batch - n_slots  # a prompt chunk always fits beside one decoding token per slot
         self.slots = [Slot(seq_id) for seq_id in range(n_slots)]
         self.requests: queue.Queue[Request] = queue.Queue()
         self.lanes = threading.local()  # the slot of the calling thread
         self.next_lane = itertools.count()
-        # What the KV reuse saved: prompt tokens found in a slot's cache against those prefilled.
+        # What the KV reuse saved: prompt tokens found in a slot's cache against those computed (prefilled,
+        # or replayed one per call: earlier replies missing from the cache).
         self.counters = {"requests": 0, "prompt_tokens_reused": 0, "prompt_tokens_prefilled": 0,
-                         "completion_tokens": 0, "decode_calls": 0}
+                         "prompt_tokens_replayed": 0, "completion_tokens": 0, "decode_calls": 0}
         threading.Thread(target=self._loop, name="llamacpp-batch", daemon=True).start()
 
-    def submit(self, prompt: list[int], max_tokens: int, temperature: float, seed: int) -> Future:
+    def submit(self, prompt: list[int], replay: list[bool], max_tokens: int, temperature: float, seed: int) -> Future:
+        """Generate after `prompt`; `replay[i]` marks prompt tokens of earlier assistant replies."""
         if len(prompt) >= self.slot_ctx:
             raise UserError(
                 f"the conversation has {len(prompt)} tokens, more than the model's context of {self.slot_ctx} per "
@@ -114,7 +118,7 @@ class BatchDecoder:
             )
         if not hasattr(self.lanes, "lane"):  # a thread's first request: give it the next slot, in turn
             self.lanes.lane = next(self.next_lane) % len(self.slots)
-        request = Request(self.lanes.lane, prompt, min(max_tokens, self.slot_ctx - len(prompt)), temperature, seed)
+        request = Request(self.lanes.lane, list(zip(prompt, replay)), min(max_tokens, self.slot_ctx - len(prompt)), temperature, seed)
         self.requests.put(request)
         return request.future
 
@@ -130,7 +134,7 @@ class BatchDecoder:
                 for slot in self.slots:
                     if slot.request:
                         slot.request.future.set_exception(error)
-                    slot.request, slot.pending, slot.n_cached, slot.last_prompt = None, [], 0, []
+                    slot.request, slot.pending, slot.cached = None, [], []
                 self.llama_cpp.llama_memory_clear(self.context.memory, True)
 
     def _take_requests(self, block: bool) -> None:
@@ -149,45 +153,56 @@ class BatchDecoder:
         self.slots[request.lane].waiting.append(request)
 
     def _admit(self, slot: Slot, request: Request) -> None:
-        """Start the request in its lane's slot, keeping the KV of the slot's previous prompt if the request
-        continues it (see the module docstring for why not more)."""
-        extends = len(request.prompt) > len(slot.last_prompt) and request.prompt[: len(slot.last_prompt)] == slot.last_prompt
-        keep = len(slot.last_prompt) if extends else 0
+        """Start the request in its lane's slot, keeping the KV of the longest prefix the slot holds as the
+        request would compute it (see the module docstring)."""
+        prompt = request.prompt
+        keep = 0
+        for held, wanted in zip(slot.cached, prompt[:-1]):  # the last token is computed: its logits are needed
+            if held != wanted:
+                break
+            keep += 1
+        # Inside a run of prefill tokens, go back to its start, so its chunks are cut as on a cache miss.
+        while 0 < keep and not prompt[keep][1] and not prompt[keep - 1][1]:
+            keep -= 1
         self.llama_cpp.llama_memory_seq_rm(self.context.memory, slot.seq_id, keep, -1)
-        slot.n_cached, slot.pending, slot.request = keep, request.prompt[keep:], request
-        slot.last_prompt = request.prompt
+        del slot.cached[keep:]
+        slot.pending, slot.request = prompt[keep:], request
         slot.rng = np.random.default_rng(request.seed) if request.temperature > 0 else None
         self.counters["requests"] += 1
         self.counters["prompt_tokens_reused"] += keep
         self.counters["prompt_tokens_prefilled"] += len(slot.pending)
+        self.counters["prompt_tokens_replayed"] += sum(replay for _, replay in slot.pending)
 
     def _step(self) -> None:
-        """One llama_decode: the next token of every generating sequence, then prompt chunks."""
-        batch = self.batch.batch
-        batch.n_tokens = 0
-        wants_logits: list[tuple[Slot, int]] = []
-
-        def add(slot: Slot, token: int, logits: bool) -> None:
-            i = batch.n_tokens
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, slot.n_cached, 1
-            batch.seq_id[i][0], batch.logits[i] = slot.seq_id, logits
-            slot.n_cached += 1
-            batch.n_tokens += 1
-            if logits:
-                wants_logits.append((slot, i))
-
+        """Two llama_decode calls: one token of every sequence that has one to decode (its next generated
+        token, or the next reply token it replays), then one prefill chunk of one sequence, alone. With a
+        KV cache per sequence llama.cpp cuts a call into pieces holding equally many tokens of each sequence,
+        so a chunk sharing a call with other sequences would be cut by what else is there."""
         active = [slot for slot in self.slots if slot.request]
-        for slot in active:
-            if not slot.pending:
-                add(slot, slot.request.generated[-1], True)
-        for slot in active:  # a prompt chunk goes in whole, or waits for the next call
-            chunk = slot.pending[: self.chunk]
-            if chunk and batch.n_tokens + len(chunk) <= self.n_batch:
-                del slot.pending[: len(chunk)]
-                for k, token in enumerate(chunk):
-                    add(slot, token, not slot.pending and k == len(chunk) - 1)
-        if batch.n_tokens == 0:
-            return
+        singles = [slot for slot in active if not slot.pending or slot.pending[0][1]]
+        if singles:
+            self._decode([(slot, slot.pending.pop(0) if slot.pending else (slot.request.generated[-1], True))
+                          for slot in singles])
+        filling = next((slot for slot in active if slot.pending and not slot.pending[0][1]), None)
+        if filling:
+            run = sum(1 for _ in itertools.takewhile(lambda item: not item[1], filling.pending[: self.n_batch]))
+            chunk = filling.pending[:run]
+            del filling.pending[:run]
+            self._decode([(filling, item) for item in chunk])
+
+    def _decode(self, tokens: list[tuple[Slot, tuple[int, bool]]]) -> None:
+        """One llama_decode of (slot, (token, replay)) pairs; then sample for every slot whose prompt is
+        done (its last prompt token or its last generated token was among them)."""
+        batch = self.batch.batch
+        batch.n_tokens = len(tokens)
+        wants_logits: list[tuple[Slot, int]] = []
+        for i, (slot, item) in enumerate(tokens):
+            last = not slot.pending and (i + 1 == len(tokens) or tokens[i + 1][0] is not slot)
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = item[0], len(slot.cached), 1
+            batch.seq_id[i][0], batch.logits[i] = slot.seq_id, last
+            slot.cached.append(item)
+            if last:
+                wants_logits.append((slot, i))
         status = self.llama_cpp.llama_decode(self.context.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
