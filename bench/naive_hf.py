@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from selfcorrect.models import Message, load_model
-from selfcorrect.models.hf import Request
+from selfcorrect.models.hf import Request, import_torch
 from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
 from selfcorrect.tasks import load_task
 
@@ -32,6 +32,7 @@ from selfcorrect.tasks import load_task
 def naive_generate_loop(gguf_path: Path, conversations: list[list[Message]], max_tokens: int) -> tuple[int, float]:
     """(completion tokens, seconds of generation) of a plain greedy `generate` loop, one prompt at a time.
     Loading and one warm-up call (first-call allocations) are not timed."""
+    import_torch()  # as the hf backend does: passive OpenMP threads
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -55,8 +56,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="default: every core")
     args = parser.parse_args()
-    import torch
-
+    torch = import_torch()
     torch.set_num_threads(args.threads)
 
     task = load_task("arithmetic", None)

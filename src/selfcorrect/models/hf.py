@@ -20,11 +20,23 @@ INSTALL_HINT = "needs the hf extra: pip install 'selfcorrect[hf]' (install torch
 # model from llama.cpp to transformers does not change the sampling protocol.
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 
-# torch's OpenMP threads spin while they wait for each other. On a machine that runs other work too, a
-# spinning thread holds the core its partner needs, and every operation waits for a descheduled thread:
-# on 2 shared cores (load 4-6) greedy generation ran at 0.8-1.8 tokens/s spinning, 6.9-8.4 passive. OpenMP
-# reads this when torch is imported, which is after this module is; a user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def import_torch():
+    """torch, imported with its OpenMP threads told to sleep rather than spin while they wait for each
+    other. On a machine that runs other work too, a spinning thread holds the core its partner needs, and
+    every operation waits for a descheduled thread: on 2 shared cores (load 4-6) greedy generation ran at
+    0.8-1.8 tokens/s spinning, 6.9-8.4 passive. The variable is removed again after the import, so that
+    processes started later (Ray workers, llama.cpp in them) do not inherit it: llama.cpp decodes a third
+    slower passive. A user's own setting wins."""
+    ours = "OMP_WAIT_POLICY" not in os.environ
+    if ours:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        import torch
+    finally:
+        if ours:
+            del os.environ["OMP_WAIT_POLICY"]
+    return torch
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ class TransformersBackend:
 
     def __init__(self, source: str):
         try:
-            import torch
+            torch = import_torch()
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
             raise UserError(f"--model hf:{source}: {INSTALL_HINT}") from None
