@@ -92,7 +92,7 @@ class BatchDecoder:
         params.n_threads = params.n_threads_batch = n_threads
         # Separate KV buffers per sequence: faster when sequences share little (conversations differ).
         params.kv_unified = False
-        # As llama-cpp-python's own contexts: greedy replies then match its create_chat_completion.
+        # As llama-cpp-python's own contexts: a first turn's greedy reply then matches its create_chat_completion.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.context = LlamaContext(model=model, params=params, verbose=False)
         self.batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
