@@ -33,8 +33,8 @@ class LlamaCppBackend:
     """A GGUF model on llama.cpp. The chat template is the one stored in the GGUF file.
 
     Replies come from a `BatchDecoder`: up to `max_in_flight` conversations decode together, each keeping
-    its KV cache between turns, so a correction turn prefills only its new message. Option scoring (the exact estimator, P(True)) runs on a second,
-    single-sequence context of the same weights.
+    its KV cache between turns, so a correction turn prefills only its new message. Option scoring (the
+    exact estimator, P(True)) runs on a second, single-sequence context of the same weights.
     """
 
     def __init__(self, path: Path, n_ctx: int = 4096, n_threads: int | None = None, max_in_flight: int = 16):
