@@ -1,7 +1,8 @@
 """Benchmark: selfcorrect's engine against raw batched llama.cpp and against a naive transformers loop.
 
-Workload: the embedded SmolLM2-135M on GSM8K questions (`../shared/data/gsm8k_test.jsonl`, beside the
-repository), a first answer and one `reask` correction each, greedy. Three ways through it, in one run:
+Workload: the embedded SmolLM2-135M (or `--gguf PATH`) on GSM8K questions
+(`../shared/data/gsm8k_test.jsonl`, beside the repository), a first answer and one `reask` correction
+each, greedy. Three ways through it, in one run:
 
 - the engine: `selfcorrect.evaluate`, which also grades every reply and writes every turn to SQLite;
 - the ceiling: the same work through a bare loop of llama.cpp calls, 16 conversations at a time: each
@@ -9,11 +10,12 @@ repository), a first answer and one `reask` correction each, greedy. Three ways 
   decodes, 16 sequences per llama_decode, as many tokens as the engine's reply had; no scheduling,
   sampling, grading or storing;
 - the naive loop: transformers' `model.generate`, one prompt at a time, as the paper's reference code does
-  on a CPU, on `--naive` of the same turns' prompts spread over both rounds (it is slow).
+  on a CPU, on `--naive` of the same turns' prompts spread over both rounds (it is slow), with torch's
+  default settings in a process of its own.
 
 Rates are completion tokens per second; the ratios are what to compare across machines.
 
-    python bench/bench_engine.py [--items N] [--naive N]
+    python bench/bench_engine.py [--items N] [--naive N] [--gguf PATH]
 
 The last lines have the form `name: value`, ending with `engine_vs_ceiling` and `engine_vs_naive`.
 """
@@ -31,8 +33,7 @@ import numpy as np
 
 from naive_hf import naive_generate_loop
 from selfcorrect import evaluate
-from selfcorrect.models import load_model
-from selfcorrect.models.llamacpp import embedded_model_path
+from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 WAVE = 16  # sequences per batch in the raw loop: the engine's conversations in flight
@@ -92,9 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=24)
     parser.add_argument("--naive", type=int, default=4, help="prompts for the naive transformers loop")
+    parser.add_argument("--gguf", type=Path, help="a GGUF model to measure instead of the embedded one")
     args = parser.parse_args()
 
-    backend = load_model("embedded")
+    gguf = args.gguf or embedded_model_path()
+    backend = LlamaCppBackend(gguf)
     backend.complete([{"role": "user", "content": "Hello"}], 8, 0.0, 0)  # warm up: first-call allocations
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,10 +123,10 @@ def main() -> None:
     # In a process of its own: torch and llama.cpp would share one OpenMP runtime, torch's, in which
     # llama.cpp decodes about 20% slower, and each engine is measured as it runs alone.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        naive_tokens, naive_s = pool.apply(naive_generate_loop, (embedded_model_path(), naive_prompts, run.config["max_tokens"]))
+        naive_tokens, naive_s = pool.apply(naive_generate_loop, (gguf, naive_prompts, run.config["max_tokens"]))
 
     engine_rate, raw_rate, naive_rate = engine_tokens / engine_s, ceiling_tokens / raw_s, naive_tokens / naive_s
-    print(f"workload: {args.items} GSM8K items x 2 rounds (reask), embedded SmolLM2-135M Q4_1, greedy, {os.cpu_count()} cores")
+    print(f"workload: {args.items} GSM8K items x 2 rounds (reask), {gguf.name}, greedy, {os.cpu_count()} cores")
     print(f"turns: {len(run.turns)}")
     print(f"completion_tokens: {engine_tokens}")
     print(f"prompt_tokens_reused: {counters['prompt_tokens_reused']}")

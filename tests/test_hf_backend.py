@@ -7,6 +7,8 @@ Tests that need torch are skipped when it is not installed (CI installs the `hf`
 from __future__ import annotations
 
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -62,6 +64,38 @@ def test_batched_greedy_equals_one_at_a_time(hf, shared_data):
     assert len({c.prompt_tokens for c in alone}) == 3
     assert all(c.text and 0 < c.completion_tokens <= 12 for c in alone)
     assert batch == alone
+
+
+def _gathered(hf, calls: list[list[dict]], max_tokens: int) -> list[Future]:
+    """`complete` for each of `calls`, from threads at once while the model is busy, so that all wait."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        with hf.lock:
+            futures = [pool.submit(hf.complete, messages, max_tokens, 0.0, 0) for messages in calls]
+            while len(hf.waiting) < len(calls):
+                time.sleep(0.01)
+    return futures
+
+
+def test_concurrent_calls_are_generated_together(hf, shared_data, monkeypatch):
+    # What the engine does: one `complete` per conversation in flight, from its own thread.
+    gsm8k = load_task("gsm8k", shared_data / "gsm8k_test.jsonl").items
+    calls = [_ask("What is 2 + 2?")] + [_ask(item.question) for item in gsm8k[:3]]
+    alone = [hf.complete(messages, 10, 0.0, 0) for messages in calls]
+    batch_sizes = []
+    generate = hf.model.generate
+    monkeypatch.setattr(hf.model, "generate", lambda **kw: batch_sizes.append(len(kw["input_ids"])) or generate(**kw))
+    assert [future.result() for future in _gathered(hf, calls, 10)] == alone
+    assert batch_sizes == [4]  # one padded generate call for the four waiting callers
+
+
+def test_a_failed_batch_fails_every_caller_in_it(hf, monkeypatch):
+    def broken(**_):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(hf.model, "generate", broken)
+    futures = _gathered(hf, [_ask("What is 2 + 2?"), _ask("What is 3 + 3?")], 4)
+    assert [str(future.exception()) for future in futures] == ["out of memory"] * 2
+    assert hf.waiting == []
 
 
 def test_sampling_follows_the_seed_not_the_batch(hf):

@@ -10,31 +10,12 @@ import sys
 import pytest
 
 from selfcorrect import sandbox
-from selfcorrect.sandbox import run_program
+from selfcorrect.sandbox import live_processes_in_group, run_program
 
 
 def run(program: str, **limits):
     """run_program with limits small enough that a hostile program costs the suite seconds, not minutes."""
     return run_program(program, **{"timeout_s": 3, **limits})
-
-
-def live_processes_in_group(pgid: int) -> list[int]:
-    """Pids of the process group that still run; zombies have finished and don't count.
-
-    By group, not by command line: other test runs on this machine may be using the sandbox meanwhile.
-    """
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                state, _, group = handle.read().rsplit(")", 1)[1].split()[:3]
-        except OSError:
-            continue
-        if int(group) == pgid and state not in ("Z", "X"):
-            pids.append(int(entry))
-    return pids
 
 
 def network_namespaces_allowed() -> bool:

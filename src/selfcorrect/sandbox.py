@@ -219,11 +219,17 @@ def _await_group_end(pgid: int, limit_s: float = 1.0) -> None:
 
 
 def _group_running(pgid: int) -> bool:
-    """Whether a process of the group still runs. Zombies, which wait for init to reap them, don't."""
+    """Whether a process of the group still runs."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
+    return bool(live_processes_in_group(pgid))
+
+
+def live_processes_in_group(pgid: int) -> list[int]:
+    """Pids of the process group that still run. Zombies, which wait for init to reap them, don't."""
+    pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -233,8 +239,8 @@ def _group_running(pgid: int) -> bool:
         except OSError:
             continue
         if int(group) == pgid and state not in ("Z", "X"):
-            return True
-    return False
+            pids.append(int(entry))
+    return pids
 
 
 def _report(status: str, nonce: str) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ INSTALL_HINT = "needs the hf extra: pip install 'selfcorrect[hf]' (install torch
 # Sampling at T > 0 truncates the distribution as llama-cpp-python does by default, so that switching a
 # model from llama.cpp to transformers does not change the sampling protocol.
 TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
+# Conversations the engine keeps in flight on this backend; their greedy turns are generated together.
+MAX_IN_FLIGHT = 8
 
 
 def import_torch():
@@ -57,6 +60,11 @@ class TransformersBackend:
     generated one at a time after `torch.manual_seed(seed)`: one call shares one random stream between
     its rows, so batching them would make a reply depend on its batch neighbours and break the response
     cache's promise that the same seed gives the same reply. One lock serialises all use of the model.
+
+    `complete`, called by the engine from up to `max_in_flight` threads at once, gathers its callers into
+    such batches: a caller that gets the model generates every request waiting by then, its own included.
+    Padding is not promised to leave greedy replies unchanged (transformers computes a padded batch with
+    other matrix shapes), though in our tests it did.
     """
 
     def __init__(self, source: str):
@@ -94,22 +102,44 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token_id = min(self.stop_tokens)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held by whoever runs the model
+        self.waiting: list[tuple[Request, Future]] = []  # `complete` calls not yet generated
+        self.waiting_lock = threading.Lock()
+        self.max_in_flight = MAX_IN_FLIGHT
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
-        return self.complete_batch([Request(messages, max_tokens, temperature, seed)])[0]
+        mine: Future = Future()
+        with self.waiting_lock:
+            self.waiting.append((Request(messages, max_tokens, temperature, seed), mine))
+        with self.lock:
+            if not mine.done():  # else a caller that had the model before us generated it
+                with self.waiting_lock:
+                    taken, self.waiting = self.waiting, []
+                try:
+                    replies = self._complete_all([request for request, _ in taken])
+                except BaseException as error:
+                    for _, future in taken:
+                        future.set_exception(error)
+                else:
+                    for (_, future), reply in zip(taken, replies):
+                        future.set_result(reply)
+        return mine.result()
 
     def complete_batch(self, requests: list[Request]) -> list[Completion]:
         """One completion per request, in order; the greedy ones are generated together."""
+        with self.lock:
+            return self._complete_all(requests)
+
+    def _complete_all(self, requests: list[Request]) -> list[Completion]:
+        """`complete_batch`, with the model's lock held."""
         replies: dict[int, Completion] = {}
         greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
-        with self.lock:
-            if greedy:
-                replies.update(zip(greedy, self._generate([requests[i] for i in greedy])))
-            for i, request in enumerate(requests):
-                if request.temperature != 0:
-                    self.torch.manual_seed(request.seed)
-                    replies[i] = self._generate([request])[0]
+        if greedy:
+            replies.update(zip(greedy, self._generate([requests[i] for i in greedy])))
+        for i, request in enumerate(requests):
+            if request.temperature != 0:
+                self.torch.manual_seed(request.seed)
+                replies[i] = self._generate([request])[0]
         return [replies[i] for i in range(len(requests))]
 
     def _generate(self, requests: list[Request]) -> list[Completion]:

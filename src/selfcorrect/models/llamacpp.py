@@ -62,32 +62,39 @@ class LlamaCppBackend:
         self.decoder = BatchDecoder(self.llm._model, n_slots=max_in_flight, slot_ctx=n_ctx, n_threads=threads)
         self.scoring_lock = threading.Lock()  # the scoring context serves one caller at a time
 
-    def _prompt_tokens(self, messages: list[Message], answer_prefix: str = "") -> list[int]:
-        prompt = self.chat_format(messages=messages).prompt + answer_prefix
-        return self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    def _render(self, messages: list[Message]) -> str:
+        return self.chat_format(messages=messages).prompt
 
-    def _reply_mask(self, messages: list[Message], prompt: list[int]) -> list[bool]:
-        """Which prompt tokens lie inside an earlier assistant reply (the decoder computes those one per
-        call, as they were generated). Found by rendering the conversation with a marker in place of each
-        reply; a template that does not copy replies verbatim gets no marks, which costs speed, not results."""
+    def _tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    def _prompt_tokens(self, messages: list[Message], answer_prefix: str = "") -> list[int]:
+        return self._tokenize(self._render(messages) + answer_prefix)
+
+    def _reply_mask(self, messages: list[Message], rendered: str, prompt: list[int]) -> list[bool]:
+        """Which tokens of `prompt` (`rendered`, tokenized) lie inside an earlier assistant reply (the decoder
+        computes those one per call, as they were generated). Found by rendering the conversation with a
+        marker in place of each reply; a template that does not copy replies verbatim gets no marks, which
+        costs speed, not results."""
         replies = {f"\ue000{i}\ue001": m["content"] for i, m in enumerate(messages) if m["role"] == "assistant"}
         marked = [dict(m, content=f"\ue000{i}\ue001") if m["role"] == "assistant" else m for i, m in enumerate(messages)]
         spans, text = [], b""
-        for part in re.split("(\ue000\\d+\ue001)", self.chat_format(messages=marked).prompt):
+        for part in re.split("(\ue000\\d+\ue001)", self._render(marked)):
             if part in replies:
                 part = replies[part]
                 spans.append((len(text), len(text) + len(part.encode())))
             text += part.encode()
         sizes = np.array([len(self.llm.detokenize([token], special=True)) for token in prompt], dtype=np.int64)
         ends = np.cumsum(sizes)
-        if text != self.chat_format(messages=messages).prompt.encode() or (len(ends) and ends[-1] != len(text)):
+        if text != rendered.encode() or (len(ends) and ends[-1] != len(text)):
             return [False] * len(prompt)
         starts = ends - sizes
         return [any(a <= start and end <= b for a, b in spans) for start, end in zip(starts, ends)]
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
-        prompt = self._prompt_tokens(messages)
-        replay = self._reply_mask(messages, prompt)
+        rendered = self._render(messages)
+        prompt = self._tokenize(rendered)
+        replay = self._reply_mask(messages, rendered, prompt)
         generated = self.decoder.submit(prompt, replay, max_tokens, temperature, seed).result()
         return Completion(
             text=self.llm.detokenize(generated).decode("utf-8", errors="ignore"),
