@@ -78,6 +78,10 @@ def test_run_on_ray_is_the_local_run_with_conversations_kept_on_one_actor(pool, 
         actors = [counts[question] for counts in served if question in counts]
         assert actors == [2], f"{question!r}: replies per actor {actors}, expected both turns on one actor"
     assert set().union(*served) == questions
+    # And within its actor on the sequence slot that holds it: no earlier reply had to be computed again.
+    counters = [ray.get(actor.decoder_counters.remote()) for actor in pool.actors]
+    assert sum(c["prompt_tokens_replayed"] for c in counters) == 0, counters
+    assert sum(c["requests"] for c in counters) == 6 * 2
 
 
 @pytest.mark.model

@@ -10,7 +10,9 @@ stored, cached and resumed like any run.
 A request goes to the actor picked by a stable hash of the conversation's first message: every turn of a
 conversation (and every sample of an item) meets the actor whose llama.cpp decoder still holds the earlier
 turns in its KV cache. Ray runs an actor's methods on a pool of threads, so the requests routed to one
-actor reach its backend together and are batched as they would be locally.
+actor reach its backend together and are batched as they would be locally. Within the actor, `Lanes`
+keeps each engine worker of the driver on one thread, since the embedded decoder gives each calling thread
+its own KV slot (as it does to the engine's workers in a local run).
 
 Needs the `ray` extra; ray is imported only when a pool is started.
 """
@@ -20,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import UserError
@@ -28,8 +31,8 @@ from .base import BackendError, Completion, Message
 
 INSTALL_HINT = "needs the ray extra: pip install 'selfcorrect[ray]'"
 # Ray fixes an actor's thread pool when the actor is created, before its backend is loaded and can say how
-# many requests it batches; so the actor gets more threads than any backend batches (llama.cpp 16, HTTP 8)
-# and a semaphore lets exactly the backend's `max_in_flight` requests in at once.
+# many requests it batches; so the actor gets more threads than any backend batches (llama.cpp 16, HTTP 8),
+# and `Lanes` lets exactly the backend's `max_in_flight` requests in at once.
 ACTOR_THREADS = 64
 DEFAULT_ACTORS = 2
 
@@ -61,6 +64,39 @@ def ray_backend(model: str, address: str, actors: int | None = None, actor_specs
     return RayPool.start(specs)
 
 
+class Lanes:
+    """`n` threads, each running one request at a time, and which caller runs on which.
+
+    A caller is an engine worker on the driver, which runs its conversations one after another; the
+    embedded decoder keeps one KV slot per thread that calls it. Kept on one thread, a caller finds its
+    conversation's earlier turns in that thread's slot, and its next conversation takes over a slot the
+    last one no longer needs. The driver has a worker for every slot of every actor, so a caller may find
+    its thread busy with another: it then takes the idle thread used longest ago (and that thread's next
+    turn of another conversation computes its conversation again; the replies stay the same)."""
+
+    def __init__(self, n: int):
+        self.threads = [ThreadPoolExecutor(1, thread_name_prefix=f"lane{i}") for i in range(n)]
+        self.idle = deque(range(n))  # least recently used first
+        self.lane_of: dict[int, int] = {}  # caller -> the thread it ran on last
+        self.changed = threading.Condition()
+
+    def run(self, caller: int, work, *args):
+        """`work(*args)` on the caller's thread, waiting for an idle thread if there is none."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.idle)
+            lane = self.lane_of.get(caller)
+            if lane not in self.idle:
+                lane = self.idle[0]
+            self.idle.remove(lane)
+            self.lane_of[caller] = lane
+        try:
+            return self.threads[lane].submit(work, *args).result()
+        finally:
+            with self.changed:
+                self.idle.append(lane)
+                self.changed.notify()
+
+
 class ModelActor:
     """One backend in a Ray worker process, with a count of what it served."""
 
@@ -71,7 +107,7 @@ class ModelActor:
         from . import load_model
 
         self.backend = load_model(spec)
-        self.slots = threading.Semaphore(getattr(self.backend, "max_in_flight", 1))
+        self.lanes = Lanes(getattr(self.backend, "max_in_flight", 1))
         self.requests: Counter[str] = Counter()  # conversation's first message -> requests served
         self.counting = threading.Lock()
         return {
@@ -81,11 +117,12 @@ class ModelActor:
             "node": ray.util.get_node_ip_address(),
         }
 
-    def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
+    def complete(
+        self, messages: list[Message], max_tokens: int, temperature: float, seed: int, caller: int
+    ) -> Completion:
         with self.counting:
             self.requests[messages[0]["content"]] += 1
-        with self.slots:
-            return self.backend.complete(messages, max_tokens, temperature, seed)
+        return self.lanes.run(caller, self.backend.complete, messages, max_tokens, temperature, seed)
 
     def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
         return self.backend.option_probs(messages, answer_prefix, labels)  # backends serialise their scoring
@@ -97,6 +134,11 @@ class ModelActor:
         """Replies generated so far, by the first message of their conversation."""
         with self.counting:
             return dict(self.requests)
+
+    def decoder_counters(self) -> dict[str, int]:
+        """The embedded engine's KV cache counters (see `BatchDecoder`); empty for other backends."""
+        decoder = getattr(self.backend, "decoder", None)
+        return dict(decoder.counters) if decoder else {}
 
 
 def pool_identity(identities: list[str]) -> str:
@@ -155,7 +197,8 @@ class RayPool:
             raise
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
-        return self._call(route(messages, len(self.actors)), "complete", messages, max_tokens, temperature, seed)
+        caller = threading.get_ident()  # the engine worker: see `Lanes`
+        return self._call(route(messages, len(self.actors)), "complete", messages, max_tokens, temperature, seed, caller)
 
     def served(self) -> list[dict[str, int]]:
         """Per actor, the replies it generated by first message of their conversation: where the work went."""
