@@ -13,6 +13,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -20,7 +23,7 @@ import ray
 from selfcorrect import evaluate, load_run
 from selfcorrect.errors import UserError
 from selfcorrect.models.base import BackendError
-from selfcorrect.models.ray_pool import RayPool
+from selfcorrect.models.ray_pool import Lanes, RayPool
 
 from conftest import run_cli
 
@@ -181,3 +184,26 @@ def test_without_the_ray_extra_the_cli_says_how_to_install_it(tmp_path):
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --ray: needs the ray extra: pip install 'selfcorrect[ray]'"
+
+
+def test_lanes_keep_a_caller_on_its_thread_and_never_run_two_requests_on_one():
+    lanes = Lanes(2)
+    thread = lambda: threading.current_thread().name  # noqa: E731
+    first = lanes.run(1, thread)
+    assert lanes.run(1, thread) == first and lanes.run(2, thread) != first
+    # Caller 1's thread busy: caller 3, which last ran there, takes the other; a third request waits.
+    lanes.run(3, thread)
+    release = threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        held = pool.submit(lanes.run, 1, lambda: (release.wait(), thread())[1])
+        while len(lanes.idle) == 2:
+            time.sleep(0.01)
+        assert pool.submit(lanes.run, 3, thread).result() != first
+        blocked = pool.submit(lanes.run, 4, lambda: (release.wait(), thread())[1])
+        while len(lanes.idle) == 1:
+            time.sleep(0.01)
+        waiting = pool.submit(lanes.run, 5, thread)
+        time.sleep(0.2)
+        assert not waiting.done()  # both threads are busy
+        release.set()
+        assert held.result() == first and waiting.result() in {first, blocked.result()}
