@@ -103,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         run = evaluate(task="gsm8k", data=GSM8K, limit=args.items, rounds=1, backend=backend, cache=False,
-                       db=Path(tmp) / "bench.sqlite")
+                       model=f"llamacpp:{gguf}" if args.gguf else "embedded", db=Path(tmp) / "bench.sqlite")
         engine_s = time.perf_counter() - started
     engine_tokens = sum(t.completion_tokens for t in run.turns)
     counters = backend.decoder.counters

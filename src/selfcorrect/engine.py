@@ -6,7 +6,9 @@ Cells already in the store are read back instead of generated, which is all that
 conversation is rebuilt from the stored messages and continues from the first missing round.
 
 Every generation gets a seed derived from the run seed and its cell, so a cell's reply does not depend on
-which cells ran before it: a resumed run produces what an uninterrupted one would have. A turn stores the
+which cells ran before it: a resumed run produces what an uninterrupted one would have, on backends whose
+replies do not depend on what shares their batch (the embedded engine by construction; transformers does
+not promise it for padded batches, see `models/hf.py`). A turn stores the
 whole conversation after its round, so the next round continues from exactly what the model saw.
 
 Conversations run concurrently: as many as the backend can serve at once (`backend.max_in_flight`, 1 if it

@@ -62,9 +62,9 @@ class TransformersBackend:
     cache's promise that the same seed gives the same reply. One lock serialises all use of the model.
 
     `complete`, called by the engine from up to `max_in_flight` threads at once, gathers its callers into
-    such batches: a caller that gets the model generates every request waiting by then, its own included.
-    Padding is not promised to leave greedy replies unchanged (transformers computes a padded batch with
-    other matrix shapes), though in our tests it did.
+    such batches: while one caller generates a batch, the callers that arrive wait, and when it is done one
+    of them generates all their requests at once. Padding is not promised to leave greedy replies unchanged
+    (transformers computes a padded batch with other matrix shapes), though in our tests it did.
     """
 
     def __init__(self, source: str):
@@ -103,26 +103,33 @@ class TransformersBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token_id = min(self.stop_tokens)
         self.lock = threading.Lock()  # held by whoever runs the model
-        self.waiting: list[tuple[Request, Future]] = []  # `complete` calls not yet generated
-        self.waiting_lock = threading.Lock()
+        self.waiting: list[tuple[Request, Future]] = []  # `complete` calls not yet taken into a batch
+        self.gathering = threading.Condition()  # guards `waiting` and `leading`
+        self.leading = False  # a caller is generating a batch of `complete` calls
         self.max_in_flight = MAX_IN_FLIGHT
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
         mine: Future = Future()
-        with self.waiting_lock:
+        with self.gathering:
             self.waiting.append((Request(messages, max_tokens, temperature, seed), mine))
-        with self.lock:
-            if not mine.done():  # else a caller that had the model before us generated it
-                with self.waiting_lock:
-                    taken, self.waiting = self.waiting, []
-                try:
-                    replies = self._complete_all([request for request, _ in taken])
-                except BaseException as error:
-                    for _, future in taken:
-                        future.set_exception(error)
-                else:
-                    for (_, future), reply in zip(taken, replies):
-                        future.set_result(reply)
+            self.gathering.wait_for(lambda: mine.done() or not self.leading)
+            if mine.done():  # a batch led by another caller held it
+                return mine.result()
+            self.leading = True
+            taken, self.waiting = self.waiting, []
+        try:
+            with self.lock:
+                replies = self._complete_all([request for request, _ in taken])
+        except BaseException as error:
+            for _, future in taken:
+                future.set_exception(error)
+        else:
+            for (_, future), reply in zip(taken, replies):
+                future.set_result(reply)
+        finally:
+            with self.gathering:
+                self.leading = False
+                self.gathering.notify_all()
         return mine.result()
 
     def complete_batch(self, requests: list[Request]) -> list[Completion]:
