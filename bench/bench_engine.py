@@ -121,7 +121,7 @@ def main() -> None:
     by_round = [[turn.messages[:-1] for turn in run.turns if turn.round == r] for r in (0, 1)]
     naive_prompts = by_round[0][: args.naive // 2] + by_round[1][: args.naive - args.naive // 2]
     # In a process of its own: torch and llama.cpp would share one OpenMP runtime, torch's, in which
-    # llama.cpp decodes about 20% slower, and each engine is measured as it runs alone.
+    # llama.cpp decodes about 15% slower, and each engine is measured as it runs alone.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         naive_tokens, naive_s = pool.apply(naive_generate_loop, (gguf, naive_prompts, run.config["max_tokens"]))
 

@@ -8,8 +8,8 @@ conversation is rebuilt from the stored messages and continues from the first mi
 Every generation gets a seed derived from the run seed and its cell, so a cell's reply does not depend on
 which cells ran before it: a resumed run produces what an uninterrupted one would have, on backends whose
 replies do not depend on what shares their batch (the embedded engine by construction; transformers does
-not promise it for padded batches, see `models/hf.py`). A turn stores the
-whole conversation after its round, so the next round continues from exactly what the model saw.
+not promise it for padded batches, see `models/hf.py`). A turn stores the whole conversation after its
+round, so the next round continues from exactly what the model saw.
 
 Conversations run concurrently: as many as the backend can serve at once (`backend.max_in_flight`, 1 if it
 does not say) each run in a worker thread, and when one conversation's turn finishes its next turn goes

@@ -118,7 +118,8 @@ class BatchDecoder:
             )
         if not hasattr(self.lanes, "lane"):  # a thread's first request: give it the next slot, in turn
             self.lanes.lane = next(self.next_lane) % len(self.slots)
-        request = Request(self.lanes.lane, list(zip(prompt, replay)), min(max_tokens, self.slot_ctx - len(prompt)), temperature, seed)
+        budget = min(max_tokens, self.slot_ctx - len(prompt))
+        request = Request(self.lanes.lane, list(zip(prompt, replay)), budget, temperature, seed)
         self.requests.put(request)
         return request.future
 
