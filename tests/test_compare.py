@@ -95,3 +95,40 @@ def test_compare_cli_on_real_runs(tmp_path):
     assert "oracle-stop*" in table.stdout and "UPPER BOUND" in table.stdout
     bad = run_cli("compare", ids[0], "--db", db)
     assert bad.returncode == 2 and "at least two runs" in bad.stderr
+
+
+def test_runs_of_other_task_options_are_not_paired(tmp_path):
+    """`arith-3` under digits=2 is another question than under the default digits=1: refused, in one line."""
+    db = tmp_path / "r.sqlite"
+    a = evaluate(task="arithmetic", limit=5, backend=ScriptedBackend(), db=db)
+    b = evaluate(task="arithmetic", limit=5, task_options={"digits": "2"}, backend=ScriptedBackend(), db=db)
+    assert {t.item_id for t in a.turns} == {t.item_id for t in b.turns}  # the same ids...
+    with pytest.raises(UserError, match=r"hold different items under the id 'arith-0'.*\"digits\": \"2\""):
+        compare_runs([a, b])
+    before = (tmp_path / "r.sqlite").read_bytes()
+    shown = run_cli("compare", a.run_id, b.run_id, "--db", str(db))
+    assert shown.returncode == 2 and shown.stdout == ""
+    assert shown.stderr.count("\n") == 1 and "different items under the id" in shown.stderr
+    assert (tmp_path / "r.sqlite").read_bytes() == before
+
+
+def test_runs_pair_by_item_content_not_by_file_path(tmp_path):
+    """A copy of a data file elsewhere holds the same items and pairs; an edited question does not."""
+    rows = [{"question": f"What is {k} + {k}?", "answer": str(2 * k)} for k in range(4)]
+    first, copy, edited = tmp_path / "a.jsonl", tmp_path / "copy" / "a.jsonl", tmp_path / "b.jsonl"
+    copy.parent.mkdir()
+    for path, records in ((first, rows), (copy, rows), (edited, [*rows[:3], {"question": "What is 9 + 9?", "answer": "18"}])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    db = tmp_path / "r.sqlite"
+
+    def run(data, answer_shift):
+        backend = ScriptedBackend(lambda m, s: f"The answer is {int(m[0]['content'].split()[2]) * 2 + answer_shift}.",
+                                  identity=f"scripted:shift{answer_shift}")
+        return evaluate(task="custom", data=data, task_options={"grader": "number"}, backend=backend, db=db)
+
+    a, b = run(first, 0), run(copy, 1)
+    assert a.run_id != b.run_id  # the path is part of the run, not of the items
+    result = compare_runs([a, b], n_boot=100)
+    assert result["n_items"] == 4 and result["pairs"][0]["diff"] == -1.0
+    with pytest.raises(UserError, match="different items under the id 'row-4'"):
+        compare_runs([a, run(edited, 0)])

@@ -17,14 +17,16 @@ from conftest import ScriptedBackend
 def test_every_cell_once_then_resume_generates_nothing(tmp_path):
     db = tmp_path / "runs.sqlite"
     backend = ScriptedBackend()
-    run = evaluate(task="arithmetic", limit=5, rounds=2, samples=2, backend=backend, db=db, model="embedded")
+    run = evaluate(task="arithmetic", limit=5, rounds=2, samples=2, temperature=1.0, backend=backend, db=db,
+                   model="embedded")
     assert run.generated == 5 * 2 * 3
     assert len(backend.calls) == 5 * 2 * 3  # reask: one generation per round
     keys = [(t.item_id, t.sample, t.round) for t in run.turns]
     assert len(keys) == len(set(keys)) == 30
 
     again = ScriptedBackend()
-    resumed = evaluate(task="arithmetic", limit=5, rounds=2, samples=2, backend=again, db=db, model="embedded")
+    resumed = evaluate(task="arithmetic", limit=5, rounds=2, samples=2, temperature=1.0, backend=again, db=db,
+                       model="embedded")
     assert resumed.run_id == run.run_id
     assert resumed.generated == 0 and again.calls == []
 

@@ -101,6 +101,9 @@ def test_a_run_against_a_real_server(direct_run, server):
         assert turn.response.strip()
         # Token counts are the server's own usage figures.
         assert turn.prompt_tokens > 0 and 0 < turn.completion_tokens <= MAX_TOKENS
+        # How the reply ended and what the server said it ran, as the server reported them.
+        assert turn.finish_reasons == ["length" if turn.completion_tokens == MAX_TOKENS else "stop"]
+        assert turn.served_by["model"]
     first, correction = direct_run.turns[:2]
     assert correction.messages[:2] == first.messages  # the correction continues the first conversation
 

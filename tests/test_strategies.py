@@ -84,11 +84,66 @@ def test_exec_feedback_shows_the_sandbox_verdict_and_stops_on_pass(tmp_path):
     run = evaluate(task="mbpp", data=data, rounds=2, strategy="exec-feedback", backend=backend, db=tmp_path / "r.sqlite")
     first, fixed, kept = run.turns
     assert not first.correct and first.reason.startswith("AssertionError")
+    # MBPP's question shows the tests the grade runs, so their verdict is what the model is shown.
     assert _last_user(fixed.messages) == (
         f"Running your code gave: {first.reason}\nFix the code. Write the complete function in one Python code block."
     )
-    assert fixed.correct and kept.notes == {"stopped": True} and kept.correct
+    assert fixed.notes == {"execution_feedback": f"Running your code gave: {first.reason}"}
+    assert fixed.correct and kept.correct
+    assert kept.notes == {"execution_feedback": "Your code passes the tests in the question.", "stopped": True}
     assert len(backend.calls) == 2
+
+
+HIDDEN = "918273645"  # what hidden tests and gold answers assert: it cannot occur in a message by chance
+
+
+def _humaneval_file(path, expected):
+    """HumanEval-format data whose hidden tests assert `candidate(2) == expected`; the docstring of `magic`
+    shows a different example (magic(3) is 6), that of `plain` none."""
+    test = f"def check(candidate):\n    assert candidate(2) == {expected}\n"
+    records = [
+        {"task_id": "he/magic", "entry_point": "magic", "test": test,
+         "prompt": 'def magic(x):\n    """The magic number of x.\n    >>> magic(3)\n    6\n    """\n'},
+        {"task_id": "he/plain", "entry_point": "plain", "test": test,
+         "prompt": 'def plain(x):\n    """The plain number of x."""\n'},
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_exec_feedback_on_humaneval_shows_the_docstring_examples_never_the_hidden_tests(tmp_path):
+    """The model is shown its code run on the docstring's example and stops once that passes, though the
+    hidden test (never shown) still fails; without an example the code is run alone and it never stops."""
+    data = _humaneval_file(tmp_path / "he.jsonl", HIDDEN)
+
+    def reply(messages, seed):
+        if "def magic" in messages[0]["content"]:
+            fixed = "Expected: 6" in _last_user(messages)
+            return f"```python\ndef magic(x):\n    return {'x * 2' if fixed else 'x'}\n```"
+        return f"```python\ndef plain(x):\n    return x{' +' if len(messages) == 1 else ''}\n```"  # first a SyntaxError
+
+    backend = ScriptedBackend(reply)
+    run = evaluate(task="humaneval", data=data, rounds=3, strategy="exec-feedback", backend=backend,
+                   db=tmp_path / "r.sqlite")
+    assert HIDDEN not in json.dumps([messages for messages, _ in backend.calls])
+    instruction = "Write the complete function in one Python code block."
+
+    magic = [t for t in run.turns if t.item_id == "he/magic"]
+    shown = "Running your code on the examples in the docstring, 1 of 1 fail:\n>>> magic(3)\nExpected: 6\nGot: 3"
+    assert magic[1].notes == {"execution_feedback": shown}
+    assert _last_user(magic[1].messages) == f"{shown}\nFix the code. {instruction}"
+    passed = "Your code gives the expected output for every example in the docstring."
+    assert magic[2].notes == magic[3].notes == {"execution_feedback": passed, "stopped": True}
+    assert magic[3].response == magic[1].response and "x * 2" in magic[1].response
+    # Grading still runs the hidden test, which no reply passes.
+    assert not any(t.correct for t in magic) and HIDDEN in magic[3].reason
+
+    plain = [t for t in run.turns if t.item_id == "he/plain"]
+    assert not any(t.notes.get("stopped") for t in plain) and len(backend.calls) == 2 + 4
+    assert plain[1].notes["execution_feedback"].startswith("Running your code (the question shows no tests) gave: SyntaxError")
+    alone = "Your code runs without errors; the question shows no tests to check it with."
+    assert plain[2].notes == plain[3].notes == {"execution_feedback": alone}
+    assert _last_user(plain[3].messages) == f"{alone}\nReview your code for mistakes and fix any you find. {instruction}"
 
 
 def test_exec_feedback_needs_a_code_task(tmp_path):
@@ -110,18 +165,39 @@ def test_oracle_stop_is_an_upper_bound_that_never_breaks_a_right_answer(tmp_path
     assert evaluate(task="arithmetic", limit=2, backend=ScriptedBackend(), db=tmp_path / "r.sqlite").report()["upper_bound"] is False
 
 
-@pytest.mark.parametrize("strategy", sorted(name for name, s in STRATEGIES.items() if not s.oracle and not s.needs_execution_feedback))
-def test_no_strategy_sees_the_gold_answer(tmp_path, strategy):
-    data = tmp_path / "gsm.jsonl"
-    data.write_text("\n".join(
-        json.dumps({"question": f"Question {k}: how many apples?", "answer": f"work\n#### 98765{k}"}) for k in range(3)
-    ))
-    backend = ScriptedBackend(lambda messages, seed: "I think the answer is 12.")
+def _sent_to_models(tmp_path, strategy, gold):
+    """Everything `strategy` sent to the model and the critic over two correction rounds on questions whose
+    gold answer is `gold`: HumanEval-format items (hidden tests asserting it) for strategies that need
+    execution feedback, GSM8K items for the others. The model always answers 4 (its code: 2 * x)."""
+    if get_strategy(strategy).needs_execution_feedback:
+        task, data = "humaneval", _humaneval_file(tmp_path / f"he-{gold}.jsonl", gold)
+        answer = "```python\ndef magic(x):\n    return 2 * x\n\n\ndef plain(x):\n    return 2 * x\n```"
+    else:
+        task, data = "gsm8k", tmp_path / f"gsm-{gold}.jsonl"
+        data.write_text("\n".join(
+            json.dumps({"question": f"Question {k}: how many apples?", "answer": f"work\n#### {gold}"}) for k in range(3)
+        ))
+        answer = "I think the answer is 4."
+    backend = ScriptedBackend(lambda messages, seed: answer)
     critic = ScriptedBackend(lambda messages, seed: "Looks wrong to me.", identity="scripted:critic")
-    evaluate(task="gsm8k", data=data, rounds=2, strategy=strategy, backend=backend, db=tmp_path / "r.sqlite",
+    evaluate(task=task, data=data, rounds=2, strategy=strategy, backend=backend, db=tmp_path / f"{gold}.sqlite",
              critic_model="embedded", critic_backend=critic)
-    sent = json.dumps([messages for messages, _ in backend.calls + critic.calls])
-    assert backend.calls and "98765" not in sent
+    assert backend.calls
+    return json.dumps([(messages, seed) for messages, seed in backend.calls + critic.calls])
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_the_gold_answer_steers_no_strategy_but_an_oracle(tmp_path, strategy):
+    """The same questions twice, with the model's answer as the gold and with a number that cannot occur by
+    chance: a strategy that the gold does not steer sends the same messages both times and never that
+    number. An oracle must fail this check (so the check can catch a leak): its stops differ, and hidden
+    tests shown as feedback quote the number."""
+    wrong, right = _sent_to_models(tmp_path, strategy, HIDDEN), _sent_to_models(tmp_path, strategy, "4")
+    if not get_strategy(strategy).oracle:
+        assert HIDDEN not in wrong and wrong == right
+    else:
+        assert wrong != right
+        assert (HIDDEN in wrong) is get_strategy(strategy).needs_execution_feedback
 
 
 def test_a_users_strategy_plugs_in_through_an_entry_point(tmp_path, monkeypatch):
@@ -275,15 +351,20 @@ def test_in_context_examples_come_from_other_items(tmp_path):
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_runs_on_the_embedded_model(tmp_path, embedded, strategy):
     """Each strategy end to end on the real model: two items, every turn graded and stored, tokens counted."""
-    options = {"task": "arithmetic"}
-    if get_strategy(strategy).needs_execution_feedback:
-        options = {"task": "mbpp", "data": pytest.importorskip("pathlib").Path(__file__).parent / "fixtures" / "mbpp_sample.jsonl"}
-    run = evaluate(**options, limit=2, strategy=strategy, backend=embedded, critic_model="embedded",
+    # The execution-feedback strategies on HumanEval, whose first two prompts show docstring examples.
+    needs_feedback = get_strategy(strategy).needs_execution_feedback
+    task = "humaneval" if needs_feedback else "arithmetic"
+    run = evaluate(task=task, limit=2, strategy=strategy, backend=embedded, critic_model="embedded",
                    critic_backend=embedded, db=tmp_path / "r.sqlite", max_tokens=48)
     report = run.report()
     assert report["complete"] and report["n_items"] == 2 and len(run.turns) == 4
+    assert report["upper_bound"] is get_strategy(strategy).oracle
     corrections = [t for t in run.turns if t.round == 1]
     assert all(t.prompt_tokens > 0 for t in run.turns if t.round == 0)
     assert all(t.notes.get("stopped") or t.prompt_tokens > 0 for t in corrections)
+    if needs_feedback:
+        shown = [t.notes["execution_feedback"] for t in corrections]
+        about = "Running your code gave:" if get_strategy(strategy).oracle else "docstring"
+        assert all(about in text for text in shown), shown
     if strategy == "best-of-n":
         assert all(t.notes["scorer"] == "p_true" and all(0 <= s <= 1 for s in t.notes["scores"]) for t in corrections)

@@ -1,13 +1,15 @@
-"""The Python API: `evaluate(...)` runs (or resumes) a self-correction run, `load_run(...)` reads one back.
+"""The Python API: `evaluate(...)` runs (or resumes) a self-correction run, `load_run(...)` reads one back,
+`regrade(...)` grades a stored run's replies again with today's graders.
 
-The command line is a thin layer over these two functions.
+The command line is a thin layer over these functions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -18,11 +20,13 @@ from .cache import CachedBackend
 from .engine import run_cells
 from .errors import UserError
 from .exact import can_score_options, item_probabilities, run_scoring
+from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .models import Backend, check_model_spec, load_model
+from .prompt_version import prompt_version
 from .store import OptionScore, Store, Turn, default_db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
-from .tasks import load_task
+from .tasks import Task, grader_version, load_task
 
 
 @dataclass
@@ -112,6 +116,10 @@ class Run:
             "upper_bound": self.config["upper_bound"],
             "tokens": _costs(self.turns, len(self.items)),
             "verifier": _verifier(self.turns),
+            # None for runs stored before prompt versions were kept: of unknown prompts, never resumed.
+            "prompt_version": self.config.get("prompts"),
+            "replies": _replies(self.turns),
+            "grading": _grading(self.turns),
         }
         if summary is None:
             return {**report, "acc": [], "acc_ci": [], "cl": None, "cs": None, "rss": None, "acc_inf": None,
@@ -150,6 +158,36 @@ def _costs(turns: list[Turn], n_items: int) -> dict:
             "seconds": seconds, "seconds_per_item": seconds / per, "per_round": [rounds[r] for r in sorted(rounds)]}
 
 
+def _replies(turns: list[Turn]) -> dict:
+    """How the run's replies ended ("stop", "length" at --max-tokens, "context" cut at the model's context
+    window, "unknown" where the backend or an older store did not say), and every distinct report of what
+    an HTTP server ran (more than one means the model behind the endpoint changed during the run)."""
+    finish_reasons: dict[str, int] = {}
+    served: list[dict] = []
+    for turn in turns:
+        for reason in turn.finish_reasons if turn.finish_reasons is not None else [None]:
+            finish_reasons[reason or "unknown"] = finish_reasons.get(reason or "unknown", 0) + 1
+        if turn.served_by and turn.served_by not in served:
+            served.append(turn.served_by)
+    return {"finish_reasons": finish_reasons, "served_by": served}
+
+
+def _grading(turns: list[Turn]) -> dict:
+    """Which grader versions gave the run's verdicts ("unknown" for turns stored before versions were
+    kept), how many verdicts come from graders older than today's, and how many grades timed out."""
+    today = grader_version()
+    versions: dict[str, int] = {}
+    for turn in turns:
+        versions[turn.grader_version or "unknown"] = versions.get(turn.grader_version or "unknown", 0) + 1
+    return {
+        "versions": versions,
+        "current_version": today,
+        "outdated": sum(count for version, count in versions.items() if version not in (today, "unknown")),
+        "unversioned": versions.get("unknown", 0),
+        "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in turns),
+    }
+
+
 def _verifier(turns: list[Turn]) -> dict | None:
     """How well a strategy's own verdict ("my previous answer is wrong") matched the grade of that answer:
     precision and recall of "wrong", over correction rounds where the strategy gave a verdict."""
@@ -174,7 +212,9 @@ def _verifier(turns: list[Turn]) -> dict | None:
 ESTIMATORS = ("auto", "exact", "sampling")
 
 
-def choose_estimator(requested: str, task, strategy, backend: Backend, model: str, rounds: int, samples: int) -> str:
+def choose_estimator(
+    requested: str, task, strategy, backend: Backend, model: str, rounds: int, samples: int, temperature: float = 0.0
+) -> str:
     """The estimator a run uses; asking for "exact" where it cannot work is an error, "auto" falls back."""
     reasons = []
     if strategy.baseline:
@@ -187,6 +227,8 @@ def choose_estimator(requested: str, task, strategy, backend: Backend, model: st
         reasons.append("it covers one correction round (--rounds 1)")
     if samples != 1:
         reasons.append("it draws no samples (drop --samples)")
+    if temperature != 0:
+        reasons.append(f"it samples nothing, so --temperature {temperature:g} would be ignored (use --temperature 0)")
     if requested == "exact" and reasons:
         raise UserError(f"--estimator exact: not possible here: {'; '.join(reasons)}; use --estimator sampling")
     if requested == "sampling" or reasons:
@@ -206,10 +248,26 @@ def _check_numbers(rounds: int, samples: int, temperature: float, limit: int | N
         raise UserError(f"--samples {samples}: must be at least 1")
     if not 0.0 <= temperature <= 2.0:
         raise UserError(f"--temperature {temperature}: must be between 0 and 2")
+    if samples > 1 and temperature == 0:
+        raise UserError(
+            f"--samples {samples} needs --temperature > 0 (e.g. --temperature 0.7): at temperature 0 every sample is "
+            "the same greedy reply, and copies would inflate McNemar's test and the bootstrap; or drop --samples"
+        )
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be at least 1 (or leave it out for every item)")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens {max_tokens}: must be at least 1")
+
+
+# The longest --grader-timeout: a day (a wait much longer overflows the operating system's poll).
+MAX_GRADER_TIMEOUT_S = 86400.0
+
+
+def check_grader_timeout(seconds: float) -> None:
+    if not 0 < seconds <= MAX_GRADER_TIMEOUT_S:
+        raise UserError(
+            f"--grader-timeout {seconds:g}: must be more than 0 and at most {MAX_GRADER_TIMEOUT_S:g} seconds"
+        )
 
 
 def evaluate(
@@ -231,6 +289,7 @@ def evaluate(
     icl_confident: int = 0,
     icl_critical: int = 0,
     budget: int | None = None,
+    grader_timeout: float = DEFAULT_TIMEOUT_S,
     backend: Backend | None = None,
     critic_backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
@@ -245,8 +304,13 @@ def evaluate(
     progress (one tick per turn, or per scoring pass of the exact estimator). `icl_confident` and
     `icl_critical` put that many in-context examples of kept and of fixed answers before each correction
     prompt; `budget` is the tokens per correction round that the compute-matched baselines may spend.
+    Each grade may take `grader_timeout` seconds (not part of the run's identity: it changes no grade that
+    finishes); one that takes longer is recorded as wrong, with the reason "grader timeout".
+    One process at a time runs a given run (`Store.lock_run`): while another does, this raises UserError
+    naming it. Ctrl-C ends the call within seconds with the finished turns stored (see `run_cells`).
     """
     _check_numbers(rounds, samples, temperature, limit, max_tokens)
+    check_grader_timeout(grader_timeout)
     if budget is not None and budget < 1:
         raise UserError(f"--budget {budget}: must be at least 1 token")
     if estimator not in ESTIMATORS:
@@ -271,7 +335,7 @@ def evaluate(
     critic = None
     if the_strategy.needs_critic:
         critic = critic_backend or (backend if critic_model == model else load_model(critic_model))
-    chosen = choose_estimator(estimator, the_task, the_strategy, backend, model, rounds, samples)
+    chosen = choose_estimator(estimator, the_task, the_strategy, backend, model, rounds, samples, temperature)
     config = {
         "estimator": chosen,
         "task": the_task.identity,
@@ -286,6 +350,8 @@ def evaluate(
         "max_tokens": max_tokens or the_task.max_tokens,
         "seed": seed,
         "limit": limit,
+        # The prompt texts the run sends: an edited prompt makes a new run rather than resuming this one.
+        "prompts": prompt_version(the_strategy, the_task, items),
     }
     # Options that are off leave the config (and so the ids of earlier runs) as they were.
     if icl_confident or icl_critical:
@@ -297,11 +363,17 @@ def evaluate(
         return correction_examples(the_task, item, icl_confident, icl_critical, seed)
 
     store = Store(_db_path(db))
+    try:  # one process at a time per run: a second one stops here, before it writes anything
+        run_lock = store.lock_run(run_id)
+    except BaseException:
+        store.close()
+        raise
     if cache:
         backend = CachedBackend(backend, store)
         critic = critic and CachedBackend(critic, store)
     try:
-        store.create_run(run_id, config, items)
+        store.create_run(run_id, config, items,
+                         task_spec={"task": task, "data": _data_argument(data), "options": task_options or {}})
         if chosen == "exact":
             total = sum(1 + len(the_task.labels(item)) for item in items)
             on_start(run_id, total, store.count(run_id, "option_scores"))
@@ -312,14 +384,17 @@ def evaluate(
             )
         else:
             on_start(run_id, len(items) * samples * (rounds + 1), store.count(run_id, "turns"))
-            generated, cache_hits = run_cells(
-                run_id, the_task, items, the_strategy, backend, store,
-                samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
-                seed=seed, critic=critic, budget=budget, on_turn=on_turn, examples=examples,
-            )
+            with GraderPool(grader_timeout) as graders:
+                bounded = replace(the_task, grade=graders.limit(the_task.grade))
+                generated, cache_hits = run_cells(
+                    run_id, bounded, items, the_strategy, backend, store,
+                    samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
+                    seed=seed, critic=critic, budget=budget, on_turn=on_turn, examples=examples,
+                )
         return _read_run(store, run_id, generated, cache_hits)
     finally:
         store.close()
+        run_lock.release()
 
 
 def load_run(run_id: str, db: str | Path | None = None) -> Run:
@@ -329,6 +404,96 @@ def load_run(run_id: str, db: str | Path | None = None) -> Run:
         return _read_run(store, store.find_run(run_id))
     finally:
         store.close()
+
+
+def regrade(
+    run_id: str, db: str | Path | None = None, grader_timeout: float = DEFAULT_TIMEOUT_S, all_turns: bool = False
+) -> dict:
+    """Grade a stored run's replies again with today's graders; nothing is generated.
+
+    The task is loaded again as the run loaded it and must still give the run's items. Turns that today's
+    graders (`grader_version()`) already graded are left alone unless `all_turns`; grades that timed out
+    are always tried again. The new grades are written in one transaction once all are made, so an error
+    or Ctrl-C leaves the store as it was. Returns a summary: turns regraded and skipped, verdicts changed.
+    """
+    check_grader_timeout(grader_timeout)
+    store = Store(_db_path(db), create=False)
+    try:
+        run_id = store.find_run(run_id)
+        today = grader_version()
+        summary = {"run_id": run_id, "grader_version": today, "regraded": 0, "skipped": 0, "changed": 0,
+                   "now_right": 0, "now_wrong": 0, "timeouts": 0, "note": None}
+        config = store.config(run_id)
+        if config["estimator"] == "exact":
+            return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
+                                       "probabilities): nothing to regrade"}
+        task, items = _task_again(store, run_id, config)
+        turns = store.turns(run_id)
+        due = [turn for turn in turns if all_turns or turn.grader_version != today or turn.extra.get("grader_timeout")]
+        grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
+        regraded = [
+            replace(turn, answer=new.answer, correct=new.correct, reason=new.reason, extra=new.extra,
+                    grader_version=today)
+            for turn, new in zip(due, grades)
+        ]
+        store.regrade_turns(run_id, regraded)
+        flipped = [new for old, new in zip(due, regraded) if old.correct != new.correct]
+        return {
+            **summary, "regraded": len(regraded), "skipped": len(turns) - len(due), "changed": len(flipped),
+            "now_right": sum(turn.correct for turn in flipped), "now_wrong": sum(not turn.correct for turn in flipped),
+            "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in regraded),
+        }
+    finally:
+        store.close()
+
+
+def _grade_all(task: Task, replies: list[tuple], grader_timeout: float) -> list:
+    """The grades of (item, reply) pairs, made by as many grading processes at once as there are CPUs."""
+    with GraderPool(grader_timeout) as graders:
+        grade = graders.limit(task.grade)
+        threads = ThreadPoolExecutor(graders.processes)
+        try:
+            return list(threads.map(lambda pair: grade(*pair), replies))
+        finally:
+            threads.shutdown(cancel_futures=True)  # on Ctrl-C, start no other grade
+
+
+def _task_again(store: Store, run_id: str, config: dict) -> tuple[Task, dict]:
+    """The run's task loaded again as the run loaded it, and its items by id; a UserError when that is
+    impossible or the items are no longer the run's."""
+    spec = store.task_spec(run_id)
+    if spec is None:
+        raise UserError(f"run {run_id}: stored before runs kept how their task was loaded, so its task cannot "
+                        "be loaded again to regrade it")
+    try:
+        task = load_task(spec["task"], Path(spec["data"]) if spec["data"] is not None else None, spec["options"])
+    except UserError as problem:
+        raise UserError(f"run {run_id}: its task cannot be loaded again: {problem}") from None
+    # The data file may have moved (its path is in the identity), but everything else, its hash among it, must match.
+    had, has = config["task"], task.identity
+    changed = sorted(key for key in had.keys() | has.keys() if key != "data" and had.get(key) != has.get(key))
+    if changed:
+        if "data_sha256" in changed:
+            what = f"the data file {spec['data']} has changed since the run"
+        else:
+            what = f"its task now differs in {', '.join(changed)}"
+        raise UserError(f"run {run_id}: {what}, so its items differ from the ones the run's replies answer")
+    items = {item.id: item for item in task.items}
+    for stored in store.items(run_id):
+        item = items.get(stored["item_id"])
+        if item is None or (item.question, item.target) != (stored["question"], stored["target"]):
+            raise UserError(f"run {run_id}: item {stored['item_id']} now loads differently from the one the run "
+                            "asked, so its replies cannot be graded again")
+    return task, items
+
+
+def _data_argument(data: str | Path | None) -> str | None:
+    """`data` as a later regrade must pass it: a local path made absolute (it may run elsewhere), else as
+    given (hf:DATASET)."""
+    if data is None:
+        return None
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else str(data)
 
 
 def _db_path(db: str | Path | None) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,9 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .api import evaluate, load_run
+from .api import check_grader_timeout, evaluate, load_run
+from .api import regrade as regrade_run
 from .compare import compare_runs
+from .engine import dropped_turns_running
 from .errors import UserError
+from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .html_report import render_html
 from .models import MODEL_SPECS, can_score_options, check_model_spec
 from .report import print_comparison, print_report
@@ -37,7 +41,11 @@ DB_HELP = f"run store (SQLite); default $SELFCORRECT_DB or {default_db_path()}"
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn a UserError into one line on stderr and exit code 2; an interrupt into a hint to resume."""
+    """Turn a UserError into one line on stderr and exit code 2; Ctrl-C into one line and exit code 130
+    (for `run`, a hint to resume: the engine stores the finished turns before it gives up)."""
+    interrupted = "interrupted"
+    if command.__name__ == "run":
+        interrupted += ": the finished turns are stored; run the same command again to resume"
 
     @functools.wraps(command)
     def guarded(*args, **kwargs):
@@ -47,7 +55,7 @@ def user_errors(command: Callable) -> Callable:
             err.print(f"error: {problem}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("interrupted: finished turns are stored; run the same command again to resume")
+            err.print(interrupted, markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return guarded
@@ -73,6 +81,10 @@ DATA_HELP = "data file (JSONL, CSV, Parquet) or hf:DATASET[:CONFIG][@SPLIT] for 
 TASK_OPT_HELP = "task option KEY=VALUE (repeatable)"
 FIELD_HELP = "custom task: map fields to columns, NAME=COLUMN[,NAME=COLUMN] (question, answer, choices, id)"
 GRADER_HELP = "custom task: exact | number | math | choice | code"
+GRADER_TIMEOUT_HELP = (
+    "seconds one grade may take; a grade that takes longer is recorded as wrong ('grader timeout'). "
+    "Code graders are bounded by the sandbox's own timeout instead"
+)
 
 
 @app.command()
@@ -115,6 +127,9 @@ def run(
     ray_model: list[str] = typer.Option(
         [], "--ray-model", metavar="SPEC", help="with --ray: one actor per SPEC instead, e.g. one vLLM server per GPU node (repeatable)"
     ),
+    grader_timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_S, "--grader-timeout", metavar="SECONDS", help=GRADER_TIMEOUT_HELP
+    ),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -147,7 +162,7 @@ def run(
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
             estimator=estimator, cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
             icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
-            backend=backend,
+            backend=backend, grader_timeout=grader_timeout,
         )
     report = result.report()
     if as_json:
@@ -289,21 +304,58 @@ def grade(
     task_opt: list[str] = typer.Option([], "--task-opt", help=TASK_OPT_HELP),
     field: list[str] = typer.Option([], "--field", help=FIELD_HELP),
     grader: Optional[str] = typer.Option(None, help=GRADER_HELP),
+    grader_timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_S, "--grader-timeout", metavar="SECONDS", help=GRADER_TIMEOUT_HELP
+    ),
 ):
     """Grade one reply to one item and print {"correct", "reason", "answer"} as JSON."""
+    check_grader_timeout(grader_timeout)
     the_task = load_task(task, data, parse_task_options(task_opt, field, grader))
     found = [candidate for candidate in the_task.items if candidate.id == item]
     if not found:
         raise UserError(f"--item {item}: no such item in task '{task}' (ids look like {the_task.items[0].id!r})")
-    if str(response) == "-":
-        text = sys.stdin.read()
-    elif response.is_file():
-        text = response.read_text(encoding="utf-8")
-    else:
+    if str(response) != "-" and not response.is_file():
         raise UserError(f"--response {response}: no such file; give a file with the reply, or - for standard input")
-    verdict = the_task.grade(found[0], text)
+    raw = sys.stdin.buffer.read() if str(response) == "-" else response.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--response {response}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x}); "
+                        "save the reply as UTF-8") from None
+    with GraderPool(grader_timeout, processes=1) as graders:
+        verdict = graders.limit(the_task.grade)(found[0], text)
     print(json.dumps({"correct": verdict.correct, "reason": verdict.reason, "answer": verdict.answer,
                       "item_id": item, "extra": verdict.extra}))
+
+
+@app.command()
+@user_errors
+def regrade(
+    run_id: str = typer.Argument(..., help="run id (or a unique prefix)"),
+    all_turns: bool = typer.Option(False, "--all", help="also regrade turns that today's graders graded already"),
+    grader_timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_S, "--grader-timeout", metavar="SECONDS", help=GRADER_TIMEOUT_HELP
+    ),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+):
+    """Grade a stored run's replies again with today's graders (nothing is generated)."""
+    summary = regrade_run(run_id, db, grader_timeout, all_turns)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    if summary["note"]:
+        out.print(f"run {summary['run_id']}: {summary['note']}", highlight=False, soft_wrap=True)
+        return
+    parts = [
+        f"run {summary['run_id']}: regraded {summary['regraded']} turn(s) with grader version {summary['grader_version']}",
+        f"{summary['changed']} verdict(s) changed ({summary['now_right']} now right, {summary['now_wrong']} now wrong)",
+    ]
+    if summary["timeouts"]:
+        parts.append(f"{summary['timeouts']} grade(s) timed out")
+    if summary["skipped"]:
+        parts.append(f"{summary['skipped']} turn(s) already graded by this version left as they were (--all regrades them)")
+    out.print("; ".join(parts), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -340,28 +392,47 @@ def export(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
 ):
     """Write every turn of a run, one record per turn (per scoring pass for the exact estimator)."""
+    import io
+
     if format not in EXPORT_FORMATS:
         raise UserError(f"--format {format}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if output is not None and output.is_dir():
+        raise UserError(f"--output {output}: is a directory; give the path of the file to write")
+    if output is not None and not output.parent.is_dir():
+        raise UserError(f"--output {output}: no such directory {output.parent}; create it first")
     result = load_run(run_id, db)
     targets = {item["item_id"]: item["target"] for item in result.items}
     rows = result.scores if result.estimator == "exact" else result.turns
     records = [{"run_id": result.run_id, **row.to_json(), "target": targets[row.item_id]} for row in rows]
-    handle = output.open("w", encoding="utf-8", newline="") if output else sys.stdout
+    handle = io.StringIO(newline="")  # all of it built before the file is opened: a failure writes nothing
+    if format == "jsonl":
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    elif format == "json":
+        json.dump(records, handle)
+    else:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]) if records else ["run_id"])
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in record.items()})
+    if output is None:
+        sys.stdout.write(handle.getvalue())
+        return
     try:
-        if format == "jsonl":
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-        elif format == "json":
-            json.dump(records, handle)
-        else:
-            writer = csv.DictWriter(handle, fieldnames=list(records[0]) if records else ["run_id"])
-            writer.writeheader()
-            for record in records:
-                writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in record.items()})
-    finally:
-        if output:
-            handle.close()
+        with output.open("w", encoding="utf-8", newline="") as file:
+            file.write(handle.getvalue())
+    except OSError as error:
+        raise UserError(f"--output {output}: cannot write it ({error.strerror or error})") from None
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as exiting:
+        if exiting.code == 130 and dropped_turns_running():
+            # Ctrl-C left requests running in daemon threads (the store is closed, the run's lock released):
+            # exit now, without finalizing the interpreter under a backend that is still computing.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise

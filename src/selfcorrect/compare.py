@@ -3,10 +3,16 @@ pair of runs a paired test of the difference in final accuracy.
 
 Runs are paired by item: only items complete in every run count, and one set of bootstrap resamples of
 those items serves every run and every difference, so intervals are comparable across the table.
+
+An item id alone does not name a question: `arith-3` is another sum under other task options, `row-12`
+another row of another file. So an item is the same in two runs only when its question and target are the
+same text, and runs that hold different items under one id are refused rather than paired.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from itertools import combinations
 
 import numpy as np
@@ -23,6 +29,33 @@ def _per_item(run: Run) -> dict[str, tuple | np.ndarray]:
         return dict(zip(*run.exact_probabilities()))
     ids, correct = run.correctness()
     return dict(zip(ids, correct))
+
+
+def item_contents(run: Run) -> dict[str, str]:
+    """item id -> a hash of the item's question and target, as the run stored them."""
+    return {
+        item["item_id"]: hashlib.sha256(json.dumps([item["question"], item["target"]]).encode()).hexdigest()
+        for item in run.items
+    }
+
+
+def _task_label(run: Run) -> str:
+    """The run's task and options, without the data file's path (a copy elsewhere holds the same items)."""
+    task = {key: value for key, value in run.config["task"].items() if key != "data"}
+    return json.dumps(task, sort_keys=True)
+
+
+def _check_same_items(runs: list[Run]) -> None:
+    """Refuse runs that hold different questions under one item id: pairing them would compare nothing."""
+    contents = [item_contents(run) for run in runs]
+    for a, b in combinations(range(len(runs)), 2):
+        for item_id, content in contents[a].items():
+            if item_id in contents[b] and contents[b][item_id] != content:
+                raise UserError(
+                    f"compare: runs {runs[a].run_id} and {runs[b].run_id} hold different items under the id "
+                    f"'{item_id}' (tasks {_task_label(runs[a])} and {_task_label(runs[b])}); compare runs of the "
+                    "same task, options and data"
+                )
 
 
 def _final(known) -> float:
@@ -44,6 +77,7 @@ def _first_last_metrics(known: dict, items: list[str], n_boot: int, seed: int) -
 def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
     if len(runs) < 2:
         raise UserError("compare: give at least two runs")
+    _check_same_items(runs)
     outcomes = [_per_item(run) for run in runs]
     items = [item_id for item_id in outcomes[0] if all(item_id in other for other in outcomes[1:])]
     if not items:

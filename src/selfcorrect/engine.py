@@ -20,19 +20,21 @@ a failed cell, never graded; the run stops starting new turns and the error reac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
+import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import UserError
 from .models import Backend, Message
-from .models.base import BackendError
+from .models.base import BackendError, Completion
 from .store import Store, Turn
 from .strategies import CorrectionRound, Strategy
-from .tasks import Item, Task
+from .tasks import Item, Task, grader_version
+from .tasks.base import ExecutionFeedback
 
 # Fresh samples of the compute-matched baselines need diversity: at temperature 0 every sample would be
 # the first answer again, so they are drawn at this temperature when the run itself is greedy.
@@ -61,13 +63,13 @@ class Dialogue:
         self.replies: list[str] = []
         self.prompt_tokens = self.completion_tokens = 0
         self.generated_replies = 0  # replies the model produced now, not served from the response cache
+        self.finish_reasons: list[str | None] = []  # of every reply, side requests included, in order
+        self.served_by: dict = {}  # what the server reported for the last reply that said anything
 
     def ask(self, prompt: str) -> str:
         self.messages.append({"role": "user", "content": prompt})
         reply = self.backend.complete(self.messages, self.max_tokens, self.temperature, self.seed(len(self.replies)))
-        self.prompt_tokens += reply.prompt_tokens
-        self.completion_tokens += reply.completion_tokens
-        self.generated_replies += not reply.cached
+        self._count(reply)
         self.replies.append(reply.text)
         self.messages.append({"role": "assistant", "content": reply.text})
         return reply.text
@@ -104,10 +106,15 @@ class Dialogue:
         reply = backend.complete([{"role": "user", "content": prompt}], self.max_tokens, temperature,
                                  self.seed(1000 + self.side_requests))
         self.side_requests += 1
+        self._count(reply)
+        return reply.text
+
+    def _count(self, reply: Completion) -> None:
         self.prompt_tokens += reply.prompt_tokens
         self.completion_tokens += reply.completion_tokens
         self.generated_replies += not reply.cached
-        return reply.text
+        self.finish_reasons.append(reply.finish_reason)
+        self.served_by = reply.served_by or self.served_by
 
 
 def play_round(
@@ -119,13 +126,20 @@ def play_round(
     strategy's notes).
 
     The strategy gets the question as the model saw it, not the item, so it cannot read the gold answer;
-    only an oracle strategy is told whether the previous answer was right. `examples` (in-context
-    examples of corrections) go before the round's first prompt to the model.
+    only an oracle strategy is told whether the previous answer was right. A strategy that needs
+    execution feedback gets the previous reply's code run on the tests the question shows (run only for
+    such strategies: it costs a sandbox run), an oracle one the hidden tests' verdict; either is stored
+    in the notes. `examples` (in-context examples of corrections) go before the round's first prompt.
     """
     if round_ == 0:
         return dialogue.ask(task.prompt(item)), {}
     question = task.prompt(item)
     pending_examples = [examples] if examples else []
+    feedback = None
+    if strategy.needs_execution_feedback and strategy.oracle:  # an upper bound: the hidden tests quote the gold
+        feedback = ExecutionFeedback(f"Running your code gave: {previous.reason}", previous.correct)
+    elif strategy.needs_execution_feedback:
+        feedback = task.execution_feedback(item, previous.response)
 
     def ask(prompt: str) -> str:
         return dialogue.ask(f"{pending_examples.pop()}\n\n{prompt}" if pending_examples else prompt)
@@ -144,10 +158,45 @@ def play_round(
         p_true=lambda reply: dialogue.p_true(question, reply),
         tokens_spent=dialogue.tokens_spent,
         budget=budget,
-        execution_feedback=previous.reason if task.execution_feedback else None,
+        execution_feedback=feedback,
         previous_correct=previous.correct if strategy.oracle else None,
+        notes={"execution_feedback": feedback.text} if feedback else {},
     )
     return strategy.correct(correction), correction.notes
+
+
+# After Ctrl-C, how long the turns in flight may take to finish and be stored before they are dropped.
+INTERRUPT_GRACE_S = 3.0
+WORKER_NAME = "selfcorrect-worker"  # the threads of run_cells
+
+
+def dropped_turns_running() -> bool:
+    """Whether worker threads of an interrupted run are still waiting for the backend (each ends when its
+    request does). The backend may still be computing for them: a llama.cpp model freed under its decoding
+    thread, as at interpreter exit, crashes, so the command line then ends the process at once."""
+    return any(thread.name.startswith(WORKER_NAME) and thread.is_alive() for thread in threading.enumerate())
+
+
+@contextlib.contextmanager
+def _interrupt_sets(interrupted: threading.Event) -> Iterator[None]:
+    """Within the block, the first Ctrl-C sets `interrupted` instead of raising KeyboardInterrupt wherever
+    the main thread is; a second one raises it. Only in the main thread and over Python's default handler
+    (a handler of the caller's is left alone; elsewhere Ctrl-C arrives as KeyboardInterrupt as usual)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    if not in_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if interrupted.is_set():
+            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+        interrupted.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_cells(
@@ -174,6 +223,15 @@ def run_cells(
 
     Memory does not grow with the run: workers take conversations one at a time from a shared iterator,
     and of the stored turns only their keys are held (a resumed conversation reads back its last turn).
+
+    Ctrl-C (KeyboardInterrupt in the main thread) ends the call within INTERRUPT_GRACE_S seconds, however
+    long a request would still take: no new turn starts, the turns that finish within the grace are
+    stored, the others are dropped (a rerun makes them again), and KeyboardInterrupt reaches the caller.
+    A second Ctrl-C drops them at once. While this runs in the main thread over Python's default handler,
+    the first Ctrl-C only sets a flag, so it never lands in the middle of writing a turn. The workers are
+    daemon threads: one still waiting for a reply does not keep the process alive, and when its request
+    ends it hands over nothing more (until then the backend may still compute for it: see
+    `dropped_turns_running`).
     """
     stored = store.turn_keys(run_id)
     conversations = iter([
@@ -185,7 +243,19 @@ def run_cells(
     # (turn, from_cache), (failed cell, error), or None when a worker ends. Bounded, so workers wait for
     # the writer rather than pile finished turns up in memory.
     finished: queue.Queue = queue.Queue(maxsize=4 * n_workers)
-    stop = threading.Event()
+    stop = threading.Event()  # start no new turn
+    abandoned = threading.Event()  # the writer reads no more: workers hand nothing over and report nothing
+    crashed: list[BaseException] = []  # what went wrong inside a conversation, re-raised by the writer
+
+    def hand_over(message) -> bool:
+        """Queue a message for the writer; False (and the message dropped) once the run is abandoned."""
+        while not abandoned.is_set():
+            try:
+                finished.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def converse(item: Item, sample: int) -> None:
         previous: Turn | None = None
@@ -205,9 +275,10 @@ def run_cells(
                 )
             except BackendError as error:
                 stop.set()
-                finished.put(((item.id, sample, round_), str(error)))
+                hand_over(((item.id, sample, round_), str(error)))
                 return
-            finished.put((turn, from_cache))
+            if not hand_over((turn, from_cache)):
+                return
             previous = turn
 
     def work() -> None:
@@ -218,39 +289,73 @@ def run_cells(
                 if conversation is None:
                     return
                 converse(*conversation)
-        except BaseException:
-            stop.set()  # a bug or a bad grader: let the other workers wind down
-            raise
+        except BaseException as error:  # a bug or a bad grader: let the other workers wind down
+            stop.set()
+            if not abandoned.is_set():  # after abandonment (the store may be closed) nobody is told
+                crashed.append(error)
         finally:
-            finished.put(None)
+            hand_over(None)
 
     generated = cache_hits = 0
     failures: list[str] = []
-    pool = ThreadPoolExecutor(max_workers=n_workers)
-    workers = []
-    try:
-        workers = [pool.submit(work) for _ in range(n_workers)]
-        for _ in workers:  # each worker ends with one None
-            while (message := finished.get()) is not None:
-                outcome, detail = message
-                if isinstance(outcome, Turn):
-                    store.add_turn(run_id, outcome)
-                    cache_hits += detail
-                    generated += not detail
-                    on_turn()
-                else:
-                    store.add_failure(run_id, *outcome, detail)
-                    failures.append(detail)
-        for worker in workers:
-            worker.result()  # re-raise what went wrong inside a conversation
-    finally:
-        stop.set()  # on an interrupt: workers finish the turn they are in and start no other
-        while not all(worker.done() for worker in workers):  # unblock workers waiting to hand over a turn
+
+    def write(message: tuple) -> None:
+        nonlocal generated, cache_hits
+        outcome, detail = message
+        if isinstance(outcome, Turn):
+            store.add_turn(run_id, outcome)
+            cache_hits += detail
+            generated += not detail
+            on_turn()
+        else:
+            store.add_failure(run_id, *outcome, detail)
+            failures.append(detail)
+
+    ended = 0  # workers that have handed over their final None
+
+    def write_until(deadline: float | None, interrupted: threading.Event) -> bool:
+        """Write what the workers hand over until every worker has ended (True), or until `deadline`, or
+        (without a deadline) until `interrupted` is set (False)."""
+        nonlocal ended
+        while ended < n_workers:
+            if interrupted.is_set() if deadline is None else time.monotonic() >= deadline:
+                return False
             try:
-                finished.get(timeout=0.1)
+                message = finished.get(timeout=0.1)
             except queue.Empty:
-                pass
-        pool.shutdown(wait=True)
+                continue
+            if message is None:
+                ended += 1
+            else:
+                write(message)
+        return True
+
+    interrupted = threading.Event()
+    try:
+        with _interrupt_sets(interrupted):
+            for number in range(n_workers):
+                threading.Thread(target=work, name=f"{WORKER_NAME}-{number}", daemon=True).start()
+            try:
+                done = write_until(None, interrupted)
+            except KeyboardInterrupt:  # raised by a handler other than ours
+                done = False
+            if not done:
+                stop.set()
+                write_until(time.monotonic() + INTERRUPT_GRACE_S, interrupted)  # a second Ctrl-C raises here
+                abandoned.set()
+                while True:  # turns handed over just before the deadline
+                    try:
+                        message = finished.get_nowait()
+                    except queue.Empty:
+                        break
+                    if message is not None:
+                        write(message)
+                raise KeyboardInterrupt
+        if crashed:
+            raise crashed[0]
+    finally:
+        stop.set()
+        abandoned.set()  # after an error of the writer's too: workers still in a request end on their own
     if failures:
         raise UserError(
             f"{failures[0]} ({len(failures)} turn(s) failed; the finished turns are stored: run the same command "
@@ -277,12 +382,13 @@ def _generate_turn(
         feedback = dialogue.replies[:-1]
     else:  # a baseline picked its answer among side samples: every reply in the conversation was feedback
         feedback = dialogue.replies
-    grade = task.grade(item, response)
+    grade = task.grade(item, response)  # time-limited where the caller made it so (api.evaluate: GraderPool)
     turn = Turn(
         item_id=item.id, sample=sample, round=round_, messages=dialogue.messages, response=response,
         feedback=feedback, answer=grade.answer, correct=grade.correct, reason=grade.reason, extra=grade.extra,
         notes=notes, prompt_tokens=dialogue.prompt_tokens, completion_tokens=dialogue.completion_tokens,
         latency_s=time.perf_counter() - started, backend=backend.identity,
+        finish_reasons=dialogue.finish_reasons, served_by=dialogue.served_by, grader_version=grader_version(),
     )
     made = dialogue.replies or dialogue.side_requests
     return turn, bool(made) and dialogue.generated_replies == 0

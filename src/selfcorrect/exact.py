@@ -7,7 +7,9 @@ correction round's prompts are sent, and a second pass gives p2(.|k). With g the
     P(a) = p1[g],   P(b|a) = p2(g|g),   P(b|not a) = sum_{k != g} p1[k] p2(g|k) / (1 - p1[g])
 
 K+1 scoring passes per item, and the metrics follow from these per-item probabilities exactly.
-The gold label is used only here, after scoring, never to build a prompt.
+The gold label is used only here, after scoring, never to build a prompt. Each pass is stored as it
+finishes; a pass the backend cannot complete (`BackendError`) stops the run with a UserError, and a rerun
+scores only the passes still missing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import time
 from typing import Callable
 
 from .engine import Dialogue, cell_seed, play_round
+from .errors import UserError
 from .models import Backend, Message
+from .models.base import BackendError
 from .store import OptionScore, Store, Turn
 from .strategies import Strategy
 from .tasks import Item, Task
@@ -44,11 +48,17 @@ def run_scoring(
                 continue
             started = time.perf_counter()
             first: list[Message] = [{"role": "user", "content": task.prompt(item)}]
-            if given:
-                probs, messages, feedback = _score_correction(task, strategy, backend, item, first, given, labels,
-                                                              max_tokens, seed, critic, examples(item))
-            else:
-                probs, messages, feedback = backend.option_probs(first, ANSWER_PREFIX, labels), first, []
+            try:
+                if given:
+                    probs, messages, feedback = _score_correction(task, strategy, backend, item, first, given,
+                                                                  labels, max_tokens, seed, critic, examples(item))
+                else:
+                    probs, messages, feedback = backend.option_probs(first, ANSWER_PREFIX, labels), first, []
+            except BackendError as error:  # a server gone, an actor dead: what is scored stays stored
+                raise UserError(
+                    f"{error} (scoring stopped at item {item.id}; the finished scoring passes are stored: run the "
+                    "same command again to score the rest)"
+                ) from None
             store.add_option_score(
                 run_id,
                 OptionScore(item.id, given, labels, probs, messages, feedback, time.perf_counter() - started, backend.identity),

@@ -24,7 +24,6 @@ Inputs are 0/1 (or bool) arrays: (n_items, n_samples) for one pair of rounds, an
 """
 
 import numpy as np
-from scipy.stats import binom
 
 CI_LEVEL = 0.95
 TRANSITIONS = ("c->c", "c->w", "w->c", "w->w")
@@ -37,6 +36,8 @@ def mcnemar_exact(n_cw: int, n_wc: int) -> float:
     Under "correction changes nothing", each discordant cell is equally likely to go either way, so the
     smaller count is Binomial(n_cw + n_wc, 1/2); the p-value doubles its lower tail, capped at 1.
     """
+    from scipy.stats import binom  # here, not at the top: importing scipy.stats takes a second
+
     n = int(n_cw) + int(n_wc)
     if n == 0:
         return 1.0

@@ -30,6 +30,49 @@ def _interval(ci: list[float] | None) -> str:
     return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _provenance_warnings(report: dict) -> list[str]:
+    """What a reader must know before trusting the figures: prompts of unknown version, replies cut short,
+    a server that changed what it ran during the run."""
+    warnings = []
+    if report["prompt_version"] is None:
+        warnings.append("prompts: unknown version (stored before prompt versions were kept; running the same "
+                        "command now makes a new run with today's prompts)")
+    reasons = report["replies"]["finish_reasons"]
+    total = sum(reasons.values())
+    cut = {name: reasons.get(name, 0) for name in ("length", "context")}
+    if cut["length"] or cut["context"]:
+        warnings.append(f"replies cut short: {cut['length']} of {total} at --max-tokens, {cut['context']} at the "
+                        "model's context window (their answers may be missing)")
+    served = report["replies"]["served_by"]
+    if len(served) > 1:
+        shown = "; ".join(", ".join(f"{k}={v}" for k, v in sorted(s.items())) for s in served)
+        warnings.append(f"the server reported {len(served)} different setups during this run: {shown}")
+    return warnings
+
+
+def _print_grading(report: dict, console: Console) -> None:
+    """Which graders gave the verdicts, those older than today's, and grades that timed out."""
+    grading, run = report["grading"], report["run_id"]
+    if not grading["versions"]:  # no graded turn (yet, or the exact estimator)
+        return
+    today = grading["current_version"]
+    if list(grading["versions"]) == [today]:
+        console.print(f"grader version: {today} (today's)", highlight=False, soft_wrap=True)
+    else:
+        notes = [", ".join(f"{version} ({count} turns)" for version, count in grading["versions"].items())]
+        if grading["outdated"]:
+            notes.append(f"{grading['outdated']} verdict(s) from graders older than today's ({today}): "
+                         f"selfcorrect regrade {run} grades them again")
+        if grading["unversioned"]:
+            notes.append(f"{grading['unversioned']} verdict(s) from before grader versions were kept")
+        console.print(f"[yellow]grader versions: {'; '.join(notes)}[/yellow]", highlight=False, soft_wrap=True)
+    if grading["timeouts"]:
+        count = grading["timeouts"]
+        console.print(f"[yellow]{count} grade{'s' if count != 1 else ''} timed out, counted as wrong (--grader-timeout "
+                      f"sets the limit; selfcorrect regrade {run} tries them again)[/yellow]",
+                      highlight=False, soft_wrap=True)
+
+
 def print_report(report: dict, console: Console) -> None:
     config = report["config"]
     task = config["task"]["task"]
@@ -39,6 +82,9 @@ def print_report(report: dict, console: Console) -> None:
     )
     console.print(f"items: {report['n_items']} complete of {report['n_items_total']}   store: {report['db']}")
     console.print(f"estimator: {ESTIMATOR_NOTES[report['estimator']]}")
+    for warning in _provenance_warnings(report):
+        console.print(f"[yellow]{warning}[/yellow]", highlight=False)
+    _print_grading(report, console)
     if report["upper_bound"]:
         console.print("[bold red]UPPER BOUND: this strategy reads the gold answer; it is not a method[/bold red]")
     if not report["complete"]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 import sqlite3
 import threading
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +25,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     config TEXT NOT NULL,            -- JSON of everything that defines the run
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    task_spec TEXT                   -- JSON {"task", "data", "options"}: how to load the task again (regrade); not part of the id
 );
 CREATE TABLE IF NOT EXISTS items (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -51,6 +54,9 @@ CREATE TABLE IF NOT EXISTS turns (
     latency_s REAL NOT NULL,
     backend TEXT NOT NULL,
     created_at TEXT NOT NULL,
+    finish_reasons TEXT,             -- JSON list, one per reply the turn generated: stop | length | context
+    served_by TEXT,                  -- JSON: what the server said it ran ({"model", "system_fingerprint"}); {} in-process
+    grader_version TEXT,             -- which graders gave `correct` (see tasks.grader_version); NULL before it was kept
     PRIMARY KEY (run_id, item_id, sample, round)
 );
 -- Replies by cache key (see cache.py), shared by all runs in this store.
@@ -59,7 +65,9 @@ CREATE TABLE IF NOT EXISTS response_cache (
     text TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    finish_reason TEXT,
+    served_by TEXT
 );
 -- The exact multiple-choice estimator scores instead of sampling: per item, one pass for the first
 -- answer and one per option put in the model's mouth (K+1 passes), each a distribution over the labels.
@@ -89,6 +97,14 @@ CREATE TABLE IF NOT EXISTS failed_cells (
 );
 """
 
+# Columns added after the first release, by table: a store made before them gets them (empty) when opened,
+# so it still opens, reports and exports.
+ADDED_COLUMNS = {
+    "runs": ["task_spec TEXT"],
+    "turns": ["finish_reasons TEXT", "served_by TEXT", "grader_version TEXT"],
+    "response_cache": ["finish_reason TEXT", "served_by TEXT"],
+}
+
 
 def default_db_path() -> Path:
     """$SELFCORRECT_DB, else $XDG_DATA_HOME/selfcorrect/runs.sqlite (~/.local/share/selfcorrect/runs.sqlite)."""
@@ -115,6 +131,11 @@ class Turn:
     completion_tokens: int
     latency_s: float
     backend: str
+    # One per reply the turn generated, in order: "stop", "length" (--max-tokens reached) or "context" (cut
+    # at the model's context window). None in stores made before finish reasons were kept.
+    finish_reasons: list[str | None] | None = None
+    served_by: dict | None = None  # what an HTTP server said it ran (model id, system_fingerprint)
+    grader_version: str | None = None  # the graders that gave `correct`; None before versions were kept
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -136,12 +157,17 @@ class OptionScore:
 
 
 _TURN_COLUMNS = """t.item_id, t.sample, t.round, t.messages, t.response, t.feedback, t.answer, t.correct, t.reason,
-    t.extra, t.notes, t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend"""
+    t.extra, t.notes, t.prompt_tokens, t.completion_tokens, t.latency_s, t.backend, t.finish_reasons, t.served_by,
+    t.grader_version"""
+
+
+def _json_or_none(text: str | None):
+    return None if text is None else json.loads(text)
 
 
 def _turn(r: tuple) -> Turn:
     return Turn(r[0], r[1], r[2], json.loads(r[3]), r[4], json.loads(r[5]), r[6], bool(r[7]), r[8], json.loads(r[9]),
-                json.loads(r[10]), r[11], r[12], r[13], r[14])
+                json.loads(r[10]), r[11], r[12], r[13], r[14], _json_or_none(r[15]), _json_or_none(r[16]), r[17])
 
 
 def _now() -> str:
@@ -175,20 +201,30 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self._add_missing_columns()
         except sqlite3.DatabaseError as err:
             raise UserError(f"--db {path}: not a selfcorrect run store ({err})") from None
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in present:
+                    with self.db:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     @_locked
     def close(self) -> None:
         self.db.close()
 
     @_locked
-    def create_run(self, run_id: str, config: dict, items: list) -> None:
-        """Record the run and its items once; a second call for the same run (a resume) changes nothing."""
+    def create_run(self, run_id: str, config: dict, items: list, task_spec: dict | None = None) -> None:
+        """Record the run, how its task was loaded, and its items once; a second call for the same run (a
+        resume) changes nothing."""
         with self.db:
             self.db.execute(
-                "INSERT OR IGNORE INTO runs (run_id, config, created_at) VALUES (?, ?, ?)",
-                (run_id, json.dumps(config, sort_keys=True), _now()),
+                "INSERT OR IGNORE INTO runs (run_id, config, created_at, task_spec) VALUES (?, ?, ?, ?)",
+                (run_id, json.dumps(config, sort_keys=True), _now(), json.dumps(task_spec, sort_keys=True)),
             )
             self.db.executemany(
                 "INSERT OR IGNORE INTO items (run_id, item_id, position, question, target) VALUES (?, ?, ?, ?, ?)",
@@ -200,13 +236,15 @@ class Store:
         """Write one graded turn in its own transaction, which also clears the cell's earlier failure."""
         with self.db:
             self.db.execute(
-                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                """INSERT INTO turns (run_id, item_id, sample, round, messages, response, feedback, answer, correct,
+                       reason, extra, notes, prompt_tokens, completion_tokens, latency_s, backend, created_at,
+                       finish_reasons, served_by, grader_version)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     run_id, turn.item_id, turn.sample, turn.round, json.dumps(turn.messages), turn.response,
                     json.dumps(turn.feedback), turn.answer, int(turn.correct), turn.reason, json.dumps(turn.extra),
-                    json.dumps(turn.notes),
-                    turn.prompt_tokens,
-                    turn.completion_tokens, turn.latency_s, turn.backend, _now(),
+                    json.dumps(turn.notes), turn.prompt_tokens, turn.completion_tokens, turn.latency_s, turn.backend,
+                    _now(), json.dumps(turn.finish_reasons), json.dumps(turn.served_by), turn.grader_version,
                 ),
             )
             self.db.execute(
@@ -261,16 +299,22 @@ class Store:
     @_locked
     def cached_reply(self, key: str) -> Completion | None:
         row = self.db.execute(
-            "SELECT text, prompt_tokens, completion_tokens FROM response_cache WHERE key = ?", (key,)
+            "SELECT text, prompt_tokens, completion_tokens, finish_reason, served_by FROM response_cache WHERE key = ?",
+            (key,),
         ).fetchone()
-        return Completion(row[0], row[1], row[2], cached=True) if row else None
+        if row is None:
+            return None
+        return Completion(row[0], row[1], row[2], cached=True, finish_reason=row[3], served_by=_json_or_none(row[4]) or {})
 
     @_locked
     def cache_reply(self, key: str, reply: Completion) -> None:
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO response_cache VALUES (?, ?, ?, ?, ?)",
-                (key, reply.text, reply.prompt_tokens, reply.completion_tokens, _now()),
+                """INSERT OR REPLACE INTO response_cache
+                       (key, text, prompt_tokens, completion_tokens, created_at, finish_reason, served_by)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (key, reply.text, reply.prompt_tokens, reply.completion_tokens, _now(), reply.finish_reason,
+                 json.dumps(reply.served_by)),
             )
 
     @_locked
@@ -301,6 +345,12 @@ class Store:
         return json.loads(row[0])
 
     @_locked
+    def task_spec(self, run_id: str) -> dict | None:
+        """How the run's task was loaded ({"task", "data", "options"}), or None for runs stored before this was kept."""
+        row = self.db.execute("SELECT task_spec FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _json_or_none(row[0]) if row else None
+
+    @_locked
     def items(self, run_id: str) -> list[dict]:
         rows = self.db.execute(
             "SELECT item_id, question, target FROM items WHERE run_id = ? ORDER BY position", (run_id,)
@@ -316,6 +366,21 @@ class Store:
             (run_id,),
         )
         return [_turn(row) for row in rows]
+
+    @_locked
+    def regrade_turns(self, run_id: str, turns: list[Turn]) -> None:
+        """Replace the grades (answer, correct, reason, extra, grader_version) of stored turns, all in one
+        transaction; everything else in the rows stays as generated."""
+        with self.db:
+            self.db.executemany(
+                """UPDATE turns SET answer = ?, correct = ?, reason = ?, extra = ?, grader_version = ?
+                   WHERE run_id = ? AND item_id = ? AND sample = ? AND round = ?""",
+                [
+                    (turn.answer, int(turn.correct), turn.reason, json.dumps(turn.extra), turn.grader_version,
+                     run_id, turn.item_id, turn.sample, turn.round)
+                    for turn in turns
+                ],
+            )
 
     @_locked
     def turn(self, run_id: str, item_id: str, sample: int, round_: int) -> Turn | None:
@@ -345,3 +410,98 @@ class Store:
              "n_scores": r[5]}
             for r in rows
         ]
+
+    def lock_run(self, run_id: str) -> "RunLock":
+        """Claim the run for this process until the returned lock is released (see RunLock); raises
+        UserError naming the process that holds it."""
+        return RunLock(self.path, run_id)
+
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
+
+
+class RunLock:
+    """One process at a time runs (or resumes) a run: an exclusive `flock` on `<db>.locks/<run_id>.lock`,
+    a file that names its holder (pid, host, since when). The kernel drops the lock when the holder ends,
+    however it ends (SIGKILL too), so a dead process never blocks the next run; release also removes the
+    file. Readers (report, export) take no lock, and each run has its own file, so other runs go on.
+    Without fcntl (Windows), or on a file system that refuses flock, nothing is locked.
+    Usable as a context manager."""
+
+    def __init__(self, db_path: Path, run_id: str):
+        self.path = Path(f"{db_path}.locks") / f"{run_id}.lock"
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        try:
+            self._acquire(db_path, run_id)
+        except OSError as err:
+            raise UserError(f"--db {db_path}: cannot write the run's lock file {self.path} ({err.strerror})") from None
+
+    def _acquire(self, db_path: Path, run_id: str) -> None:
+        while True:
+            self.path.parent.mkdir(exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a releasing process removed the directory in between
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise UserError(
+                    f"run {run_id} is already running in {db_path} ({holder}); wait for it to finish, or stop "
+                    "it and run the same command again to resume"
+                ) from None
+            except OSError:  # no flock on this file system: run unlocked rather than not at all
+                os.close(fd)
+                return
+            try:  # the holder before us may have removed the file we locked: lock the one at the path
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode())
+        except OSError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:  # removed while still locked: whoever opened the old file sees it is gone once they lock it
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(fd)
+        try:
+            os.rmdir(self.path.parent)
+        except OSError:  # other runs' locks are in it
+            pass
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a run lock, from its file; the holder writes it just after locking, so wait a moment."""
+    for _ in range(20):
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
+        except (ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "held by another process"

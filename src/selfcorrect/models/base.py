@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
@@ -14,6 +14,11 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached: bool = False  # served from the response cache, not generated now
+    # Why generation ended: "stop" (the model ended its reply), "length" (max_tokens reached) or "context"
+    # (cut short by the model's context window); None where a backend cannot tell.
+    finish_reason: str | None = None
+    # What an HTTP server reported running the request (its model id, `system_fingerprint`); {} in-process.
+    served_by: dict = field(default_factory=dict)
 
 
 class BackendError(Exception):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import Completion, Message
+from .identity import file_digest, files_digest
 
 INSTALL_HINT = "needs the hf extra: pip install 'selfcorrect[hf]' (install torch==2.13.0 first for the CPU build)"
 
@@ -70,29 +71,34 @@ class TransformersBackend:
     def __init__(self, source: str):
         try:
             torch = import_torch()
+            import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
             raise UserError(f"--model hf:{source}: {INSTALL_HINT}") from None
         self.torch = torch
         path = Path(source).expanduser()
+        # The weights by content (see models/identity.py), and the libraries that compute with them.
+        build = f"torch-{torch.__version__}:transformers-{transformers.__version__}"
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise UserError(f"--model hf:{source}: no such file; give the path to a .gguf model")
             location, options = str(path.parent), {"gguf_file": path.name}
-            self.identity = f"hf:{path.name}:{path.stat().st_size}"
+            self.identity = f"hf:{path.name}:{file_digest(path)}:{build}"
         elif path.is_dir():
             location, options = str(path), {}
-            weights = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
-            self.identity = f"hf:{path.name}:{weights}"
-        else:  # a Hub id: the weights are whatever the Hub (or its local cache) serves under it
+            # Every file of the directory: weights, and the config and tokenizer (its chat template) too.
+            self.identity = f"hf:{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}:{build}"
+        else:  # a Hub id: named by the revision it resolves to, known once loaded
             location, options = source, {}
-            self.identity = f"hf:{source}"
+            self.identity = None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(location, **options)
             self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **options)
         except (OSError, ValueError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"--model hf:{source}: transformers cannot load it ({reason})") from None
+        if self.identity is None:
+            self.identity = f"hf:{source}@{self.model.config._commit_hash or 'unknown-revision'}:{build}"
         if self.tokenizer.chat_template is None:
             raise UserError(f"--model hf:{source}: the tokenizer has no chat template; use an instruction-tuned model")
         eos = self.model.generation_config.eos_token_id
@@ -170,6 +176,7 @@ class TransformersBackend:
                 text=self.tokenizer.decode(tokens[:length], skip_special_tokens=True),
                 prompt_tokens=int(mask.sum()),
                 completion_tokens=length,
+                finish_reason="stop" if length < len(tokens) else "length",
             ))
         return completions
 

@@ -12,6 +12,7 @@ from ..errors import UserError
 import numpy as np
 
 from .base import Completion, Message
+from .identity import file_digest, llama_cpp_build
 from .llamacpp_batch import BatchDecoder
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,7 +50,8 @@ class LlamaCppBackend:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
         except (ValueError, RuntimeError) as err:
             raise UserError(f"--model llamacpp:{path}: llama.cpp cannot load it ({err}); is it a GGUF file?") from None
-        self.identity = f"llamacpp:{path.name}:{path.stat().st_size}"
+        # The weights by content, and the build that computes with them (see models/identity.py).
+        self.identity = f"llamacpp:{path.name}:{file_digest(path)}:{llama_cpp_build()}"
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -95,11 +97,12 @@ class LlamaCppBackend:
         rendered = self._render(messages)
         prompt = self._tokenize(rendered)
         replay = self._reply_mask(messages, rendered, prompt)
-        generated = self.decoder.submit(prompt, replay, max_tokens, temperature, seed).result()
+        generated, finish_reason = self.decoder.submit(prompt, replay, max_tokens, temperature, seed).result()
         return Completion(
             text=self.llm.detokenize(generated).decode("utf-8", errors="ignore"),
             prompt_tokens=len(prompt),
             completion_tokens=len(generated),
+            finish_reason=finish_reason,
         )
 
     def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:

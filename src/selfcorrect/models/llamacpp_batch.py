@@ -44,9 +44,10 @@ TOP_K, TOP_P, MIN_P = 40, 0.95, 0.05
 class Request:
     lane: int
     prompt: list[tuple[int, bool]]  # (token, is it part of an earlier reply, computed one per call)
-    max_tokens: int
+    max_tokens: int  # what fits: the caller's max_tokens, or less when the slot's context is nearly full
     temperature: float
     seed: int
+    cut_by_context: bool  # max_tokens was lowered to fit the context
     future: Future = field(default_factory=Future)
     generated: list[int] = field(default_factory=list)
 
@@ -78,7 +79,8 @@ def sample_token(logits: np.ndarray, temperature: float, rng: np.random.Generato
 
 class BatchDecoder:
     """Owns a llama.cpp context with `n_slots` sequences of `slot_ctx` tokens each, and the thread that
-    decodes them. `submit(prompt, replay, ...)` returns a Future of the generated tokens."""
+    decodes them. `submit(prompt, replay, ...)` returns a Future of (the generated tokens, why generation
+    ended: "stop", "length" at max_tokens, or "context" when the slot's context ran out first)."""
 
     def __init__(self, model, n_slots: int, slot_ctx: int, n_threads: int, n_batch: int = 1024):
         import llama_cpp
@@ -119,7 +121,7 @@ class BatchDecoder:
         if not hasattr(self.lanes, "lane"):  # a thread's first request: give it the next slot, in turn
             self.lanes.lane = next(self.next_lane) % len(self.slots)
         budget = min(max_tokens, self.slot_ctx - len(prompt))
-        request = Request(self.lanes.lane, list(zip(prompt, replay)), budget, temperature, seed)
+        request = Request(self.lanes.lane, list(zip(prompt, replay)), budget, temperature, seed, budget < max_tokens)
         self.requests.put(request)
         return request.future
 
@@ -222,4 +224,5 @@ class BatchDecoder:
             self.counters["completion_tokens"] += 1
         if finished or len(request.generated) >= request.max_tokens:
             slot.request = None
-            request.future.set_result(request.generated)
+            reason = "stop" if finished else "context" if request.cut_by_context else "length"
+            request.future.set_result((request.generated, reason))

@@ -104,10 +104,15 @@ class OpenAIBackend:
                 raise BackendError(self._gave_up(_one_line(cause) or type(cause).__name__)) from None
         # Servers that do not report usage (the field is optional in some) count as 0 tokens.
         usage = reply.usage
+        # What the server says it ran, stored with every turn: a model id that changes behind the same
+        # name, or a new `system_fingerprint` (its configuration, where it reports one), shows there.
+        served_by = {"model": reply.model, "system_fingerprint": reply.system_fingerprint}
         return Completion(
             text=reply.choices[0].message.content or "",
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=reply.choices[0].finish_reason,
+            served_by={key: value for key, value in served_by.items() if value},
         )
 
     def _gave_up(self, last_error: str) -> str:

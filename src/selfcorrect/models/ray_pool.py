@@ -148,13 +148,19 @@ def pool_identity(identities: list[str]) -> str:
     run id, same cached replies) as a local run of it. HTTP servers of one model are another matter: an
     endpoint is part of an HTTP model's identity, because two servers of one model name may run different
     weights or engines. A pool of several endpoints is named by all of them: its replies never merge with
-    those of one of its servers, nor of another set of servers. Actors of different models are refused.
+    those of one of its servers, nor of another set of servers. Actors of different models are refused, and
+    so are actors of one GGUF on different llama.cpp builds or CPUs (mixed nodes), whose replies differ.
     """
     distinct = sorted(set(identities))
     if len(distinct) == 1:
         return distinct[0]
     models = sorted({identity.rpartition("@")[0] if identity.startswith("openai:") else identity
                      for identity in distinct})
+    weights = {identity.rpartition(":")[0] for identity in models}  # a llama.cpp identity ends with its build
+    if len(models) > 1 and all(m.startswith("llamacpp:") for m in models) and len(weights) == 1:
+        raise UserError(f"--ray: the actors run the same weights on different llama.cpp builds or CPU instruction "
+                        f"sets ({', '.join(m.rpartition(':')[2] for m in models)}), which give different replies; "
+                        "run the actors on nodes of one kind, or with one build")
     if len(models) > 1:
         raise UserError(f"--ray-model: the actors serve different models ({', '.join(models)}); "
                         "one run measures one model, give specs of the same model")

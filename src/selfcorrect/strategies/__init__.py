@@ -1,16 +1,18 @@
 """Correction strategies: how the model is led from its previous answer to the next one.
 
 A strategy is a function that runs one correction round. It gets a `CorrectionRound`: the question as the
-model saw it, the task's answer instruction, the previous reply, execution feedback where the task has
-it (code), and `ask(prompt)`, which sends a user message and returns the model's reply (both stay in the
-conversation). It returns the reply to grade, or None to keep the previous answer (the strategy stopped).
-It may write what it decided into `notes` (for example its own verdict), which is stored with the turn.
+model saw it, the task's answer instruction, the previous reply, execution feedback if the strategy is
+registered as needing it (code tasks only), and `ask(prompt)`, which sends a user message and returns the
+model's reply (both stay in the conversation). It returns the reply to grade, or None to keep the previous
+answer (the strategy stopped). It may write what it decided into `notes` (for example its own verdict),
+which is stored with the turn; the execution feedback it was given is stored there too.
 The compute-matched baselines also draw fresh answers (`sample_fresh`), read the answer a reply states
 (`answer_of`), score replies by the model's P(True) (`p_true`), and watch their token `budget`.
 
-A strategy never sees the item's gold answer. `oracle-stop` is the one exception, allowed only as an
-upper bound: it is registered with `oracle=True`, the engine hands it the previous answer's grade, and
-every report marks it.
+A strategy never sees the item's gold answer, and execution feedback runs only the tests the question shows
+(see `selfcorrect.tasks.code`). Strategies registered with `oracle=True` are the exception, allowed only as
+upper bounds that every report marks: the engine hands them the previous answer's grade (`oracle-stop`),
+and as execution feedback the hidden tests' verdict (`exec-feedback-oracle`).
 
 Add your own in a file of yours:
 
@@ -34,6 +36,7 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 from ..errors import UserError
+from ..tasks.base import ExecutionFeedback
 
 
 @dataclass
@@ -55,8 +58,9 @@ class CorrectionRound:
     # Tokens (prompt + completion) this round has spent so far, and the round's budget (--budget), if any.
     tokens_spent: Callable[[], int] = lambda: 0
     budget: int | None = None
-    # The task's gold-free feedback on the previous reply (the sandbox's verdict on code), or None.
-    execution_feedback: str | None = None
+    # For strategies registered with needs_execution_feedback: the previous reply's code run on the tests
+    # the question shows (its `passed` is None where it shows none); an oracle gets the hidden tests' verdict.
+    execution_feedback: ExecutionFeedback | None = None
     # Only for strategies registered with oracle=True: whether the previous answer was right.
     previous_correct: bool | None = None
     notes: dict = field(default_factory=dict)

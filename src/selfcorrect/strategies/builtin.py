@@ -71,17 +71,26 @@ def verify_then_revise(round: CorrectionRound) -> str | None:
     return round.ask(f"Then give a corrected answer. {round.instruction}")
 
 
+# One function, two strategies: what it is shown is the engine's choice. exec-feedback gets the code run on
+# the tests the question shows (Self-Debug's setting), exec-feedback-oracle the verdict of the hidden tests
+# the grade runs, which quotes their expected values: the gold answer, so it is only an upper bound.
 @register_strategy(
-    "exec-feedback", "show the sandbox's verdict on the code and ask for a fix; stops once it passes (Self-Debug)",
+    "exec-feedback-oracle", "UPPER BOUND, reads the hidden tests: shows their verdict on the code and asks for "
+    "a fix; stops once they pass", oracle=True, needs_execution_feedback=True,
+)
+@register_strategy(
+    "exec-feedback", "runs the code on the tests the question shows (HumanEval's docstring examples, MBPP's "
+    "tests; else alone), shows the result and asks for a fix; stops once they pass (Self-Debug)",
     needs_execution_feedback=True,
 )
 def exec_feedback(round: CorrectionRound) -> str | None:
-    if round.execution_feedback == "passed":
+    feedback = round.execution_feedback
+    if feedback.passed:
         round.notes["stopped"] = True
         return None
-    return round.ask(
-        f"Running your code gave: {round.execution_feedback}\nFix the code. {round.instruction}"
-    )
+    if feedback.passed is None:  # no tests to pass: a clean run says nothing about whether the code is right
+        return round.ask(f"{feedback.text}\nReview your code for mistakes and fix any you find. {round.instruction}")
+    return round.ask(f"{feedback.text}\nFix the code. {round.instruction}")
 
 
 @register_strategy(

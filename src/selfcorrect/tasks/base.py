@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import UserError
 
@@ -40,6 +40,15 @@ class Grade:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ExecutionFeedback:
+    """What running a reply's code shows, using only what the model was shown: `text` is fit to show the
+    model; `passed` is whether the tests the question shows pass, None when it shows none to run."""
+
+    text: str
+    passed: bool | None
+
+
 @dataclass
 class Task:
     """A set of items plus how to ask them and how to grade answers."""
@@ -53,9 +62,9 @@ class Task:
     # The option labels of a multiple-choice item (["A", "B", ...] or ["yes", "no"]), for tasks whose
     # answers are labels; None for free-form tasks. Makes the exact estimator possible.
     labels: Callable[[Item], list[str]] | None = None
-    # True when the grade's reason is gold-free feedback a model may see (the sandbox's verdict on code),
-    # which strategies such as exec-feedback show it.
-    execution_feedback: bool = False
+    # Code tasks: runs a reply's code on the tests the question shows (never the hidden ones the grade
+    # runs), for strategies such as exec-feedback to show the model. None where the task has no code.
+    execution_feedback: Callable[[Item, str], ExecutionFeedback] | None = None
     # Everything that defines the item set, for the run's identity (options, data file and its hash).
     identity: dict = field(default_factory=dict)
 
@@ -93,21 +102,49 @@ def register_task(
     return decorate
 
 
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors and spreadsheets put first
+
+
+def _not_utf8(path: Path, line: int, text: bytes, error: UnicodeDecodeError) -> UserError:
+    """The error for a byte that is not UTF-8 at `error.start` of `text`, which starts line `line`."""
+    line += text.count(b"\n", 0, error.start)
+    column = error.start - text.rfind(b"\n", 0, error.start)
+    byte = f"0x{text[error.start]:02x}"
+    return UserError(f"{path}:{line}: not UTF-8 text (byte {column} of the line is {byte}); save the file as UTF-8")
+
+
+def utf8_lines(path: Path, raw_lines: Iterable[bytes]) -> Iterator[str]:
+    """The lines of a file read in binary, decoded as UTF-8 one at a time (a leading byte-order mark is
+    dropped), so a byte that is not UTF-8 is a UserError naming file and line, not a decoder's traceback."""
+    for number, raw in enumerate(raw_lines, start=1):
+        if number == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, number, raw, err) from None
+
+
+def parse_jsonl(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of `lines`; a bad line is a UserError naming file and line."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
+        yield number, record
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line; a bad line is a UserError naming file and line."""
     if not path.is_file():
         raise UserError(f"{path}: no such file; check the --data path")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
-            yield number, record
+    with path.open("rb") as handle:
+        yield from parse_jsonl(path, utf8_lines(path, handle))
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -119,10 +156,22 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file; check the --data path")
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
+        # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark, which must not join the first header.
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             # Row numbers count the header as line 1, as an editor shows them.
-            for number, row in enumerate(csv.DictReader(handle), start=2):
-                yield number, row
+            reader = csv.DictReader(handle)
+            try:
+                for number, row in enumerate(reader, start=2):
+                    yield number, row
+            except UnicodeDecodeError:  # decoded a block at a time: find the line in the bytes
+                data = path.read_bytes().removeprefix(BOM)
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise _not_utf8(path, 1, data, err) from None
+                raise
+            except csv.Error as err:
+                raise UserError(f"{path}:{reader.line_num}: not readable as CSV ({err})") from None
         return
     if suffix == ".parquet":
         try:

