@@ -57,3 +57,35 @@ class ScriptedBackend:
         self.calls.append(([dict(m) for m in messages], seed))
         text = self.reply(messages, seed)
         return Completion(text=text, prompt_tokens=sum(len(m["content"]) for m in messages), completion_tokens=len(text))
+
+
+def check_turns(task, run) -> None:
+    """What every sampled run's turns must show, whatever the model replied: each stored verdict is the task's
+    grade of the stored reply; the first turn asks the task's prompt and ends with the reply it graded; each
+    correction continues its item's conversation (its messages begin with the previous turn's), keeps the
+    previous reply when its strategy stopped, and stores as feedback the replies before the graded one."""
+    from selfcorrect.strategies import get_strategy
+
+    baseline = get_strategy(run.config["strategy"]).baseline
+    items = {item.id: item for item in task.items}
+    cells = {(turn.item_id, turn.sample, turn.round): turn for turn in run.turns}
+    assert len(cells) == len(run.turns), "a cell stored twice"
+    for turn in run.turns:
+        where = (turn.item_id, turn.sample, turn.round, turn.response)
+        grade = task.grade(items[turn.item_id], turn.response)
+        assert (turn.answer, turn.correct) == (grade.answer, grade.correct), where
+        if turn.round == 0:
+            assert turn.messages == [{"role": "user", "content": task.prompt(items[turn.item_id])},
+                                     {"role": "assistant", "content": turn.response}], where
+            assert turn.feedback == [], where
+            continue
+        previous = cells[(turn.item_id, turn.sample, turn.round - 1)]
+        assert turn.messages[: len(previous.messages)] == previous.messages, where
+        replies = [m["content"] for m in turn.messages[len(previous.messages):] if m["role"] == "assistant"]
+        if turn.notes.get("stopped"):
+            assert turn.response == previous.response and turn.feedback == replies, where
+        elif baseline:  # picks among the previous reply and fresh samples, outside the conversation
+            assert turn.response in [previous.response, *turn.notes["candidates"]] and turn.feedback == replies, where
+        else:
+            assert replies and replies[-1] == turn.response and turn.feedback == replies[:-1], where
+            assert turn.messages[-1] == {"role": "assistant", "content": turn.response}, where

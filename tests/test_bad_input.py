@@ -232,3 +232,15 @@ def test_a_reply_to_grade_that_is_not_utf8_is_one_line(tmp_path):
     done = run_cli("grade", "--task", "arithmetic", "--item", "arith-0", "--response", str(reply))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"error: --response {reply}: not UTF-8 text (byte 21 is 0xe9); save the reply as UTF-8"
+
+
+def test_code_tests_given_as_a_list_run_and_other_types_are_refused(tmp_path):
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(json.dumps({"question": "Write f", "answer": ["assert f(1) == 2", "assert f(2) == 3"]}) + "\n")
+    task = load_task("custom", listed, {"grader": "code"})
+    assert not task.grade(task.items[0], "```python\ndef f(x):\n    return 0\n```").correct  # the asserts run
+    assert task.grade(task.items[0], "```python\ndef f(x):\n    return x + 1\n```").correct
+    number = tmp_path / "number.jsonl"
+    number.write_text(json.dumps({"question": "Write f", "answer": 7}) + "\n")
+    with pytest.raises(UserError, match=r"number.jsonl:1: field 'answer' \(the tests\) is a int"):
+        load_task("custom", number, {"grader": "code"})

@@ -12,6 +12,8 @@ from selfcorrect.errors import UserError
 from selfcorrect.tasks import load_task
 from selfcorrect.tasks.code import docstring_examples, extract_code
 
+from conftest import check_turns
+
 MBPP = Path(__file__).parent / "fixtures" / "mbpp_sample.jsonl"
 
 
@@ -198,6 +200,11 @@ def test_mbpp_feedback_runs_the_tests_its_question_shows():
 
 @pytest.mark.parametrize("task, data", [("humaneval", None), ("mbpp", MBPP)])
 def test_code_tasks_run_end_to_end_on_the_embedded_model(tmp_path, embedded, task, data):
+    """Two items, a first answer and one reask each: every turn's verdict is the sandbox's on its reply, and the
+    reask continues the conversation with the question again."""
     run = evaluate(task=task, data=data, limit=2, rounds=1, backend=embedded, db=tmp_path / "r.sqlite")
     assert len(run.turns) == 4 and run.report()["n_items"] == 2
     assert all(turn.reason for turn in run.turns)
+    check_turns(load_task(task, data), run)
+    for turn in (t for t in run.turns if t.round == 1):
+        assert turn.messages[2] == turn.messages[0] and len(turn.messages) == 4

@@ -4,10 +4,11 @@ the command line on real runs of the embedded model."""
 from __future__ import annotations
 
 import json
+from math import comb
 
 import pytest
 
-from selfcorrect import evaluate
+from selfcorrect import evaluate, load_run
 from selfcorrect.compare import compare_runs
 from selfcorrect.errors import UserError
 
@@ -87,10 +88,30 @@ def test_compare_cli_on_real_runs(tmp_path):
     shown = run_cli("compare", *ids, "--db", db, "--json")
     assert shown.returncode == 0, shown.stderr
     result = json.loads(shown.stdout)
-    assert result["n_items"] == 6 and len(result["pairs"]) == 3
+    assert result["n_items"] == 6 and result["left_out"] == {run_id: 0 for run_id in ids}
+    # Every figure is that of the stored turns: final correctness per item, paired by item.
+    final = {}
+    for run_id in ids:
+        run = load_run(run_id, db)
+        final[run_id] = {t.item_id: t.correct for t in run.turns if t.round == 1}
+        first = {t.item_id: t.correct for t in run.turns if t.round == 0}
+        row = next(row for row in result["runs"] if row["run_id"] == run_id)
+        assert row["acc_final"] == pytest.approx(sum(final[run_id].values()) / 6)
+        assert row["acc_first"] == pytest.approx(sum(first.values()) / 6)
+    # The three strategies share their first turn (greedy, from the response cache): the same first answers.
+    assert len({row["acc_first"] for row in result["runs"]}) == 1
+    assert [(pair["a"], pair["b"]) for pair in result["pairs"]] == [(ids[0], ids[1]), (ids[0], ids[2]), (ids[1], ids[2])]
     for pair in result["pairs"]:
-        assert {"a", "b", "mcnemar_p", "diff_ci"} <= set(pair) and len(pair["diff_ci"]) == 2
+        a, b = final[pair["a"]], final[pair["b"]]
+        assert pair["diff"] == pytest.approx((sum(b.values()) - sum(a.values())) / 6)
+        low, high = pair["diff_ci"]
+        assert low <= pair["diff"] + 1e-9 and pair["diff"] - 1e-9 <= high
+        only_a, only_b = sum(a[i] and not b[i] for i in a), sum(b[i] and not a[i] for i in a)
+        n = only_a + only_b  # McNemar's exact test: the smaller discordant count is Binomial(n, 1/2)
+        expected = min(1.0, 2 * sum(comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n) if n else 1.0
+        assert pair["mcnemar_p"] == pytest.approx(expected)
     assert [row["upper_bound"] for row in result["runs"]] == [False, False, True]
+    assert result["runs"][2]["transitions"]["c->w"] == 0  # oracle-stop never changes a right answer
     table = run_cli("compare", *ids, "--db", db)
     assert "oracle-stop*" in table.stdout and "UPPER BOUND" in table.stdout
     bad = run_cli("compare", ids[0], "--db", db)

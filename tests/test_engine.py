@@ -152,6 +152,7 @@ def test_concurrent_conversations_store_what_one_at_a_time_stores(tmp_path):
     assert as_rows(many) == as_rows(one) and many.generated == 30 * 3
 
 
+@pytest.mark.slow
 @pytest.mark.model
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_replies_do_not_depend_on_how_many_conversations_share_a_batch(tmp_path, embedded, temperature):
@@ -175,6 +176,7 @@ def test_replies_do_not_depend_on_how_many_conversations_share_a_batch(tmp_path,
     assert counters["prompt_tokens_reused"] + counters["prompt_tokens_prefilled"] == sum(t.prompt_tokens for t in one.turns)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_turn_whose_conversation_is_not_in_the_cache_gets_the_same_reply(tmp_path, temperature):

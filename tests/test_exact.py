@@ -117,6 +117,7 @@ def _sample_label(backend, messages, labels, seed):
     raise AssertionError(f"the model named no option in 50 draws: {text!r}")
 
 
+@pytest.mark.slow
 def test_exact_agrees_with_sampling_on_the_embedded_model(tmp_path, shared_data, embedded):
     data = shared_data / "commonsense_qa.jsonl"
     n_items, n_samples = 16, 12

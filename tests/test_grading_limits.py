@@ -188,7 +188,7 @@ def test_regrade_refuses_a_run_whose_data_file_changed(tmp_path):
     assert _verdicts(db) == before
 
 
-def test_regrade_refuses_a_run_stored_before_task_specs_were_kept(tmp_path):
+def test_regrade_of_a_run_stored_before_task_specs_were_kept_needs_its_task(tmp_path):
     db = tmp_path / "old.sqlite"
     with sqlite3.connect(db) as connection:  # a store made by selfcorrect 0.1.0
         connection.executescript((FIXTURES / "store_0.1.0.sql").read_text())
@@ -199,8 +199,17 @@ def test_regrade_refuses_a_run_stored_before_task_specs_were_kept(tmp_path):
     done = run_cli("regrade", "ceb590", "--db", str(db))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "stored before" in lines[0] and "Traceback" not in done.stderr, done.stderr
-    assert _verdicts(db) == before
+    assert len(lines) == 1 and "stored before" in lines[0] and "--task" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and _verdicts(db) == before
+    # Told how the run was made, regrade reloads its task, checks its items and grades them with today's graders.
+    wrong = run_cli("regrade", "ceb590", "--task", "arithmetic", "--task-opt", "digits=2", "--db", str(db))
+    assert wrong.returncode == 2 and "digits" in wrong.stderr and _verdicts(db) == before
+    done = run_cli("regrade", "ceb590", "--task", "arithmetic", "--db", str(db), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["regraded"], summary["skipped"]) == (6, 0)
+    assert summary["changed"] == sum(old[4] != new[4] for old, new in zip(before, _verdicts(db)))  # correct
+    assert "before grader versions were kept" not in run_cli("report", "ceb590", "--db", str(db)).stdout
 
 
 class UniformScorer(ScriptedBackend):

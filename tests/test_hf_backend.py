@@ -52,6 +52,7 @@ def test_without_torch_the_error_names_the_extra(monkeypatch, hf_spec):
         load_model(hf_spec)
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_at_a_time(hf, shared_data):
     # Prompts of three lengths, so the batch is left-padded.
     arithmetic = load_task("arithmetic").items[0]
@@ -79,6 +80,7 @@ def _gathered(hf, calls: list[list[dict]], max_tokens: int) -> list[Future]:
     return futures
 
 
+@pytest.mark.slow
 def test_concurrent_calls_are_generated_together(hf, shared_data, monkeypatch):
     # What the engine does: one `complete` per conversation in flight, from its own thread.
     gsm8k = load_task("gsm8k", shared_data / "gsm8k_test.jsonl").items
@@ -91,6 +93,7 @@ def test_concurrent_calls_are_generated_together(hf, shared_data, monkeypatch):
     assert batch_sizes == [1, 3]  # the three callers that waited: one padded generate call
 
 
+@pytest.mark.slow
 def test_a_failed_batch_fails_every_caller_in_it(hf, monkeypatch):
     def broken(**_):
         raise RuntimeError("out of memory")
@@ -101,6 +104,7 @@ def test_a_failed_batch_fails_every_caller_in_it(hf, monkeypatch):
     assert hf.waiting == [] and not hf.leading
 
 
+@pytest.mark.slow
 def test_sampling_follows_the_seed_not_the_batch(hf):
     question = _ask("Name an animal that lives in the sea.")
     first = hf.complete(question, 8, 1.0, seed=7)
@@ -110,6 +114,7 @@ def test_sampling_follows_the_seed_not_the_batch(hf):
     assert len(others | {first.text}) > 1, "three seeds at temperature 1 all gave the same reply"
 
 
+@pytest.mark.slow
 def test_option_probs_agree_with_llamacpp(hf, embedded, shared_data):
     task = load_task("mcq", shared_data / "commonsense_qa.jsonl")
     # Same weights, different arithmetic: llama.cpp runs Q4_1 kernels (activations quantised to 8 bits),
@@ -128,6 +133,7 @@ def test_option_probs_agree_with_llamacpp(hf, embedded, shared_data):
             assert np.abs(ours - theirs).max() < tolerance, (item.id, ours, theirs)
 
 
+@pytest.mark.slow
 def test_a_model_directory_loads_too(hf, tmp_path):
     """`hf:DIR`, the usual case: here a small random Llama saved with the embedded model's tokenizer."""
     import torch
@@ -151,6 +157,7 @@ def test_a_model_directory_loads_too(hf, tmp_path):
     assert probs != pytest.approx(hf.option_probs(question, ANSWER_PREFIX, ["yes", "no"]), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_run_through_the_hf_spec_stores_graded_turns(hf, hf_spec, tmp_path):
     db = tmp_path / "r.sqlite"
     run = evaluate(task="arithmetic", model=hf_spec, backend=hf, limit=3, rounds=1, db=db)
@@ -168,6 +175,7 @@ def test_run_through_the_hf_spec_stores_graded_turns(hf, hf_spec, tmp_path):
     assert cut.completion_tokens == 3 and cut.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_exact_estimator_runs_with_hf(hf, hf_spec, tmp_path, shared_data):
     # The exact estimator generates the correction round's reply and then scores in its place: one token
     # of it is enough here.

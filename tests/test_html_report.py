@@ -16,7 +16,7 @@ from selfcorrect.html_report import render_html
 
 from conftest import REPO, run_cli
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]  # its fixtures run real runs and start Chromium: ~60 s
 
 
 def _browser_helpers():

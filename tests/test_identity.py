@@ -32,15 +32,18 @@ def _hash_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFCORRECT_HASH_CACHE", str(tmp_path / "hashes.json"))
 
 
-def test_file_digest_follows_content_and_is_cached_by_path_size_and_mtime(tmp_path):
+def test_file_digest_follows_content_and_is_computed_once_per_file_version(tmp_path, monkeypatch):
+    import selfcorrect.models.identity as identity
+
     model = tmp_path / "model.gguf"
     model.write_bytes(b"weights-A" * 1000)
     first = file_digest(model)
+    with monkeypatch.context() as patch:  # the second time the cached hash serves: nothing is hashed
+        patch.setattr(identity.hashlib, "sha256", lambda: pytest.fail("hashed the same file version again"))
+        assert file_digest(model) == first
     stamp = model.stat().st_mtime_ns
-    model.write_bytes(b"weights-B" * 1000)  # same name, same size
+    model.write_bytes(b"weights-B" * 1000)  # same name and size, and the old mtime back (as `cp -p` keeps it)
     os.utime(model, ns=(stamp, stamp))
-    assert file_digest(model) == first  # path, size and mtime unchanged: the cached hash, the file not read
-    os.utime(model, ns=(stamp + 10**9, stamp + 10**9))  # what saving a file does
     assert file_digest(model) != first
     (tmp_path / "hashes.json").write_text("{not json")  # a damaged cache is only a cache
     assert file_digest(model) == file_digest(model)
@@ -201,3 +204,35 @@ def test_a_ray_pool_refuses_one_model_on_mixed_llama_cpp_builds():
     assert pool_identity([avx2, avx2]) == avx2
     with pytest.raises(UserError, match="same weights on different llama.cpp builds or CPU instruction sets"):
         pool_identity([avx2, avx512])
+
+
+def test_the_prompt_version_does_not_depend_on_where_selfcorrect_is_installed(monkeypatch):
+    import selfcorrect.sandbox
+    import selfcorrect.tasks.code
+    from selfcorrect.prompt_version import prompt_version
+    from selfcorrect.strategies import get_strategy
+    from selfcorrect.tasks import load_task
+
+    task = load_task("humaneval")
+    strategy = get_strategy("exec-feedback")
+    here = prompt_version(strategy, task, task.items[:3])
+    for module in (selfcorrect.sandbox, selfcorrect.tasks.code):
+        monkeypatch.setattr(module, "__file__", "/elsewhere/" + Path(module.__file__).name)
+    assert prompt_version(strategy, task, task.items[:3]) == here
+    # ...while the feedback text it shows is part of it.
+    monkeypatch.setattr(selfcorrect.tasks.code, "_REPORT", "examples-report:")
+    assert prompt_version(strategy, task, task.items[:3]) != here
+    assert prompt_version(get_strategy("reask"), task, task.items[:3]) == prompt_version(
+        get_strategy("reask"), task, task.items[:3])
+
+
+def test_the_exact_estimators_answer_prefix_is_part_of_the_prompt_version(monkeypatch):
+    import selfcorrect.exact
+    from selfcorrect.prompt_version import prompt_version
+    from selfcorrect.strategies import get_strategy
+    from selfcorrect.tasks import load_task
+
+    task = load_task("arithmetic")
+    before = prompt_version(get_strategy("reask"), task, task.items[:3])
+    monkeypatch.setattr(selfcorrect.exact, "ANSWER_PREFIX", "My answer:")
+    assert prompt_version(get_strategy("reask"), task, task.items[:3]) != before

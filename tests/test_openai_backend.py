@@ -108,6 +108,7 @@ def test_a_run_against_a_real_server(direct_run, server):
     assert correction.messages[:2] == first.messages  # the correction continues the first conversation
 
 
+@pytest.mark.slow
 def test_faults_are_retried_and_the_run_ends_with_the_same_turns(server, direct_run, api_key, tmp_path):
     with FaultProxy(server, stall_s=TIMEOUT_S + 10) as proxy:
         # Two requests in flight: with more, queueing at the one-thread server could itself pass the timeout.

@@ -65,6 +65,7 @@ def ray_run(pool, tmp_path_factory):
     return evaluate(**RUN, backend=pool, db=tmp_path_factory.mktemp("ray") / "runs.sqlite")
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_run_on_ray_is_the_local_run_with_conversations_kept_on_one_actor(pool, ray_run, embedded, tmp_path):
     local = evaluate(**RUN, backend=embedded, db=tmp_path / "local.sqlite")
@@ -87,6 +88,7 @@ def test_run_on_ray_is_the_local_run_with_conversations_kept_on_one_actor(pool, 
     assert sum(c["requests"] for c in counters) >= 6 * 2
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_exact_estimator_scores_on_ray_as_locally(pool, embedded, shared_data, tmp_path):
     options = dict(task="mcq", data=shared_data / "commonsense_qa.jsonl", limit=1, estimator="exact", cache=False)
@@ -99,6 +101,7 @@ def test_exact_estimator_scores_on_ray_as_locally(pool, embedded, shared_data, t
         assert remote.probs == pytest.approx(here.probs, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_cli_on_ray_resumes_a_run_generating_only_the_lost_turns(cluster, ray_run, tmp_path):
     db = tmp_path / "runs.sqlite"
@@ -118,6 +121,7 @@ def test_cli_on_ray_resumes_a_run_generating_only_the_lost_turns(cluster, ray_ru
     assert rows(load_run(ray_run.run_id, db)) == rows(ray_run)
 
 
+@pytest.mark.slow
 def test_backend_error_inside_an_actor_arrives_as_itself(cluster, tmp_path):
     spec = f"openai:m@http://127.0.0.1:{closed_port()}/v1"
     pool = RayPool.start([spec])
@@ -135,6 +139,7 @@ def test_backend_error_inside_an_actor_arrives_as_itself(cluster, tmp_path):
         pool.close()
 
 
+@pytest.mark.slow
 def test_dead_actor_is_a_backend_error_naming_it_and_its_node(cluster):
     pool = RayPool.start([f"openai:m@http://127.0.0.1:{closed_port()}/v1"])
     ray.kill(pool.actors[0])
@@ -143,6 +148,7 @@ def test_dead_actor_is_a_backend_error_naming_it_and_its_node(cluster):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_model_failing_to_load_in_an_actor_is_one_line(cluster, tmp_path):
     missing = tmp_path / "missing.gguf"
     with pytest.raises(UserError, match=f"llamacpp:{missing}: no such file") as caught:
@@ -150,6 +156,7 @@ def test_model_failing_to_load_in_an_actor_is_one_line(cluster, tmp_path):
     assert type(caught.value) is UserError and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_servers_of_one_model_make_a_pool_named_by_all_of_them_and_different_models_are_refused(cluster):
     first, second = (f"openai:m@http://127.0.0.1:{port}/v1" for port in (closed_port(), closed_port() + 1))
     pool = RayPool.start([first, second])

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from selfcorrect import load_run
 
 from conftest import run_cli
@@ -50,6 +52,7 @@ def _as_rows(run):
     ]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     reference_db, killed_db = tmp_path / "reference.sqlite", tmp_path / "killed.sqlite"
     reference = run_cli(*ARGS, "--db", str(reference_db))

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -271,3 +272,33 @@ def test_a_program_with_lots_of_output_under_the_cap_passes():
     assert (result.passed, result.reason) == (True, "passed")
     assert len(result.stdout) == 90_000
 
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_program_does_not_outlive_a_parent_that_exits_at_once():
+    """Ctrl-C ends a run with os._exit while programs may still run in worker threads: they must go too."""
+    parent = subprocess.run([sys.executable, "-c", (
+        "import os, threading, time\n"
+        "from selfcorrect.sandbox import run_program\n"
+        "threading.Thread(target=run_program, args=('import time\\ntime.sleep(60)\\n',), kwargs={'timeout_s': 60},"
+        " daemon=True).start()\n"
+        "time.sleep(3)\n"
+        "mine = [p for p in os.listdir('/proc') if p.isdigit()"
+        " and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(os.getpid())]\n"
+        "print(' '.join(mine), flush=True)\n"
+        "os._exit(130)\n"
+    )], capture_output=True, text=True, timeout=60)
+    programs = [int(pid) for pid in parent.stdout.split()]
+    assert parent.returncode == 130 and programs, parent.stderr
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in programs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in programs)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 import tracemalloc
 
+import pytest
+
 from selfcorrect import evaluate
 
 from test_engine import ConcurrentScriptedBackend
@@ -40,6 +42,7 @@ def _peak_during_run(tmp_path, n_items: int) -> tuple[int, int]:
     return peak, stored
 
 
+@pytest.mark.slow
 def test_engine_memory_does_not_grow_with_the_run(tmp_path):
     small_peak, small_turns = _peak_during_run(tmp_path, 1_000)
     large_peak, large_turns = _peak_during_run(tmp_path, 10_000)

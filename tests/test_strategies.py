@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from selfcorrect import evaluate
 from selfcorrect.errors import UserError
 from selfcorrect.strategies import STRATEGIES, get_strategy
-from selfcorrect.strategies.builtin import judged_wrong
+from selfcorrect.strategies.builtin import judged_wrong, vote_key
+from selfcorrect.tasks import load_task
 
-from conftest import ScriptedBackend
+from conftest import ScriptedBackend, check_turns
 
 
 def _last_user(messages):
@@ -342,7 +344,7 @@ def test_in_context_examples_come_from_other_items(tmp_path):
     with pytest.raises(UserError, match="need at least 7 items"):
         evaluate(task="gsm8k", data=data, icl_confident=6, backend=backend, db=tmp_path / "s.sqlite")
     with pytest.raises(UserError, match="cannot be stated in one word"):
-        evaluate(task="math", data=pytest.importorskip("pathlib").Path(__file__).parent / "fixtures" / "math_problems.jsonl",
+        evaluate(task="math", data=Path(__file__).parent / "fixtures" / "math_problems.jsonl",
                  icl_critical=1, backend=backend, db=tmp_path / "s.sqlite")
     assert not (tmp_path / "s.sqlite").exists()
 
@@ -350,7 +352,9 @@ def test_in_context_examples_come_from_other_items(tmp_path):
 @pytest.mark.model
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_runs_on_the_embedded_model(tmp_path, embedded, strategy):
-    """Each strategy end to end on the real model: two items, every turn graded and stored, tokens counted."""
+    """Each strategy end to end on the real model: two items, every turn graded as the task grades its reply,
+    each correction continuing its conversation (or keeping the answer where the strategy stopped), tokens
+    counted."""
     # The execution-feedback strategies on HumanEval, whose first two prompts show docstring examples.
     needs_feedback = get_strategy(strategy).needs_execution_feedback
     task = "humaneval" if needs_feedback else "arithmetic"
@@ -362,9 +366,32 @@ def test_every_strategy_runs_on_the_embedded_model(tmp_path, embedded, strategy)
     corrections = [t for t in run.turns if t.round == 1]
     assert all(t.prompt_tokens > 0 for t in run.turns if t.round == 0)
     assert all(t.notes.get("stopped") or t.prompt_tokens > 0 for t in corrections)
+    check_turns(load_task(task), run)
+    assert report["acc"] == pytest.approx([sum(t.correct for t in run.turns if t.round == r) / 2 for r in (0, 1)])
     if needs_feedback:
         shown = [t.notes["execution_feedback"] for t in corrections]
         about = "Running your code gave:" if get_strategy(strategy).oracle else "docstring"
         assert all(about in text for text in shown), shown
     if strategy == "best-of-n":
         assert all(t.notes["scorer"] == "p_true" and all(0 <= s <= 1 for s in t.notes["scores"]) for t in corrections)
+    # Each strategy's own rule, on what the model really said.
+    first = {t.item_id: t for t in run.turns if t.round == 0}
+    for t in corrections:
+        if strategy == "best-of-n":  # the best scored of the previous reply and the fresh samples
+            candidates, scores = [first[t.item_id].response, *t.notes["candidates"]], t.notes["scores"]
+            assert t.response == candidates[max(range(len(scores)), key=scores.__getitem__)]
+        if strategy == "self-consistency":  # an answer with the most votes (the previous reply when none has any)
+            votes = t.notes["votes"]
+            assert votes[vote_key(t.answer)] == max(votes.values()) if votes else t.response == first[t.item_id].response
+        if strategy == "verify-then-revise":  # the verdict comes first; a "correct" one stops the round
+            assert t.notes["judged_wrong"] is judged_wrong(t.feedback[0])
+            assert bool(t.notes.get("stopped")) is (t.notes["judged_wrong"] is False)
+        if strategy == "self-refine":
+            assert bool(t.notes.get("stopped")) is ("no changes needed" in t.feedback[0].lower())
+        if strategy in ("reask", "oracle-stop") and not t.notes.get("stopped"):
+            assert _last_user(t.messages) == t.messages[0]["content"]  # the question, asked again
+        if strategy == "oracle-stop":
+            assert bool(t.notes.get("stopped")) is first[t.item_id].correct
+        if strategy == "critic":
+            assert t.notes["critique"] and _last_user(t.messages).startswith(
+                f"A reviewer commented on your answer:\n{t.notes['critique']}\n\nRevise your answer.")

@@ -26,7 +26,7 @@ from .prompt_version import prompt_version
 from .store import OptionScore, Store, Turn, default_db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
-from .tasks import Task, grader_version, load_task
+from .tasks import Task, defining_identity, grader_version, load_task
 
 
 @dataclass
@@ -237,8 +237,11 @@ def choose_estimator(
 
 
 def run_id_for(config: dict) -> str:
-    """Runs are identified by a hash of everything that defines them, so the same config resumes."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    """Runs are identified by a hash of everything that defines them, so the same config resumes. How the
+    task's grader was chosen (given or inferred from the data) is in the config but not in the hash: the same
+    grader grades the same replies alike, so `--grader number` resumes a run whose grader was inferred as number."""
+    defining = {**config, "task": defining_identity(config["task"])}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _check_numbers(rounds: int, samples: int, temperature: float, limit: int | None, max_tokens: int | None) -> None:
@@ -393,8 +396,10 @@ def evaluate(
                 )
         return _read_run(store, run_id, generated, cache_hits)
     finally:
-        store.close()
-        run_lock.release()
+        try:
+            store.close()
+        finally:
+            run_lock.release()
 
 
 def load_run(run_id: str, db: str | Path | None = None) -> Run:
@@ -407,7 +412,8 @@ def load_run(run_id: str, db: str | Path | None = None) -> Run:
 
 
 def regrade(
-    run_id: str, db: str | Path | None = None, grader_timeout: float = DEFAULT_TIMEOUT_S, all_turns: bool = False
+    run_id: str, db: str | Path | None = None, grader_timeout: float = DEFAULT_TIMEOUT_S, all_turns: bool = False,
+    task_spec: dict | None = None,
 ) -> dict:
     """Grade a stored run's replies again with today's graders; nothing is generated.
 
@@ -415,6 +421,8 @@ def regrade(
     graders (`grader_version()`) already graded are left alone unless `all_turns`; grades that timed out
     are always tried again. The new grades are written in one transaction once all are made, so an error
     or Ctrl-C leaves the store as it was. Returns a summary: turns regraded and skipped, verdicts changed.
+    A run stored before runs kept how their task was loaded needs `task_spec` ({"task", "data",
+    "options"}, as `evaluate` took them); the run's items must come out of it unchanged.
     """
     check_grader_timeout(grader_timeout)
     store = Store(_db_path(db), create=False)
@@ -427,7 +435,7 @@ def regrade(
         if config["estimator"] == "exact":
             return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
                                        "probabilities): nothing to regrade"}
-        task, items = _task_again(store, run_id, config)
+        task, items = _task_again(store, run_id, config, task_spec)
         turns = store.turns(run_id)
         due = [turn for turn in turns if all_turns or turn.grader_version != today or turn.extra.get("grader_timeout")]
         grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
@@ -458,19 +466,19 @@ def _grade_all(task: Task, replies: list[tuple], grader_timeout: float) -> list:
             threads.shutdown(cancel_futures=True)  # on Ctrl-C, start no other grade
 
 
-def _task_again(store: Store, run_id: str, config: dict) -> tuple[Task, dict]:
-    """The run's task loaded again as the run loaded it, and its items by id; a UserError when that is
-    impossible or the items are no longer the run's."""
-    spec = store.task_spec(run_id)
+def _task_again(store: Store, run_id: str, config: dict, given: dict | None) -> tuple[Task, dict]:
+    """The run's task loaded again as the run loaded it (or as `given` says, for runs that did not keep it),
+    and its items by id; a UserError when that is impossible or the items are no longer the run's."""
+    spec = store.task_spec(run_id) or given
     if spec is None:
-        raise UserError(f"run {run_id}: stored before runs kept how their task was loaded, so its task cannot "
-                        "be loaded again to regrade it")
+        raise UserError(f"run {run_id}: stored before runs kept how their task was loaded; give it as the run "
+                        "was made: --task, and --data, --task-opt, --field, --grader where the run had them")
     try:
         task = load_task(spec["task"], Path(spec["data"]) if spec["data"] is not None else None, spec["options"])
     except UserError as problem:
         raise UserError(f"run {run_id}: its task cannot be loaded again: {problem}") from None
-    # The data file may have moved (its path is in the identity), but everything else, its hash among it, must match.
-    had, has = config["task"], task.identity
+    # Everything but the data file's path must match: the items, options and the data's hash among it.
+    had, has = defining_identity(config["task"]), defining_identity(task.identity)
     changed = sorted(key for key in had.keys() | has.keys() if key != "data" and had.get(key) != has.get(key))
     if changed:
         if "data_sha256" in changed:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
+import math
 import os
+import sqlite3
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +28,7 @@ from .errors import UserError
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .html_report import render_html
 from .models import MODEL_SPECS, can_score_options, check_model_spec
-from .report import print_comparison, print_report
+from .report import grader_note, print_comparison, print_report, print_table
 from .store import Store, default_db_path
 from .strategies import all_strategies
 from .tasks import TASKS, load_task
@@ -34,10 +39,49 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+# Output that is not a terminal (a pipe, a file) is not wrapped at Rich's default of 80 columns: tables keep their
+# natural width, so a line of a table is a row (COLUMNS, when set, still sets the width). Tables never cut an id or
+# a figure at any width (`print_table`).
+WIDTH_WHEN_NOT_A_TERMINAL = 100_000
+
+
+def _stdout_console() -> Console:
+    console = Console()
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console
+    return Console(width=WIDTH_WHEN_NOT_A_TERMINAL)
+
+
+out = _stdout_console()
 err = Console(stderr=True)
 
 DB_HELP = f"run store (SQLite); default $SELFCORRECT_DB or {default_db_path()}"
+
+
+def installed_version() -> str:
+    """The version of the installed distribution, else (a source tree not installed) the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfcorrect")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"selfcorrect {installed_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+):
+    pass
 
 
 def user_errors(command: Callable) -> Callable:
@@ -87,6 +131,128 @@ GRADER_TIMEOUT_HELP = (
 )
 
 
+PROGRESS_ENV = "SELFCORRECT_PROGRESS_SECONDS"
+DEFAULT_PROGRESS_SECONDS = 10.0
+
+
+def progress_seconds() -> float:
+    """Seconds between progress lines when standard error is not a terminal: $SELFCORRECT_PROGRESS_SECONDS, else
+    10; 0 turns the lines off."""
+    raw = os.environ.get(PROGRESS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROGRESS_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UserError(f"{PROGRESS_ENV}={raw}: expected the seconds between progress lines, e.g. 10 (0 turns them off)")
+    return seconds
+
+
+def _duration(seconds: float) -> str:
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    minutes, whole = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {whole:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class ProgressLines:
+    """Progress as plain lines for a standard error that is not a terminal (a pipe, a log file, CI), where Rich's
+    bar shows nothing until the end: every `every` seconds while the run goes on (whether or not a turn finished
+    meanwhile) a line with the count, the share, the time so far and an estimate of the time left, and a last line
+    when it ends. The first of them is preceded by one naming the run, its size and what was stored before. A run
+    that ends within `every` seconds prints none, so a quick failure stays the one line of its error."""
+
+    def __init__(self, console: Console, every: float, unit_of: Callable[[str], str]):
+        self.console, self.every, self.unit_of = console, every, unit_of
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.run_id, self.unit, self.total, self.done, self.before, self.started = "", "turns", 0, 0, 0, 0.0
+        self.printed = False
+
+    def start(self, run_id: str, total: int, done: int) -> None:
+        with self.lock:
+            self.run_id, self.unit, self.total, self.done, self.before = run_id, self.unit_of(run_id), total, done, done
+            self.started = time.monotonic()
+        if self.every > 0:
+            self.thread = threading.Thread(target=self._every, name="progress-lines", daemon=True)
+            self.thread.start()
+
+    def advance(self) -> None:
+        with self.lock:
+            self.done += 1
+
+    def _every(self) -> None:
+        while not self.stopped.wait(self.every):
+            self._line()
+
+    def _line(self, last: bool = False) -> None:
+        with self.lock:
+            done, total, elapsed = self.done, self.total, time.monotonic() - self.started
+            lines = []
+            if not self.printed:
+                lines.append(f"run {self.run_id} started: {total} {self.unit}, {self.before} already stored")
+            share = f" ({100 * done // total}%)" if total else ""
+            made = done - self.before
+            if last:
+                left = "done"
+            elif made and total > done:
+                left = f"about {_duration(elapsed / made * (total - done))} left"
+            else:
+                left = "time left not known yet" if total > done else "finishing"
+            lines.append(f"run {self.run_id}: {done}/{total} {self.unit}{share}, {_duration(elapsed)}, {left}")
+            for line in lines:
+                self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.printed = True
+
+    def __enter__(self) -> "ProgressLines":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+            if kind is None and self.printed:
+                self._line(last=True)
+
+
+def _unit(run_id: str, db: Optional[Path]) -> str:
+    """What a run's progress counts: "scoring passes" for the exact estimator, else "turns" (read from the stored
+    config, read-only, as the run is going on)."""
+    path = Path(db).expanduser() if db is not None else default_db_path()
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as store:
+            config = json.loads(store.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0])
+        return "scoring passes" if config["estimator"] == "exact" else "turns"
+    except (sqlite3.Error, TypeError, KeyError, ValueError):
+        return "turns"
+
+
+@contextlib.contextmanager
+def _progress(db: Optional[Path], every: float):
+    """(on_start, on_turn) for `evaluate`: Rich's bar on a terminal, else `ProgressLines`."""
+    if err.is_terminal:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=err, transient=True,
+        ) as progress:
+            bar = progress.add_task("loading", total=None)
+
+            def on_start(run_id: str, total: int, done: int) -> None:
+                progress.update(bar, description=f"run {run_id}", total=total, completed=done)
+
+            yield on_start, lambda: progress.advance(bar)
+        return
+    with ProgressLines(err, every, lambda run_id: _unit(run_id, db)) as lines:
+        yield lines.start, lines.advance
+
+
 @app.command()
 @user_errors
 def run(
@@ -133,7 +299,11 @@ def run(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
-    """Run (or resume) a self-correction run and print its report."""
+    """Run (or resume) a self-correction run and print its report.
+
+    Off a terminal, progress lines go to stderr every 10 s; SELFCORRECT_PROGRESS_SECONDS sets the interval (0: none).
+    """
+    every = progress_seconds()
     if match_budget is not None:
         if budget is not None:
             raise UserError("--budget and --match-budget: give one of them")
@@ -142,15 +312,7 @@ def run(
         raise UserError("--ray-actors and --ray-model: only with --ray ADDRESS (local, auto or a cluster address)")
     if ray_model and model != "embedded":
         raise UserError("--model and --ray-model: give one of them (the --ray-model specs name the model)")
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, transient=True,
-    ) as progress:
-        bar = progress.add_task("loading", total=None)
-
-        def on_start(run_id: str, total: int, done: int) -> None:
-            progress.update(bar, description=f"run {run_id}", total=total, completed=done)
-
+    with _progress(db, every) as (on_start, on_turn):
         backend = None
         if ray is not None:
             from .models.ray_pool import ray_backend
@@ -161,7 +323,7 @@ def run(
             task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
             estimator=estimator, cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
-            icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=lambda: progress.advance(bar),
+            icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=on_turn,
             backend=backend, grader_timeout=grader_timeout,
         )
     report = result.report()
@@ -173,7 +335,8 @@ def run(
         f"\nstored in {result.db_path} as run {result.run_id} ({result.generated} "
         f"{'scoring passes' if result.estimator == 'exact' else 'turns'} generated now, "
         f"{result.cache_hits} from the response cache). "
-        f"See it again: selfcorrect report {result.run_id}"
+        f"See it again: selfcorrect report {result.run_id}",
+        soft_wrap=True,
     )
 
 
@@ -213,11 +376,12 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="print the comparison as one JSON object"),
 ):
     """Compare runs on their common items: accuracy, CL, CS, RSS, cost, and paired tests."""
-    result = compare_runs([load_run(run_id, db) for run_id in run_ids])
+    runs = [load_run(run_id, db) for run_id in run_ids]
+    result = compare_runs(runs)
     if as_json:
         print(json.dumps(result))
     else:
-        print_comparison(result, out)
+        print_comparison(result, out, {run.run_id: grader_note(run.config) for run in runs})
 
 
 @app.command("clear-cache")
@@ -255,7 +419,7 @@ def runs(
             row["run_id"], row["created_at"], config["task"]["task"], config["model"], config["strategy"],
             str(config["rounds"]), str(config["samples"]), str(row["n_items"]), str(row["n_turns"]),
         )
-    out.print(table)
+    print_table(out, table, text=("task", "model", "strategy"))
 
 
 @app.command()
@@ -289,7 +453,7 @@ def tasks(
             row["task"], "from --data" if row["items"] is None else str(row["items"]), row["grader"], row["answer"],
             "yes" if row["exact_estimator"] else "no",
         )
-    out.print(table)
+    print_table(out, table, text=("answer format",))
     for row in rows:
         out.print(f"[bold]{row['task']}[/bold]: {row['description']}", highlight=False)
 
@@ -336,11 +500,22 @@ def regrade(
     grader_timeout: float = typer.Option(
         DEFAULT_TIMEOUT_S, "--grader-timeout", metavar="SECONDS", help=GRADER_TIMEOUT_HELP
     ),
+    task: Optional[str] = typer.Option(
+        None, help="only for runs stored before runs kept how their task was loaded: the run's --task"
+    ),
+    data: Optional[Path] = typer.Option(None, help="with --task: the run's --data"),
+    task_opt: list[str] = typer.Option([], "--task-opt", help="with --task: the run's --task-opt (repeatable)"),
+    field: list[str] = typer.Option([], "--field", help="with --task: the run's --field"),
+    grader: Optional[str] = typer.Option(None, help="with --task: the run's --grader"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ):
     """Grade a stored run's replies again with today's graders (nothing is generated)."""
-    summary = regrade_run(run_id, db, grader_timeout, all_turns)
+    if task is None and (data is not None or task_opt or field or grader is not None):
+        raise UserError("--data, --task-opt, --field and --grader: only with --task (for a run stored before runs "
+                        "kept how their task was loaded)")
+    given = None if task is None else {"task": task, "data": data, "options": parse_task_options(task_opt, field, grader)}
+    summary = regrade_run(run_id, db, grader_timeout, all_turns, given)
     if as_json:
         print(json.dumps(summary))
         return
@@ -366,7 +541,7 @@ def strategies():
     table.add_column("what the model is told after its answer")
     for name, strategy in sorted(all_strategies().items()):
         table.add_row(name, strategy.description)
-    out.print(table)
+    print_table(out, table, text=("what the model is told after its answer",))
 
 
 @app.command()
@@ -377,7 +552,7 @@ def models():
     table.add_column("what it runs")
     for spec, description in MODEL_SPECS.items():
         table.add_row(spec, description)
-    out.print(table)
+    print_table(out, table, text=("what it runs",))
 
 
 EXPORT_FORMATS = ("jsonl", "json", "csv")

@@ -24,7 +24,6 @@ parent, and they print nothing: their standard streams are /dev/null.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import pickle
@@ -40,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Callable
 
+from .sandbox import die_with_parent
 from .tasks import Grade, Item
 from .tasks.code import grade_code_with_tests, grade_humaneval
 
@@ -49,7 +49,6 @@ TIMEOUT_REASON = "grader timeout"
 SANDBOXED = (grade_humaneval, grade_code_with_tests)
 # A child imports selfcorrect (numpy and scipy among it) before it is ready; that is not the grade's time.
 _START_TIMEOUT_S = 120.0
-_PR_SET_PDEATHSIG = 1
 
 Grader = Callable[[Item, str], Grade]
 
@@ -241,8 +240,12 @@ def _warn_in_thread(grader: Grader, problem: str) -> None:
 
 def serve() -> None:
     """A grading child: grade what the parent sends until it closes its end of the socket."""
-    _die_with_parent(int(sys.argv[2]))
+    die_with_parent(int(sys.argv[2]))
     connection = Connection(int(sys.argv[1]))
+    # The maths grader's libraries (sympy among them) take a second to import: before the first grade's
+    # clock starts, not inside it.
+    import math_verify  # noqa: F401
+
     connection.send("ready")
     while True:
         try:
@@ -262,14 +265,3 @@ def serve() -> None:
             connection.send(outcome)
         except Exception as error:  # a verdict or an error that does not pickle
             connection.send(("raised", RuntimeError(f"grader {grader!r}: {error}"), traceback.format_exc()))
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel kill this process when the parent's thread that started it ends (Linux only; elsewhere
-    an idle child still ends when the parent's socket closes, but not one stuck in a grade)."""
-    try:
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before the line above
-        os._exit(0)

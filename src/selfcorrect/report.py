@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.measure import Measurement
+from rich.segment import Segments
 from rich.table import Table
+
+from .tasks import TASKS
 
 
 METRIC_LABELS = (
@@ -22,12 +26,111 @@ ESTIMATOR_NOTES = {
 }
 
 
+# A free-text column (a description, a model spec) may be narrowed to this many characters, folding longer words.
+TEXT_FLOOR = 16
+
+
+def _widths(floors: list[int], wants: list[int], room: int) -> list[int]:
+    """Column widths between each column's floor and its natural width that fill `room` where they can: every
+    column starts at its floor and the narrowest are widened first, up to one level (water-filling)."""
+    if sum(wants) <= room:
+        return wants
+    if sum(floors) >= room:
+        return floors
+    level = max(level for level in range(max(wants) + 1)
+                if sum(max(f, min(w, level)) for f, w in zip(floors, wants)) <= room)
+    widths = [max(f, min(w, level)) for f, w in zip(floors, wants)]
+    spare = room - sum(widths)
+    for index, (width, want) in enumerate(zip(widths, wants)):
+        if spare and width < want:
+            widths[index] += 1
+            spare -= 1
+    return widths
+
+
+def print_table(console: Console, table: Table, text: tuple[str, ...] = ()) -> None:
+    """Print `table` without cutting an id or a figure, however narrow the console (COLUMNS=40, a pipe).
+
+    Every column keeps its words whole (a run id, a figure, a header word) and wraps only at spaces (an interval
+    "[0.1, 0.2]" may take two lines); the free-text columns named in `text` may also fold a long word. Columns are
+    narrowed towards those floors only as far as the console needs; when even the floors do not fit, the table
+    is printed wider than the console (a terminal wraps the long lines) rather than cut."""
+    wide = console.options.update_width(10**6)
+    _, right, _, left = table.padding
+    floors, wants = [], []
+    for column in table.columns:
+        sizes = [Measurement.get(console, wide, cell) for cell in (column.header, *column.cells)]
+        longest_word, longest_line = max(m.minimum for m in sizes), max(m.maximum for m in sizes)
+        header_word = sizes[0].minimum
+        free = column.header in text
+        floors.append(max(header_word, min(longest_word, TEXT_FLOOR)) if free else longest_word)
+        wants.append(longest_line)
+    extra = (left + right) * len(table.columns) + (
+        (2 if table.show_edge else 0) + len(table.columns) - 1 if table.box else 0)
+    widths = _widths(floors, wants, console.width - extra)
+    for column, width in zip(table.columns, widths):
+        column.width, column.no_wrap, column.overflow = width, False, "fold"
+    if sum(widths) + extra <= console.width:
+        console.print(table)
+    else:  # rendered at its own width, not cropped to the console's
+        console.print(Segments(console.render(table, console.options.update_width(sum(widths) + extra))),
+                      crop=False, end="")
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _interval(ci: list[float] | None) -> str:
     return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def grader_note(config: dict) -> str:
+    """Which grader gave a run's verdicts: the custom task's (given, or inferred from the data), else the task's
+    own from the registry; the exact estimator grades no reply."""
+    if config["estimator"] == "exact":
+        return "none: the exact estimator scores option labels (their probabilities), no reply is graded"
+    identity = config["task"]
+    entry = TASKS.get(identity["task"])
+    name = identity.get("grader") or (entry.grader if entry is not None and not entry.grader.startswith("-") else None)
+    if name is None:
+        return f"unknown (task '{identity['task']}' is not registered here and the run did not record its grader)"
+    return f"{name} (inferred; pass --grader to choose)" if identity.get("grader_inferred") else name
+
+
+def _step_reasons(values: dict, acc1: float | None, before: str) -> dict[str, str]:
+    """Why the metrics of one step that are n/a are undefined (name -> reason); `before` names the answers the
+    step starts from ("first answers", "answers after correction 1")."""
+    reasons = {}
+    if values.get("cl") is None:
+        reasons["cl"] = f"none of the {before} was right, so there was no right answer to keep"
+    if values.get("cs") is None:
+        reasons["cs"] = f"all of the {before} were right, so there was no wrong answer to fix"
+    if values.get("rss") is None and acc1 is not None:
+        reasons["rss"] = f"the accuracy of the {before} is {acc1:g}; RSS is defined only strictly between 0 and 1"
+    if "acc_inf" in values and values["acc_inf"] is None:
+        reasons["acc_inf"] = ("it needs both CL and CS" if values.get("cl") is None or values.get("cs") is None
+                              else "CL is 1 and CS is 0: correction changes no answer, so accuracy stays wherever it starts")
+    return reasons
+
+
+MCNEMAR_EXACT = "the exact estimator gives probabilities, not right/wrong outcomes to count"
+
+
+def _print_footnotes(console: Console, notes: dict[tuple[str, str], list[str]]) -> None:
+    """One line per reason a cell says n/a: (label, reason) -> the rows it applies to."""
+    for (label, reason), rows in notes.items():
+        where = f" ({', '.join(rows)})" if rows and rows[0] else ""
+        console.print(f"n/a  {label}{where}: {reason}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _note(notes: dict, label: str, reason: str, row: str = "") -> None:
+    rows = notes.setdefault((label, reason), [])
+    if row not in rows:
+        rows.append(row)
+
+
+SHORT_LABELS = {"cl": "CL", "cs": "CS", "rss": "RSS", "acc_inf": "Acc_inf"}
 
 
 def _provenance_warnings(report: dict) -> list[str]:
@@ -78,10 +181,13 @@ def print_report(report: dict, console: Console) -> None:
     task = config["task"]["task"]
     console.print(
         f"[bold]run {report['run_id']}[/bold]  {task} · {config['model']} · {config['strategy']} · "
-        f"{config['rounds']} round(s) · {config['samples']} sample(s) · T={config['temperature']} · seed {config['seed']}"
+        f"{config['rounds']} round(s) · {config['samples']} sample(s) · T={config['temperature']} · seed {config['seed']}",
+        soft_wrap=True,
     )
-    console.print(f"items: {report['n_items']} complete of {report['n_items_total']}   store: {report['db']}")
-    console.print(f"estimator: {ESTIMATOR_NOTES[report['estimator']]}")
+    console.print(f"items: {report['n_items']} complete of {report['n_items_total']}   store: {report['db']}",
+                  soft_wrap=True)
+    console.print(f"estimator: {ESTIMATOR_NOTES[report['estimator']]}", soft_wrap=True)
+    console.print(f"grader: {grader_note(config)}", highlight=False, soft_wrap=True, markup=False)
     for warning in _provenance_warnings(report):
         console.print(f"[yellow]{warning}[/yellow]", highlight=False)
     _print_grading(report, console)
@@ -98,7 +204,7 @@ def print_report(report: dict, console: Console) -> None:
     rounds.add_column("95% CI", justify="right")
     for t, (acc, ci) in enumerate(zip(report["acc"], report["acc_ci"])):
         rounds.add_row("first answer" if t == 0 else f"correction {t}", _num(acc), _interval(ci))
-    console.print(rounds)
+    print_table(console, rounds)
 
     if report["pairs"]:
         headline = Table(title=f"Last correction (round {report['pairs'][-1]['from']} -> {report['pairs'][-1]['to']})")
@@ -107,7 +213,13 @@ def print_report(report: dict, console: Console) -> None:
         headline.add_column("95% CI", justify="right")
         for name, label in METRIC_LABELS:
             headline.add_row(label, _num(report[name]), _interval(report["ci"].get(name)))
-        console.print(headline)
+        print_table(console, headline)
+        last = report["pairs"][-1]
+        before = "first answers" if last["from"] == 0 else f"answers after correction {last['from']}"
+        notes: dict = {}
+        for name, reason in _step_reasons(report, last.get("acc1"), before).items():
+            _note(notes, SHORT_LABELS[name], reason)
+        _print_footnotes(console, notes)
 
         steps = Table(title="Every round pair: shares of samples by transition")
         for column in ("step", "CL", "CS", "RSS", "c->c", "c->w", "w->c", "w->w", "McNemar p"):
@@ -118,18 +230,34 @@ def print_report(report: dict, console: Console) -> None:
                 f"{pair['from']}->{pair['to']}", _num(pair["cl"]), _num(pair["cs"]), _num(pair["rss"]),
                 *(_num(shares[k]) for k in ("c->c", "c->w", "w->c", "w->w")), _num(pair["mcnemar_p"], 4),
             )
-        console.print(steps)
+        print_table(console, steps)
+        notes = {}
+        for pair in report["pairs"]:
+            step = f"{pair['from']}->{pair['to']}"
+            reasons = _step_reasons({k: pair[k] for k in ("cl", "cs", "rss")}, pair.get("acc1"), "answers before the step")
+            for name, reason in reasons.items() if len(report["pairs"]) > 1 else ():  # one step: said above
+                _note(notes, SHORT_LABELS[name], reason, step)
+            if pair["mcnemar_p"] is None:
+                _note(notes, "McNemar p", MCNEMAR_EXACT if report["estimator"] == "exact" else "no right/wrong outcomes to pair", step)
+        _print_footnotes(console, notes)
     tokens = report["tokens"]
     console.print(
         f"cost: {tokens['prompt']} prompt + {tokens['completion']} completion tokens "
         f"({tokens['per_item']:.0f} per item), {tokens['seconds_per_item']:.2f} s of turn latency per item "
-        "(summed over its turns; conversations run concurrently, so this exceeds wall time)"
+        "(summed over its turns; conversations run concurrently, so this exceeds wall time)",
+        soft_wrap=True,
     )
     if report["verifier"]:
         verifier = report["verifier"]
+        precision, recall = _num(verifier["precision_wrong"]), _num(verifier["recall_wrong"])
+        if verifier["precision_wrong"] is None:
+            precision += " (it judged no answer wrong)"
+        if verifier["recall_wrong"] is None:
+            recall += " (no answer it judged was wrong)"
         console.print(
             f"the model's own verdicts on its answers ({verifier['verdicts']}): accuracy {_num(verifier['accuracy'])}, "
-            f"precision of 'wrong' {_num(verifier['precision_wrong'])}, recall of 'wrong' {_num(verifier['recall_wrong'])}"
+            f"precision of 'wrong' {precision}, recall of 'wrong' {recall}",
+            soft_wrap=True,
         )
 
 
@@ -143,29 +271,53 @@ def _run_labels(rows: list[dict]) -> dict[str, str]:
     }
 
 
-def print_comparison(comparison: dict, console: Console) -> None:
+def print_comparison(comparison: dict, console: Console, graders: dict[str, str] | None = None) -> None:
+    """The comparison table, a line per run naming its full id and its grader (`graders`: run id -> what
+    `grader_note` says of it), the pairs table, and why any cell says n/a."""
     rows = comparison["runs"]
     labels = _run_labels(rows)
+    graders = graders or {}
     left_out = sum(comparison["left_out"].values())
     estimators = sorted({row["estimator"] for row in rows})
+    named = {graders.get(row["run_id"], "unknown") for row in rows}
     console.print(f"[bold]{len(rows)} runs on {comparison['n_items']} common items[/bold], estimator: {', '.join(estimators)}"
-                  + (f" ({left_out} item results outside the common set left out)" if left_out else ""))
+                  + (f", grader: {named.pop()}" if len(named) == 1 else ", graders differ (see each run below)")
+                  + (f" ({left_out} item results outside the common set left out)" if left_out else ""),
+                  highlight=False, soft_wrap=True)
     table = Table(title="First answer to final answer (95% bootstrap intervals over the common items)")
     for column in ("run", "final acc", "95% CI", "change", "CL", "CS", "RSS", "tok/item", "acc/1k tok"):
-        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+        table.add_column(column, justify="left" if column == "run" else "right")
+    notes: dict = {}
     for row in rows:
+        label = labels[row["run_id"]]
         table.add_row(
-            labels[row["run_id"]], _num(row["acc_final"]), _interval(row["acc_final_ci"]), _num(row["delta"]),
+            label, _num(row["acc_final"]), _interval(row["acc_final_ci"]), _num(row["delta"]),
             _num(row["cl"]), _num(row["cs"]), _num(row["rss"]),
             "n/a" if row["tokens_per_item"] is None else f"{row['tokens_per_item']:.0f}", _num(row["acc_per_1k_tokens"]),
         )
-    console.print(table)
+        for name, reason in _step_reasons(row, row["acc_first"], "first answers").items():
+            _note(notes, SHORT_LABELS[name], reason, label)
+        if row["tokens_per_item"] is None:
+            _note(notes, "tok/item, acc/1k tok", "the exact estimator generates no replies, so it counts no tokens"
+                  if row["estimator"] == "exact" else "the run counted no tokens", label)
+    print_table(console, table)
+    for row in rows:
+        console.print(f"{labels[row['run_id']]}: run {row['run_id']}, grader: {graders.get(row['run_id'], 'unknown')}",
+                      highlight=False, soft_wrap=True, markup=False)
     if any(row["upper_bound"] for row in rows):
         console.print("[red]* UPPER BOUND: reads the gold answer; not a method[/red]")
+    _print_footnotes(console, notes)
     pairs = Table(title="Pairs: final accuracy of b minus a, paired over items")
     for column in ("a", "b", "difference", "95% CI", "McNemar p"):
-        pairs.add_column(column, justify="left" if column in ("a", "b") else "right", no_wrap=True)
+        pairs.add_column(column, justify="left" if column in ("a", "b") else "right")
+    estimator = {row["run_id"]: row["estimator"] for row in rows}
+    notes = {}
     for pair in comparison["pairs"]:
         pairs.add_row(labels[pair["a"]], labels[pair["b"]], _num(pair["diff"]), _interval(pair["diff_ci"]),
                       _num(pair["mcnemar_p"], 4))
-    console.print(pairs)
+        if pair["mcnemar_p"] is None:
+            _note(notes, "McNemar p", MCNEMAR_EXACT if "exact" in (estimator[pair["a"]], estimator[pair["b"]]) else
+                  "with several samples per item there is no single right/wrong outcome per item to pair",
+                  f"{labels[pair['a']]} vs {labels[pair['b']]}")
+    print_table(console, pairs)
+    _print_footnotes(console, notes)

@@ -29,6 +29,7 @@ Linux only. What is enforced, and by whom:
 from __future__ import annotations
 
 import builtins
+import ctypes
 import io
 import linecache
 import os
@@ -115,7 +116,8 @@ def run_program(
             process = subprocess.Popen(
                 [sys.executable, "-I", os.path.abspath(__file__), str(status_write), *map(str, limits)],
                 cwd=workdir,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir},
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
+                     "SELFCORRECT_PARENT_PID": str(os.getpid())},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -276,6 +278,8 @@ def _child_main(argv: list[str]) -> int:
     status_fd = int(argv[0])
     memory_bytes, cpu_s, file_bytes, processes = map(int, argv[1:])
     nonce = sys.stdin.readline().strip()
+    # A program must not outlive selfcorrect: a run that ends at once on Ctrl-C leaves its last programs.
+    die_with_parent(int(os.environ.pop("SELFCORRECT_PARENT_PID")))
     _isolate_network()
     _install_guard(os.path.realpath(os.getcwd()))
     _set_limits(memory_bytes, cpu_s, file_bytes, processes)
@@ -298,6 +302,20 @@ def _child_main(argv: list[str]) -> int:
         return 1
     os.write(status_fd, f"{nonce} passed\n".encode())
     return 0
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when the parent thread that started it ends, or the parent with it
+    (Linux only: elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(0)
 
 
 def _isolate_network() -> None:

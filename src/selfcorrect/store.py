@@ -210,8 +210,12 @@ class Store:
             present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             for column in columns:
                 if column.split()[0] not in present:
-                    with self.db:
-                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                    try:
+                        with self.db:
+                            self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                    except sqlite3.OperationalError as err:  # another process added it since we looked
+                        if "duplicate column" not in str(err):
+                            raise
 
     @_locked
     def close(self) -> None:

@@ -3,8 +3,8 @@
 A run id and the response cache key include the backend's identity, so it must change whenever the replies
 could. A file name and size do not: a checkpoint trained again and saved over the old one keeps both. So a
 local model file is named by a hash of its bytes. Hashing a model of several GB takes a while, so the hash is
-kept in a small cache file keyed by the file's path, size and modification time, and computed again only
-when one of them changes.
+kept in a small cache file keyed by the file's path, size, modification and change times and inode, and
+computed again only when one of them changes. Data files are named the same way (tasks/base.py).
 
 The same GGUF also answers differently on different llama.cpp builds and CPUs (on one Intel machine the same
 greedy workload gave 10,319 completion tokens with an AVX2 build and 10,788 with an AVX-512 one), so a
@@ -29,9 +29,10 @@ def hash_cache_path() -> Path:
 
 
 def file_digest(path: Path) -> str:
-    """The first 16 hex digits of the SHA-256 of the file's bytes, cached by path, size and mtime."""
+    """The first 16 hex digits of the SHA-256 of the file's bytes, cached by path, size, mtime, inode and
+    ctime (a copy that keeps the mtime, as `cp -p` and rsync do, still gets a new inode or ctime)."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
     cache_file = hash_cache_path()
     try:
         known = json.loads(cache_file.read_text())

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import arithmetic, code, custom, gsm8k, math_problems, mcq  # noqa: F401 - importing registers the tasks
-from .base import TASKS, Grade, Item, Task, register_task
+from .base import TASKS, Grade, Item, Task, defining_identity, register_task
 from .grading import grader_version
 
-__all__ = ["TASKS", "Grade", "Item", "Task", "grader_version", "load_task", "register_task"]
+__all__ = ["TASKS", "Grade", "Item", "Task", "defining_identity", "grader_version", "load_task", "register_task"]
 
 
 def load_task(name: str, data: Path | None = None, options: dict[str, str] | None = None) -> Task:

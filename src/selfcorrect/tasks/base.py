@@ -7,13 +7,13 @@ the user's `--data` path (or None) and `--task-opt KEY=VALUE` options and return
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..errors import UserError
+from ..models.identity import file_digest
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,16 @@ class Task:
 
     def prompt(self, item: Item) -> str:
         return f"{item.question}\n{self.instruction(item)}"
+
+
+# Keys of a task's identity that say how it was set up but change no item and no grade (a grader inferred from the
+# data rather than given grades as the same grader given): kept in a run's config, left out of its id.
+NOT_DEFINING = frozenset({"grader_inferred"})
+
+
+def defining_identity(identity: dict) -> dict:
+    """A task's identity without the keys in NOT_DEFINING."""
+    return {key: value for key, value in identity.items() if key not in NOT_DEFINING}
 
 
 TaskFactory = Callable[[Path | None, dict[str, str]], Task]
@@ -199,9 +209,9 @@ def require_field(path: Path, line: int, record: dict, name: str, kind: type | t
 
 
 def file_identity(path: Path) -> dict:
-    """Where the data came from and a hash of its bytes, so an edited file makes a different run."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return {"data": str(path.resolve()), "data_sha256": digest}
+    """Where the data came from and a hash of its bytes, so an edited file makes a different run (the
+    hash is cached as a model file's is: see models/identity.py)."""
+    return {"data": str(path.resolve()), "data_sha256": file_digest(path)}
 
 
 def require_items(items: list[Item], source: str) -> list[Item]:

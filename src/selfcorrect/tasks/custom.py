@@ -1,5 +1,5 @@
 """Your own data: a JSONL, CSV or Parquet file (or a Hugging Face dataset id) with a field mapping and
-a grader chosen by name.
+a grader chosen by name, or inferred from the data when none is named (`infer_grader`).
 
     selfcorrect run --task custom --data quiz.csv --field question=q,answer=a --grader number
     selfcorrect run --task custom --data hf:allenai/ai2_arc:ARC-Easy@test \\
@@ -81,7 +81,39 @@ def _choice_target(answer, choices: tuple[str, ...], where: str) -> str:
     raise UserError(f"{where}: answer {text!r} is not an option index, letter or option text")
 
 
-def _item(number: int, record: dict, fields: dict[str, str], grader: str, source: str) -> Item:
+# A LaTeX-ish answer: a command (\\frac, \\sqrt, \\pi ...), a power, a subscript, $...$, or a bare fraction 3/4.
+_MATH_MARK = re.compile(r"\\[A-Za-z]+|\^|_\{|\$[^$]+\$|^\s*-?\d+\s*/\s*\d+\s*$")
+
+
+def _is_number(answer) -> bool:
+    """A plain number such as 8, -3.5, 1,000, $5 or 40% (not nan, inf or 1e5, which float() also reads)."""
+    text = str(answer).strip()
+    return bool(re.search(r"\d", text)) and not re.search(r"[A-Za-z]", text) and canonical_number(text) is not None
+
+
+def infer_grader(records: list[dict], fields: dict[str, str], choices_mapped: bool) -> str:
+    """The grader for data given without --grader, from all its records (not only the first --limit):
+    `choice` when choices are mapped with --field or any record has a value in the `choices` column; else
+    `number` when every answer is a number; else `math` when every answer is a number or LaTeX-ish (\\frac,
+    \\sqrt, ^, $ ...) and some are LaTeX-ish; else `exact`. Never `code`: running model-written code is asked for."""
+    if choices_mapped or any(str(_value(record, fields["choices"]) or "").strip() for record in records):
+        return "choice"
+    answers = [answer for answer in (_value(record, fields["answer"]) for record in records)
+               if answer is not None and str(answer).strip() != ""]
+    if not answers:
+        return "exact"  # nothing to infer from; the items' own checks name what is missing
+    if all(_is_number(answer) for answer in answers):
+        return "number"
+    if all(_is_number(answer) or _MATH_MARK.search(str(answer)) for answer in answers):
+        return "math"
+    return "exact"
+
+
+def _named(grader: str, inferred: bool) -> str:
+    return f"the {grader} grader (inferred from the data; --grader chooses another)" if inferred else f"--grader {grader}"
+
+
+def _item(number: int, record: dict, fields: dict[str, str], grader: str, source: str, inferred: bool = False) -> Item:
     where = f"{source}:{number}"
     question, answer = _value(record, fields["question"]), _value(record, fields["answer"])
     for name, value in (("question", question), ("answer", answer)):
@@ -92,14 +124,14 @@ def _item(number: int, record: dict, fields: dict[str, str], grader: str, source
     if grader == "choice":
         raw = _value(record, fields["choices"])
         if raw is None:
-            raise UserError(f"{where}: --grader choice needs options; map them with --field choices=COLUMN")
+            raise UserError(f"{where}: {_named(grader, inferred)} needs options; map them with --field choices=COLUMN")
         choices = _choices(raw, where, fields["choices"])
         target = _choice_target(answer, choices, where)
         return Item(item_id, f"{question}\n{format_options(choices)}", target, choices)
     if grader == "number":
         target = canonical_number(str(answer))
         if target is None:
-            raise UserError(f"{where}: answer {answer!r} is not a number, which --grader number needs")
+            raise UserError(f"{where}: answer {answer!r} is not a number, which {_named(grader, inferred)} needs")
         return Item(item_id, str(question), target)
     if grader == "code":
         return Item(item_id, str(question), _code_target(answer, where, fields["answer"]))
@@ -110,6 +142,12 @@ def _code_target(answer, where: str, column: str) -> str:
     """The tests of a --grader code item: the test code, or a JSON object {"setup": CODE, "tests": CODE} (as text
     starting with "{", or the object itself in JSONL and Parquet), checked here so a bad one fails before the run."""
     shape = 'a JSON object {"setup": CODE, "tests": CODE} ("setup" optional), or the test code itself'
+    if isinstance(answer, list):  # MBPP's test_list: one assert per entry
+        if not answer or not all(isinstance(test, str) for test in answer):
+            raise UserError(f"{where}: field '{column}' (the tests) is a list: it must hold test code strings")
+        return "\n".join(answer)
+    if not isinstance(answer, (str, dict)):  # a number's text would run as a statement that asserts nothing
+        raise UserError(f"{where}: field '{column}' (the tests) is a {type(answer).__name__}; give {shape}")
     if isinstance(answer, dict):
         spec, text = answer, None
     else:
@@ -167,8 +205,8 @@ def _grader(name: str):
 )
 def custom(data: Path | None, options: dict[str, str]) -> Task:
     reject_unknown_options("custom", options, {"fields", "grader"})
-    grader = options.get("grader", "exact")
-    if grader not in GRADERS:
+    grader = options.get("grader")
+    if grader is not None and grader not in GRADERS:
         raise UserError(f"--grader {grader}: choose one of {', '.join(GRADERS)}")
     fields = parse_fields(options.get("fields", ""))
     if data is None:
@@ -178,11 +216,20 @@ def custom(data: Path | None, options: dict[str, str]) -> Task:
         dataset, _, config = name.partition(":")
         rows = load_hub_rows(dataset, config or None, split or "test", task="custom")
         source, identity = str(data), {"hub": str(data)}
-        records = enumerate(rows, start=1)
+        records = list(enumerate(rows, start=1))
     else:
         source, identity = str(data), file_identity(data) if data.is_file() else {}
-        records = read_records(data)
-    items = require_items([_item(number, record, fields, grader, source) for number, record in records], source)
+        records = list(read_records(data))
+    # No silent default: without --grader the data chooses it, and the run's config says it was inferred (the
+    # report's header shows it). The flag changes no grade, so it is left out of the run id (tasks.NOT_DEFINING).
+    inferred = grader is None
+    if inferred:
+        choices_mapped = any(pair.strip().startswith("choices=") for pair in options.get("fields", "").split(","))
+        grader = infer_grader([record for _, record in records], fields, choices_mapped)
+        identity = {**identity, "grader_inferred": True}
+    items = require_items(
+        [_item(number, record, fields, grader, source, inferred) for number, record in records], source
+    )
     return Task(
         name="custom",
         items=items,
