@@ -21,12 +21,13 @@ from .engine import run_cells
 from .errors import UserError
 from .exact import can_score_options, item_probabilities, run_scoring
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
-from .models import Backend, check_model_spec, load_model
+from .models import Backend, check_model_spec, load_model, trained_questions
 from .prompt_version import prompt_version
 from .store import OptionScore, Store, Turn, default_db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
 from .tasks import Task, defining_identity, grader_version, load_task
+from .train.leak import check_no_leak, split_part
 
 
 @dataclass
@@ -236,6 +237,23 @@ def choose_estimator(
     return "exact"
 
 
+SPLIT_PARTS = ("train", "test")
+
+
+def held_out_part(items: list, split: str | None, seed: int, test_share: float) -> list:
+    """The items in part `split` of the seeded split by question content (all of them when `split` is None)."""
+    if split is None:
+        return items
+    if split not in SPLIT_PARTS:
+        raise UserError(f"--split {split}: choose train or test")
+    if not 0 < test_share < 1:
+        raise UserError(f"--test-share {test_share:g}: must be between 0 and 1 (the share of questions held out)")
+    part = [item for item in items if split_part(item.question, seed, test_share) == split]
+    if not part:
+        raise UserError(f"--split {split}: no item of this task falls in that part; use more items or another --test-share")
+    return part
+
+
 def run_id_for(config: dict) -> str:
     """Runs are identified by a hash of everything that defines them, so the same config resumes. How the
     task's grader was chosen (given or inferred from the data) is in the config but not in the hash: the same
@@ -293,6 +311,10 @@ def evaluate(
     icl_critical: int = 0,
     budget: int | None = None,
     grader_timeout: float = DEFAULT_TIMEOUT_S,
+    split: str | None = None,
+    split_seed: int = 0,
+    test_share: float = 0.5,
+    allow_train_items: bool = False,
     backend: Backend | None = None,
     critic_backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
@@ -309,6 +331,9 @@ def evaluate(
     prompt; `budget` is the tokens per correction round that the compute-matched baselines may spend.
     Each grade may take `grader_timeout` seconds (not part of the run's identity: it changes no grade that
     finishes); one that takes longer is recorded as wrong, with the reason "grader timeout".
+    `split` ("train" or "test") keeps only the items of that part of a seeded split by question content
+    (`split_seed`, `test_share` of the questions in "test"; see train/leak.py), before `limit`. A trained
+    model (`lora:DIR`) is refused items whose question was in its training data unless `allow_train_items`.
     One process at a time runs a given run (`Store.lock_run`): while another does, this raises UserError
     naming it. Ctrl-C ends the call within seconds with the finished turns stored (see `run_cells`).
     """
@@ -333,7 +358,9 @@ def evaluate(
     check_model_spec(model)
     if critic_model is not None:
         check_model_spec(critic_model)
-    items = the_task.items[:limit] if limit else the_task.items
+    items = held_out_part(the_task.items, split, split_seed, test_share)
+    items = items[:limit] if limit else items
+    check_no_leak([(item.id, item.question) for item in items], trained_questions(model), model, allow_train_items)
     backend = backend or load_model(model)
     critic = None
     if the_strategy.needs_critic:
@@ -361,6 +388,8 @@ def evaluate(
         config["icl"] = {"confident": icl_confident, "critical": icl_critical}
     if budget is not None:
         config["budget"] = budget
+    if split is not None:
+        config["split"] = {"part": split, "seed": split_seed, "test_share": test_share}
     run_id = run_id_for(config)
     def examples(item) -> str:
         return correction_examples(the_task, item, icl_confident, icl_critical, seed)

@@ -28,7 +28,7 @@ from .errors import UserError
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .html_report import render_html
 from .models import MODEL_SPECS, can_score_options, check_model_spec
-from .report import grader_note, print_comparison, print_report, print_table
+from .report import grader_note, print_comparison, print_improvement, print_report, print_table
 from .store import Store, default_db_path
 from .strategies import all_strategies
 from .tasks import TASKS, load_task
@@ -121,6 +121,7 @@ def parse_task_options(pairs: list[str], fields: list[str], grader: str | None) 
 
 
 TASK_HELP = "task name; `selfcorrect tasks` lists them"
+MODEL_HELP = "embedded | llamacpp:PATH.gguf | openai:MODEL@URL | hf:PATH_OR_ID | lora:DIR (a trained adapter)"
 DATA_HELP = "data file (JSONL, CSV, Parquet) or hf:DATASET[:CONFIG][@SPLIT] for tasks that read one"
 TASK_OPT_HELP = "task option KEY=VALUE (repeatable)"
 FIELD_HELP = "custom task: map fields to columns, NAME=COLUMN[,NAME=COLUMN] (question, answer, choices, id)"
@@ -257,7 +258,7 @@ def _progress(db: Optional[Path], every: float):
 @user_errors
 def run(
     task: str = typer.Option("arithmetic", help=TASK_HELP),
-    model: str = typer.Option("embedded", help="embedded | llamacpp:PATH.gguf"),
+    model: str = typer.Option("embedded", help=MODEL_HELP),
     strategy: str = typer.Option("reask", help="correction strategy; `selfcorrect strategies` lists them"),
     rounds: int = typer.Option(1, help="correction rounds after the first answer"),
     samples: int = typer.Option(1, help="first answers per item (the sampling estimator)"),
@@ -296,6 +297,14 @@ def run(
     grader_timeout: float = typer.Option(
         DEFAULT_TIMEOUT_S, "--grader-timeout", metavar="SECONDS", help=GRADER_TIMEOUT_HELP
     ),
+    split: Optional[str] = typer.Option(
+        None, help="train | test: only the items of that part of a seeded split by question content (before --limit)"
+    ),
+    split_seed: int = typer.Option(0, help="with --split: the split's seed"),
+    test_share: float = typer.Option(0.5, help="with --split: the share of questions in the test part"),
+    allow_train_items: bool = typer.Option(
+        False, "--allow-train-items", help="let a trained model (lora:DIR) be measured on questions it was trained on"
+    ),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -324,7 +333,8 @@ def run(
             limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
             estimator=estimator, cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
             icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=on_turn,
-            backend=backend, grader_timeout=grader_timeout,
+            backend=backend, grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
+            allow_train_items=allow_train_items,
         )
     report = result.report()
     if as_json:
@@ -382,6 +392,109 @@ def compare(
         print(json.dumps(result))
     else:
         print_comparison(result, out, {run.run_id: grader_note(run.config) for run in runs})
+
+
+def _recipes_help() -> str:
+    from .train.data import RECIPES  # dependency-free: no trainer is imported
+
+    return "; ".join(f"{name}: {what}" for name, what in RECIPES.items())
+
+
+@app.command()
+@user_errors
+def data(
+    run_ids: list[str] = typer.Argument(..., help="runs to build from (ids or unique prefixes), all of one task"),
+    recipe: str = typer.Option(..., help=_recipes_help()),
+    output: Path = typer.Option(..., help="the JSONL file to write (TRL's conversational formats)"),
+    clt_share: float = typer.Option(0.4, help="cct, sft+cct: the share of cct rows that keep a right first reply"),
+    seed: int = typer.Option(0, help="seed of which rows cct leaves out to reach --clt-share"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+):
+    """Build training data from stored runs: every sample a source of rows, gold solutions only as targets."""
+    from .train.data import build_rows, summary_line, write_rows
+
+    rows, summary = build_rows([load_run(run_id, db) for run_id in run_ids], recipe, clt_share=clt_share, seed=seed)
+    write_rows(rows, output)
+    out.print(f"wrote {output}: {summary_line(summary)}", highlight=False, soft_wrap=True)
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    data: Path = typer.Argument(..., help="training data (JSONL) written by `selfcorrect data`"),
+    model: str = typer.Option("embedded", help="base model: embedded | llamacpp:PATH.gguf | hf:PATH_OR_ID"),
+    output: Path = typer.Option(..., help="directory for the adapter, its training card and checkpoints"),
+    epochs: float = typer.Option(1.0, help="passes over the data"),
+    lr: float = typer.Option(2e-4, "--lr", help="learning rate (AdamW, decaying linearly to 0)"),
+    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank"),
+    lora_alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha (the update is scaled by alpha / rank)"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="LoRA dropout on the adapter's input"),
+    batch_size: int = typer.Option(8, "--batch-size", help="rows per optimizer step"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after N steps, whatever --epochs says"),
+    seed: int = typer.Option(0, help="seed of the LoRA initialisation and the data order"),
+    beta: float = typer.Option(0.1, help="DPO beta, for preference rows: how closely to stay with the base"),
+    save_steps: int = typer.Option(20, "--save-steps", help="steps between checkpoints (a killed run resumes there)"),
+):
+    """Fine-tune a LoRA adapter on training data (needs the train extra); run it again to resume."""
+    from .train.trainer import train
+
+    card = train(data, model, output, epochs=epochs, learning_rate=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                 lora_dropout=lora_dropout, batch_size=batch_size, max_steps=max_steps, seed=seed, beta=beta,
+                 save_steps=save_steps)
+    losses = card["losses"]
+    out.print(
+        f"adapter in {output} (model spec lora:{output}): {card['training']['steps']} steps on {card['data']['rows']} "
+        f"{card['data']['format']} rows, loss {losses[0]['loss']:.4f} -> {losses[-1]['loss']:.4f}, "
+        f"{card['seconds']:.0f} s, {card['tokens_per_second']:.0f} tokens/s",
+        highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
+@user_errors
+def improve(
+    output: Path = typer.Option(..., help="folder for each recipe's training data and adapter (OUTPUT/RECIPE/)"),
+    recipe: list[str] = typer.Option(["cct"], help="training recipe (repeatable: one adapter each); see `selfcorrect data --help`"),
+    task: str = typer.Option("arithmetic", help=TASK_HELP),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    task_opt: list[str] = typer.Option([], "--task-opt", help=TASK_OPT_HELP),
+    field: list[str] = typer.Option([], "--field", help=FIELD_HELP),
+    grader: Optional[str] = typer.Option(None, help=GRADER_HELP),
+    model: str = typer.Option("embedded", help="the base model: embedded | llamacpp:PATH.gguf | hf:PATH_OR_ID"),
+    strategy: str = typer.Option("reask", help="the correction strategy measured before and after training"),
+    train_limit: Optional[int] = typer.Option(None, help="use only the first N items of the training part"),
+    test_limit: Optional[int] = typer.Option(None, help="use only the first N items of the held-out part"),
+    samples: int = typer.Option(1, help="first answers per training item (each one a source of rows)"),
+    temperature: float = typer.Option(0.0, help="sampling temperature of the training run"),
+    split_seed: int = typer.Option(0, help="seed of the split of the questions into training and held-out parts"),
+    test_share: float = typer.Option(0.5, help="share of the questions held out"),
+    clt_share: float = typer.Option(0.4, help="cct: the share of rows that keep a right answer"),
+    epochs: float = typer.Option(1.0, help="passes over the training data"),
+    lr: float = typer.Option(2e-4, help="learning rate"),
+    seed: int = typer.Option(0, help="seed for the split of rows, the training and the bootstrap"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+):
+    """Measure, build training data, fine-tune, measure again: base and trained models on held-out items, compared."""
+    from .train.loop import improve as run_loop
+
+    every = progress_seconds()
+    result = run_loop(
+        output, recipe, task=task, task_options=parse_task_options(task_opt, field, grader), data=data, model=model,
+        strategy=strategy, train_limit=train_limit, test_limit=test_limit, samples=samples, temperature=temperature,
+        split_seed=split_seed, test_share=test_share, clt_share=clt_share, seed=seed, db=db,
+        train_options={"epochs": epochs, "learning_rate": lr}, progress=lambda: _progress(db, every),
+        say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
+    )
+    if as_json:
+        print(json.dumps(result))
+        return
+    print_improvement(result, out)
+    ids = " ".join([result["base_run"], *result["trained_runs"].values()])
+    out.print(f"\nruns: base {result['base_run']}, "
+              + ", ".join(f"{name} {run_id}" for name, run_id in result["trained_runs"].items())
+              + f"; training items measured in {result['train_run']}. Every pair: selfcorrect compare {ids}",
+              soft_wrap=True, highlight=False)
 
 
 @app.command("clear-cache")

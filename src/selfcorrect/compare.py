@@ -95,6 +95,7 @@ def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
         rows.append({
             "run_id": run.run_id,
             "strategy": run.config["strategy"],
+            "model": run.config["model"],
             "upper_bound": run.config["upper_bound"],
             "estimator": run.estimator,
             "rounds": run.config["rounds"],
@@ -107,6 +108,7 @@ def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
             "cs": step["cs"],
             "rss": step["rss"],
             "transitions": step["transitions"],
+            "ci": step["ci"],  # intervals of acc1, acc2, cl, cs, rss, ... over the common items
             "tokens_per_item": tokens_per_item,
             "seconds_per_item": seconds / len(items),
             "acc_per_1k_tokens": float(final.mean()) / (tokens_per_item / 1000) if tokens_per_item else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.measure import Measurement
 from rich.segment import Segments
@@ -261,14 +263,28 @@ def print_report(report: dict, console: Console) -> None:
         )
 
 
+def model_label(spec: str) -> str:
+    """A model spec, short: a file or folder by its name (`lora:runs/cct` is lora:cct)."""
+    kind, colon, where = spec.partition(":")
+    if colon and kind in ("lora", "llamacpp") or (kind == "hf" and where.startswith(("/", ".", "~"))):
+        return f"{kind}:{Path(where).name}"
+    return spec
+
+
 def _run_labels(rows: list[dict]) -> dict[str, str]:
-    """A short name per run: its strategy (with the run id where strategies repeat), '*' for an upper bound."""
+    """A short name per run: its strategy, or its model where the runs share a strategy but not a model (a base
+    and its trained adapters), else strategy and run id; '*' marks an upper bound."""
     strategies = [row["strategy"] for row in rows]
-    return {
-        row["run_id"]: (row["strategy"] if strategies.count(row["strategy"]) == 1 else f"{row['strategy']} {row['run_id'][:6]}")
-        + ("*" if row["upper_bound"] else "")
-        for row in rows
-    }
+    models = [row["model"] for row in rows]
+
+    def label(row: dict) -> str:
+        if strategies.count(row["strategy"]) == 1:
+            return row["strategy"]
+        if models.count(row["model"]) == 1:
+            return f"{row['strategy']} {model_label(row['model'])}"
+        return f"{row['strategy']} {row['run_id'][:6]}"
+
+    return {row["run_id"]: label(row) + ("*" if row["upper_bound"] else "") for row in rows}
 
 
 def print_comparison(comparison: dict, console: Console, graders: dict[str, str] | None = None) -> None:
@@ -321,3 +337,32 @@ def print_comparison(comparison: dict, console: Console, graders: dict[str, str]
                   f"{labels[pair['a']]} vs {labels[pair['b']]}")
     print_table(console, pairs)
     _print_footnotes(console, notes)
+
+
+def _with_interval(value: float | None, ci: list[float] | None) -> str:
+    return _num(value) if value is None or ci is None else f"{_num(value)} {_interval(ci)}"
+
+
+def print_improvement(result: dict, console: Console) -> None:
+    """What `improve` found: per model on the held-out items, Acc1, Acc2, CL, CS and RSS with their intervals, the
+    paired difference in final accuracy from the base with McNemar's test, and each training's time."""
+    comparison = result["comparison"]
+    rows = {row["run_id"]: row for row in comparison["runs"]}
+    base = rows[result["base_run"]]
+    differences = {pair["b"]: pair for pair in comparison["pairs"] if pair["a"] == result["base_run"]}
+    table = Table(title=f"Held-out items ({comparison['n_items']}): base and trained models, "
+                        "95% bootstrap intervals over items")
+    for column in ("model", "Acc1", "Acc2", "CL", "CS", "RSS", "Acc2 - base", "McNemar p", "training"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    named = [("base", base, None)] + [(recipe, rows[run_id], result["cards"][recipe])
+                                      for recipe, run_id in result["trained_runs"].items()]
+    for name, row, card in named:
+        pair = differences.get(row["run_id"])
+        table.add_row(
+            name, *(_with_interval(row[field], row["ci"].get(key)) for key, field in
+                    (("acc1", "acc_first"), ("acc2", "acc_final"), ("cl", "cl"), ("cs", "cs"), ("rss", "rss"))),
+            "" if pair is None else _with_interval(pair["diff"], pair["diff_ci"]),
+            "" if pair is None else _num(pair["mcnemar_p"], 4),
+            "" if card is None else f"{card['data']['rows']} rows, {card['seconds']:.0f} s",
+        )
+    print_table(console, table)

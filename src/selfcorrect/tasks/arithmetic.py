@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 from ..errors import UserError
-from .base import Item, Task, register_task, reject_unknown_options
+from .base import Item, Task, answer_sentence, register_task, reject_unknown_options
 from .grading import grade_number
 
 DEFAULTS = {"n": "100", "digits": "1", "operands": "2", "operators": "+-", "seed": "0"}
@@ -49,7 +49,8 @@ def generate_items(n: int, digits: int, operands: int, operators: str, seed: int
         seen.add(expression)
         # Python's precedence is the usual one for + - *, and the operands are plain integers.
         target = str(eval(expression))  # noqa: S307 - built from digits and + - * only
-        items.append(Item(id=f"arith-{len(items)}", question=f"What is {expression}?", target=target))
+        solution = f"{expression} = {target}. {answer_sentence(target)}"
+        items.append(Item(id=f"arith-{len(items)}", question=f"What is {expression}?", target=target, solution=solution))
     return items
 
 

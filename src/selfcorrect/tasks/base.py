@@ -18,12 +18,19 @@ from ..models.identity import file_digest
 
 @dataclass(frozen=True)
 class Item:
-    """One question. `target` is the gold answer in the task's canonical form; no strategy may read it."""
+    """One question. `target` is the gold answer in the task's canonical form; no strategy may read it.
+
+    `solution` is the gold answer written as a reply the task's instruction asks for (a worked solution where
+    the data has one), which the task's grader grades right: the target of training rows (selfcorrect.train).
+    None where the data has none. Not part of the item's identity: it is left out of comparisons, and no run
+    id depends on it, so runs stored before solutions were kept are the same runs.
+    """
 
     id: str
     question: str
     target: str
     choices: tuple[str, ...] = ()
+    solution: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,12 @@ class Task:
 
     def prompt(self, item: Item) -> str:
         return f"{item.question}\n{self.instruction(item)}"
+
+
+def answer_sentence(answer: str) -> str:
+    """The closing sentence the instructions of the number, option and yes/no tasks ask for: a gold solution
+    of a task whose reference holds no worked solution is this sentence with the target."""
+    return f"The answer is {answer}."
 
 
 # Keys of a task's identity that say how it was set up but change no item and no grade (a grader inferred from the

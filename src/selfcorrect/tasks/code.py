@@ -29,6 +29,11 @@ INSTRUCTION = "Write the complete function in one Python code block."
 _BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 
+def code_block(code: str) -> str:
+    """`code` as a reply in the answer format INSTRUCTION asks for: one fenced Python block."""
+    return f"```python\n{code.rstrip()}\n```"
+
+
 def extract_code(response: str) -> str:
     """The code in a reply: the last fenced block that defines something, else the last block (a block
     cut off by the token limit counts), else the whole reply."""
@@ -214,7 +219,10 @@ def _humaneval_items(path: Path) -> list[Item]:
         prompt = require_field(path, line, record, "prompt", str)
         spec = {name: require_field(path, line, record, name, str) for name in ("prompt", "test", "entry_point")}
         question = f"Complete this Python function:\n```python\n{prompt}```"
-        items.append(Item(str(record.get("task_id", f"humaneval-{line}")), question, json.dumps(spec)))
+        # The complete function: the prompt (imports, signature, docstring) followed by the reference body.
+        body = record.get("canonical_solution")
+        solution = code_block(prompt + body) if isinstance(body, str) else None
+        items.append(Item(str(record.get("task_id", f"humaneval-{line}")), question, json.dumps(spec), solution=solution))
     return require_items(items, str(path))
 
 
@@ -277,7 +285,9 @@ def _mbpp_item(path: Path, line: int, record: dict) -> Item:
     # As in the MBPP paper, the tests are shown: they tell the model the function's name and signature.
     question = f"{text}\nYour code should pass these tests:\n" + "\n".join(tests)
     target = json.dumps({"setup": setup, "tests": "\n".join(tests)})
-    return Item(str(record.get("task_id", f"mbpp-{line}")), question, target)
+    code = record.get("code")
+    solution = code_block(code) if isinstance(code, str) and code.strip() else None
+    return Item(str(record.get("task_id", f"mbpp-{line}")), question, target, solution=solution)
 
 
 @register_task(

@@ -1,6 +1,10 @@
 """Your own data: a JSONL, CSV or Parquet file (or a Hugging Face dataset id) with a field mapping and
 a grader chosen by name, or inferred from the data when none is named (`infer_grader`).
 
+An item's gold solution (the target of training rows) is its `solution` column, taken as written, when the data
+has one (`--field solution=COLUMN` names another); else the answer stated as the grader's instruction asks ("The
+answer is X.", or in \\boxed{} for math); code items without a solution column have none.
+
     selfcorrect run --task custom --data quiz.csv --field question=q,answer=a --grader number
     selfcorrect run --task custom --data hf:allenai/ai2_arc:ARC-Easy@test \\
         --field question=question,choices=choices.text,answer=answerKey --grader choice
@@ -10,19 +14,24 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UserError
-from .base import Grade, Item, Task, file_identity, read_records, register_task, reject_unknown_options
-from .base import require_items
+from .base import Grade, Item, Task, answer_sentence, file_identity, read_records, register_task
+from .base import reject_unknown_options, require_items
 from .code import run_alone_feedback
 from .extract import canonical_number
 from .grading import grade_math, grade_number
 from .hub import load_hub_rows
+from .math_problems import boxed_answer
 from .mcq import LETTERS, format_options, grade_option, option_labels
 
 GRADERS = ("exact", "number", "math", "choice", "code")
 DEFAULT_FIELDS = {"question": "question", "answer": "answer", "choices": "choices", "id": "id"}
+# The gold solution's column: optional, and not part of the task's identity (a solution changes no item and no
+# grade), so it is kept out of DEFAULT_FIELDS, whose mapping is in every custom run's id.
+SOLUTION_FIELD = "solution"
 INSTRUCTIONS = {
     "exact": 'End with "The answer is X." where X is your answer.',
     "number": 'End with "The answer is N." where N is a number.',
@@ -33,12 +42,14 @@ INSTRUCTIONS = {
 
 
 def parse_fields(spec: str) -> dict[str, str]:
-    """'question=q,answer=a' -> the full mapping, unnamed fields keeping their default column names."""
+    """'question=q,answer=a' -> the full mapping, unnamed fields keeping their default column names; `solution`
+    is in it only when named."""
     fields = dict(DEFAULT_FIELDS)
+    names = [*DEFAULT_FIELDS, SOLUTION_FIELD]
     for pair in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, column = pair.partition("=")
-        if not sep or name not in DEFAULT_FIELDS or not column:
-            raise UserError(f"--field {pair}: expected NAME=COLUMN with NAME one of {', '.join(DEFAULT_FIELDS)}")
+        if not sep or name not in names or not column:
+            raise UserError(f"--field {pair}: expected NAME=COLUMN with NAME one of {', '.join(names)}")
         fields[name] = column
     return fields
 
@@ -113,8 +124,24 @@ def _named(grader: str, inferred: bool) -> str:
     return f"the {grader} grader (inferred from the data; --grader chooses another)" if inferred else f"--grader {grader}"
 
 
+def _solution(record: dict, column: str, grader: str, target: str) -> str | None:
+    """The record's solution column as written, else the target stated as the grader's instruction asks (None for
+    code: its target is tests, not a solution)."""
+    given = _value(record, column)
+    if given is not None and str(given).strip():
+        return str(given)
+    if grader == "code":
+        return None
+    return boxed_answer(target) if grader == "math" else answer_sentence(target)
+
+
 def _item(number: int, record: dict, fields: dict[str, str], grader: str, source: str, inferred: bool = False) -> Item:
-    where = f"{source}:{number}"
+    item = _question_and_target(number, record, fields, grader, f"{source}:{number}", inferred)
+    return replace(item, solution=_solution(record, fields.get(SOLUTION_FIELD, SOLUTION_FIELD), grader, item.target))
+
+
+def _question_and_target(number: int, record: dict, fields: dict[str, str], grader: str, where: str,
+                         inferred: bool) -> Item:
     question, answer = _value(record, fields["question"]), _value(record, fields["answer"])
     for name, value in (("question", question), ("answer", answer)):
         if value is None or str(value).strip() == "":
@@ -199,6 +226,11 @@ def _grader(name: str):
     return {"exact": grade_exact, "number": grade_number, "math": grade_math, "choice": grade_option}[name]
 
 
+def _defining(fields: dict[str, str]) -> dict[str, str]:
+    """The mapping of the fields that define the items: all but the solution's column."""
+    return {name: column for name, column in fields.items() if name != SOLUTION_FIELD}
+
+
 @register_task(
     "custom", "your own JSONL/CSV/Parquet or hf:DATASET, with --field and --grader",
     grader="--grader", answer="as the grader expects",
@@ -239,5 +271,5 @@ def custom(data: Path | None, options: dict[str, str]) -> Task:
         labels=option_labels if grader == "choice" else None,
         # The tests are the hidden target, not shown in the question: feedback can only run the code alone.
         execution_feedback=run_alone_feedback if grader == "code" else None,
-        identity={"task": "custom", "grader": grader, "fields": fields, **identity},
+        identity={"task": "custom", "grader": grader, "fields": _defining(fields), **identity},
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import UserError
-from .base import Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options, require_field
-from .base import require_items
+from .base import Item, Task, answer_sentence, file_identity, read_jsonl, register_task, reject_unknown_options
+from .base import require_field, require_items
 from .extract import canonical_number
 from .grading import grade_number
 from .hub import load_hub_rows
@@ -19,20 +20,38 @@ def _target(solution: str) -> str | None:
     return canonical_number(solution.rsplit("####", 1)[1].strip())
 
 
+# GSM8K's calculator annotations, "<<16-3-4=9>>" before the result they computed: not text a model writes.
+_CALCULATOR = re.compile(r"<<.*?>>")
+
+
+def _solution(reference: str) -> str | None:
+    """The reference solution as a reply in the answer format the instruction asks for: its calculator
+    annotations removed and the final '#### N' line turned into "The answer is N."."""
+    if "####" not in reference:
+        return None
+    working, _, final = reference.rpartition("####")
+    working = _CALCULATOR.sub("", working).strip()
+    return f"{working}\n{answer_sentence(final.strip())}" if working else answer_sentence(final.strip())
+
+
 def _items_from_file(path: Path) -> list[Item]:
     items = []
     for line, record in read_jsonl(path):
         question = require_field(path, line, record, "question", str)
-        target = _target(require_field(path, line, record, "answer", str))
+        reference = require_field(path, line, record, "answer", str)
+        target = _target(reference)
         if target is None:
             raise UserError(f"{path}:{line}: field 'answer' must end with '#### <number>' as in GSM8K")
-        items.append(Item(id=str(record.get("id", f"gsm8k-{line}")), question=question, target=target))
+        items.append(Item(str(record.get("id", f"gsm8k-{line}")), question, target, solution=_solution(reference)))
     return require_items(items, str(path))
 
 
 def _items_from_hub() -> list[Item]:
     rows = load_hub_rows("openai/gsm8k", "main", "test", task="gsm8k")
-    return [Item(id=f"gsm8k-{i + 1}", question=r["question"], target=_target(r["answer"]) or "") for i, r in enumerate(rows)]
+    return [
+        Item(f"gsm8k-{i + 1}", r["question"], _target(r["answer"]) or "", solution=_solution(r["answer"]))
+        for i, r in enumerate(rows)
+    ]
 
 
 @register_task(

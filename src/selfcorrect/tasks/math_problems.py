@@ -26,6 +26,18 @@ def _target(record: dict) -> str | None:
     return None
 
 
+def boxed_answer(target: str) -> str:
+    """A gold answer stated as the instruction asks, for data that holds no worked solution."""
+    return f"The answer is $\\boxed{{{target}}}$."
+
+
+def _solution(record: dict, target: str) -> str:
+    """The reference solution (its answer is in its last \\boxed{}, as the instruction asks), else the answer alone."""
+    if isinstance(record.get("solution"), str) and record["solution"].strip():
+        return record["solution"].strip()
+    return boxed_answer(target)
+
+
 def _items_from_file(path: Path) -> list[Item]:
     items = []
     for line, record in read_jsonl(path):
@@ -33,13 +45,14 @@ def _items_from_file(path: Path) -> list[Item]:
         target = _target(record)
         if target is None:
             raise UserError(f"{path}:{line}: needs a field 'answer' (LaTeX) or a 'solution' with a \\boxed{{}} answer")
-        items.append(Item(id=str(record.get("id", record.get("unique_id", f"math-{line}"))), question=problem, target=target))
+        item_id = str(record.get("id", record.get("unique_id", f"math-{line}")))
+        items.append(Item(item_id, problem, target, solution=_solution(record, target)))
     return require_items(items, str(path))
 
 
 def _items_from_hub() -> list[Item]:
     rows = load_hub_rows("HuggingFaceH4/MATH-500", None, "test", task="math")
-    return [Item(id=r["unique_id"], question=r["problem"], target=r["answer"]) for r in rows]
+    return [Item(r["unique_id"], r["problem"], r["answer"], solution=_solution(r, r["answer"])) for r in rows]
 
 
 @register_task(

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .base import Grade, Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options, require_field
-from .base import require_items
+from .base import Grade, Item, Task, answer_sentence, file_identity, read_jsonl, register_task, reject_unknown_options
+from .base import require_field, require_items
 from .extract import extract_choice, extract_yes_no
 from .grading import grade_equal
 
@@ -26,10 +26,11 @@ def _item(path: Path, line: int, record: dict) -> Item:
     question = require_field(path, line, record, "question", str)
     item_id = str(record.get("id", f"mcq-{line}"))
     if "choices" not in record:
-        answer = require_field(path, line, record, "answer", bool)
-        return Item(id=item_id, question=question, target="yes" if answer else "no")
+        target = "yes" if require_field(path, line, record, "answer", bool) else "no"
+        return Item(item_id, question, target, solution=answer_sentence(target))
     choices, answer_index = _choices_and_answer(path, line, record)
-    return Item(item_id, f"{question}\n{format_options(choices)}", LETTERS[answer_index], tuple(choices))
+    target = LETTERS[answer_index]
+    return Item(item_id, f"{question}\n{format_options(choices)}", target, tuple(choices), answer_sentence(target))
 
 
 def _choices_and_answer(path: Path, line: int, record: dict) -> tuple[list[str], int]:

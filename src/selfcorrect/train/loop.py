@@ -1,0 +1,93 @@
+"""The closed loop: measure the base model on training items, build training data from that run, fine-tune, and
+measure the base and every trained model on held-out items with the same strategy, compared with paired tests.
+
+Every step is one of the ordinary ones (`evaluate`, `build_rows`, `train`), so each resumes as they do: a
+loop killed anywhere picks up where it stopped when the same command is run again. The two parts of the items
+come from one seeded split by question content (`--split train` / `--split test`), so no held-out question is a
+training question; the trained model's evaluation checks that again against its training card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ContextManager
+
+from ..api import Run, evaluate, load_run
+from ..compare import compare_runs
+from ..errors import UserError
+from .data import RECIPES, build_rows, summary_line, write_rows
+
+Progress = Callable[[], ContextManager[tuple[Callable, Callable]]]
+
+
+def _no_progress() -> ContextManager[tuple[Callable, Callable]]:
+    return contextlib.nullcontext((lambda run_id, total, done: None, lambda: None))
+
+
+def improve(
+    output: str | Path,
+    recipes: list[str],
+    task: str = "arithmetic",
+    task_options: dict[str, str] | None = None,
+    data: str | Path | None = None,
+    model: str = "embedded",
+    strategy: str = "reask",
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    samples: int = 1,
+    temperature: float = 0.0,
+    split_seed: int = 0,
+    test_share: float = 0.5,
+    clt_share: float = 0.4,
+    seed: int = 0,
+    db: str | Path | None = None,
+    train_options: dict | None = None,
+    progress: Progress = _no_progress,
+    say: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """Run the loop for each recipe (training data in `output/<recipe>.jsonl`, the adapter in `output/<recipe>/`,
+    so the trained model is `lora:output/<recipe>`) and return
+    {"train_run", "base_run", "trained_runs": {recipe: run id}, "cards": {recipe: card}, "comparison"}.
+
+    The training run samples `samples` first answers per item at `temperature` (every sample is a row source);
+    the held-out runs are greedy, one sample per item, so base and trained models are compared reply for reply.
+    """
+    unknown = [recipe for recipe in recipes if recipe not in RECIPES]
+    if unknown:
+        raise UserError(f"--recipe {unknown[0]}: unknown recipe; choose from {', '.join(RECIPES)}")
+    if not recipes:
+        raise UserError("--recipe: give at least one recipe")
+    if len(set(recipes)) != len(recipes):
+        raise UserError("--recipe: each recipe once")
+    from .trainer import check_trainable, train  # the train extra; checked before anything runs
+
+    check_trainable(model)
+    output = Path(output).expanduser()
+    common = dict(task=task, task_options=task_options, data=data, strategy=strategy, rounds=1, seed=seed, db=db,
+                  split_seed=split_seed, test_share=test_share)
+
+    def measure(label: str, spec: str, split: str, limit: int | None, n_samples: int, temp: float) -> Run:
+        say(f"{label}: {spec} on the {split} part")
+        with progress() as (on_start, on_turn):
+            return evaluate(model=spec, split=split, limit=limit, samples=n_samples, temperature=temp,
+                            on_start=on_start, on_turn=on_turn, **common)
+
+    train_run = measure("1. measure the training items", model, "train", train_limit, samples, temperature)
+    trained_runs, cards = {}, {}
+    for recipe in recipes:
+        rows_file, adapter = output / f"{recipe}.jsonl", output / recipe
+        rows, summary = build_rows([load_run(train_run.run_id, db)], recipe, clt_share=clt_share, seed=seed)
+        output.mkdir(parents=True, exist_ok=True)
+        write_rows(rows, rows_file)
+        say(f"2. {recipe} data: {rows_file} ({summary_line(summary)})")
+        say(f"3. train {recipe}: {model} into {adapter}")
+        cards[recipe] = train(rows_file, model, adapter, seed=seed, **(train_options or {}))
+    base_run = measure("4. measure the base", model, "test", test_limit, 1, 0.0)
+    for recipe in recipes:
+        trained = measure(f"5. measure {recipe}", f"lora:{output / recipe}", "test", test_limit, 1, 0.0)
+        trained_runs[recipe] = trained.run_id
+    runs = [load_run(base_run.run_id, db)] + [load_run(run_id, db) for run_id in trained_runs.values()]
+    return {"train_run": train_run.run_id, "base_run": base_run.run_id, "trained_runs": trained_runs, "cards": cards,
+            "comparison": compare_runs(runs, seed=seed)}
+

@@ -1,0 +1,610 @@
+"""Fine-tuning: a LoRA adapter trained with TRL and PEFT on a training-data file, written with a training card.
+
+`train(data, model, output)` (the `train` command) reads one of the three row formats `selfcorrect data` writes
+(train/data.py describes them): prompt/completion rows go to TRL's SFTTrainer with the loss on the completion only,
+preference rows to its DPOTrainer (the reference is the base itself: TRL disables the adapter of a PEFT model
+to compute it), and span-masked traces (`messages` + `no_loss`) are tokenized here into `input_ids` and a
+`completion_mask` that TRL 1.16's SFTTrainer turns into labels (-100 where the mask is 0) when
+`completion_only_loss` is on.
+
+The base is loaded by transformers: `embedded` and `llamacpp:PATH.gguf` as their GGUF file, dequantised (the
+weights llama.cpp computes with, in float32), `hf:` as models/hf.py loads it. Its tokenizer carries the GGUF's
+own chat template, so training renders conversations exactly as llama.cpp does when the trained model is
+measured (the same text and the same tokens: tests/test_train_lora.py checks it).
+
+Everything that can be wrong with the input is checked before the model is loaded or anything is written. A
+training is seeded (LoRA initialisation, data order, dropout) and checkpoints into `output/checkpoints/`; run
+the same command again after it was killed and it resumes from the last whole checkpoint, with the optimizer,
+scheduler, random states and data position restored, so it ends with the same adapter as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UserError
+from ..models import check_model_spec
+from ..models.identity import file_digest, files_digest
+from ..models.lora import CARD_FILE, GGUF_ADAPTER_FILE, PEFT_CONFIG_FILE
+
+INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]'"
+# The attention and MLP projections of Llama-like models (SmolLM2, Llama, Qwen, Mistral).
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROLES = ("system", "user", "assistant")
+# The fields of each row format; `source` (selfcorrect's record of where a row came from) is common to all.
+FORMATS = {
+    "prompt/completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "span-masked": ("messages", "no_loss"),
+}
+CHECKPOINTS = "checkpoints"
+# What a training in `checkpoints/` was started with: a rerun resumes it only when these are the same.
+SETTINGS = "settings.json"
+# Checkpoints kept: the last one, and the one before in case the process was killed while writing the last.
+KEEP_CHECKPOINTS = 2
+# Log lines (and card losses) per training, about: one every total_steps / LOGS_PER_TRAINING steps.
+LOGS_PER_TRAINING = 100
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """How a training is made, besides its data and base (the flags of `selfcorrect train`)."""
+
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # 0: no random stream in the steps at all (with dropout it is seeded, and resumed)
+    batch_size: int = 8
+    max_steps: int | None = None  # when given, the training stops there, whatever `epochs` says
+    seed: int = 0
+    beta: float = 0.1  # DPO's strength of the pull towards the reference; used for preference rows only
+    save_steps: int = 20  # steps between checkpoints; not part of what the adapter is
+
+    def check(self) -> None:
+        for flag, value, low in (("--epochs", self.epochs, 0), ("--lr", self.learning_rate, 0),
+                                 ("--lora-r", self.lora_r, 0), ("--lora-alpha", self.lora_alpha, 0),
+                                 ("--batch-size", self.batch_size, 0), ("--save-steps", self.save_steps, 0)):
+            if not value > low:
+                raise UserError(f"{flag} {value}: must be above {low}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps {self.max_steps}: must be at least 1")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        if not self.beta > 0:
+            raise UserError(f"--beta {self.beta}: must be above 0")
+
+    def shaping(self, row_format: str) -> dict:
+        """The values the adapter depends on for rows of `row_format` (DPO's beta only for preference rows;
+        never `save_steps`, since resuming from any checkpoint gives the same adapter)."""
+        values = asdict(self)
+        del values["save_steps"]
+        if row_format != "preference":
+            del values["beta"]
+        return values
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A validated training-data file: its rows without `source`, and what their sources say."""
+
+    path: Path
+    row_format: str
+    rows: list[dict]
+    recipe: str
+    questions: list[str]  # question_sha256 of the rows, sorted, unique
+
+
+def check_trainable(spec: str) -> None:
+    """Refuse (UserError) a model spec that cannot be fine-tuned here, or a missing `train` extra."""
+    check_model_spec(spec)
+    if not (spec == "embedded" or spec.startswith(("llamacpp:", "hf:"))):
+        raise UserError(f"--model {spec}: only embedded, llamacpp:PATH.gguf and hf:PATH_OR_ID models can be "
+                        "fine-tuned (their weights are needed)")
+    if spec.startswith("hf:") and (Path(spec.removeprefix("hf:")).expanduser() / PEFT_CONFIG_FILE).is_file():
+        raise UserError(f"--model {spec}: is a trained adapter; train from its base model")
+    from ..models.hf import import_torch
+
+    try:
+        import_torch()  # first, with the thread policy models/hf.py explains
+        import peft  # noqa: F401
+        import trl  # noqa: F401
+    except ImportError:
+        raise UserError(f"selfcorrect train {INSTALL_HINT}") from None
+    if spec == "embedded" or spec.startswith("llamacpp:"):
+        _check_llama_cpp_adapter(spec)
+
+
+def _check_llama_cpp_adapter(spec: str) -> None:
+    """A model trained from a llama.cpp base runs on llama.cpp with its adapter written as GGUF, which
+    export_gguf can do for some architectures only: refuse the others before training rather than after."""
+    from .export_gguf import SUPPORTED_ARCHITECTURES
+
+    path = base_gguf(spec)
+    try:
+        architecture = _gguf_architecture(path, file_digest(path))
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model {spec}: cannot read it as GGUF ({error})") from None
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"--model {spec}: a {architecture} model cannot be fine-tuned for llama.cpp here (its LoRA "
+                        f"is written for {', '.join(sorted(SUPPORTED_ARCHITECTURES))} models); train hf:{path} "
+                        "to measure it on transformers")
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_architecture(path: Path, digest: str) -> str | None:
+    """general.architecture of a GGUF file (reading it parses every tensor's header: 2 s for the embedded
+    model), kept per file content."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.architecture")
+    return field.contents() if field is not None else None
+
+
+def read_training_data(path: Path) -> TrainingData:
+    """The rows of a JSONL training-data file, each checked to hold the fields of one format (the same for the
+    whole file), with messages of known roles and string contents; UserError naming file:line and field."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; give a JSONL file written by `selfcorrect data`")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); give a JSONL file") from None
+    row_format, first_line, rows, recipes, questions = None, 0, [], set(), set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise UserError(f"{where}: not JSON ({error.msg}); each line is one row") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: a row is a JSON object, not {type(row).__name__}")
+        this_format = _row_format(row, where)
+        if row_format is None:
+            row_format, first_line = this_format, number
+        elif this_format != row_format:
+            raise UserError(f"{where}: a {this_format} row ({'/'.join(FORMATS[this_format])}) in a file of "
+                            f"{row_format} rows (line {first_line}); a file holds rows of one format")
+        _check_row(row, row_format, where)
+        recipes.add(row["source"]["recipe"])
+        questions.add(row["source"]["question_sha256"])
+        rows.append({field: row[field] for field in FORMATS[row_format]})  # `source` is not for the trainer
+    if not rows:
+        raise UserError(f"{path}: no rows; give a JSONL file written by `selfcorrect data`")
+    return TrainingData(path, row_format, rows, "+".join(sorted(recipes)) if len(recipes) > 1 else recipes.pop(),
+                        sorted(questions))
+
+
+def _row_format(row: dict, where: str) -> str:
+    if "messages" in row or "no_loss" in row:
+        return "span-masked"
+    if "chosen" in row or "rejected" in row:
+        return "preference"
+    if "completion" in row:
+        return "prompt/completion"
+    raise UserError(f"{where}: no field 'completion', 'chosen'/'rejected' or 'messages'; a row holds "
+                    + "; or ".join("/".join(fields) for fields in FORMATS.values()) + ", and source")
+
+
+def _check_row(row: dict, row_format: str, where: str) -> None:
+    for field in (*FORMATS[row_format], "source"):
+        if field not in row:
+            raise UserError(f"{where}: field '{field}' is missing (a {row_format} row holds "
+                            f"{', '.join(FORMATS[row_format])} and source)")
+    source = row["source"]
+    if not isinstance(source, dict):
+        raise UserError(f"{where}: field 'source' must be an object with recipe and question_sha256")
+    for key in ("recipe", "question_sha256"):
+        if not isinstance(source.get(key), str) or not source[key]:
+            raise UserError(f"{where}: field 'source.{key}' must be a non-empty string")
+    if row_format == "span-masked":
+        messages = _check_messages(row["messages"], where, "messages")
+        no_loss = row["no_loss"]
+        if not isinstance(no_loss, list) or not all(type(index) is int for index in no_loss):
+            raise UserError(f"{where}: field 'no_loss' must be a list of message indices")
+        for index in no_loss:
+            if not 0 <= index < len(messages) or messages[index]["role"] != "assistant":
+                raise UserError(f"{where}: field 'no_loss' holds {index}, which is not the index of an assistant "
+                                "message in 'messages'")
+        if all(m["role"] != "assistant" or i in no_loss for i, m in enumerate(messages)):
+            raise UserError(f"{where}: field 'no_loss': no assistant message carries loss")
+        return
+    prompt = _check_messages(row["prompt"], where, "prompt")
+    if prompt[-1]["role"] != "user":
+        raise UserError(f"{where}: field 'prompt' must end with a user message (the reply to train follows it)")
+    for field in FORMATS[row_format][1:]:
+        for index, message in enumerate(_check_messages(row[field], where, field)):
+            if message["role"] != "assistant":
+                raise UserError(f"{where}: field '{field}[{index}].role' must be assistant")
+
+
+def _check_messages(messages: Any, where: str, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: field '{field}' must be a non-empty list of messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"{where}: field '{field}[{index}]' must be an object with role and content")
+        if message.get("role") not in ROLES:
+            raise UserError(f"{where}: field '{field}[{index}].role' must be one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise UserError(f"{where}: field '{field}[{index}].content' must be a string")
+    return messages
+
+
+def base_gguf(spec: str) -> Path | None:
+    """The GGUF file a base model spec names (its weights, dequantised by transformers), else None."""
+    if spec == "embedded":
+        from ..models.llamacpp import embedded_model_path
+
+        return embedded_model_path()
+    if spec.startswith("llamacpp:"):
+        return Path(spec.removeprefix("llamacpp:")).expanduser()
+    source = spec.removeprefix("hf:")
+    return Path(source).expanduser() if spec.startswith("hf:") and source.endswith(".gguf") else None
+
+
+def base_identity(spec: str) -> str | None:
+    """The base's weights by content (models/identity.py), or None for a Hub id (known once loaded)."""
+    gguf = base_gguf(spec)
+    if gguf is not None:
+        return f"{gguf.name}:{file_digest(gguf)}"
+    path = Path(spec.removeprefix("hf:")).expanduser()
+    if path.is_dir():
+        return f"{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}"
+    return None
+
+
+def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple = (), **hyperparameters) -> dict:
+    """Train a LoRA adapter of `model` (a spec) on the rows of `data` into the directory `output`, and return its
+    training card. Keyword arguments are the fields of `Hyperparameters`; `callbacks` are extra transformers
+    `TrainerCallback`s. An `output` that holds the finished training of the same base, data and hyperparameters
+    returns its card; an unfinished one resumes."""
+    try:
+        settings = Hyperparameters(**hyperparameters)
+    except TypeError as error:
+        raise UserError(f"train: {error}") from None
+    settings.check()
+    check_trainable(model)
+    rows = read_training_data(Path(data).expanduser())
+    output = Path(output).expanduser()
+    started = {
+        "base_model": model,
+        "base_identity": base_identity(model),
+        "data_sha256": file_digest(rows.path),
+        "hyperparameters": settings.shaping(rows.row_format),
+    }
+    finished = _check_output(output, started)
+    if finished is not None:
+        return finished
+
+    print(f"loading {model} for training", file=sys.stderr, flush=True)
+    base, tokenizer = base_model(model)
+    base = copy.deepcopy(base)
+    if started["base_identity"] is None:  # a Hub id: named by the revision it resolved to
+        started["base_identity"] = f"{model.removeprefix('hf:')}@{base.config._commit_hash or 'unknown-revision'}"
+    checkpoints = output / CHECKPOINTS
+    trainer, progress = build_trainer(base, tokenizer, rows, settings, checkpoints, callbacks)
+    checkpoints.mkdir(parents=True, exist_ok=True)  # the first write, once the rows are tokenized
+    (checkpoints / SETTINGS).write_text(json.dumps(started, indent=1))
+    resume = _last_whole_checkpoint(checkpoints)
+    if resume:
+        print(f"resuming from {resume}", file=sys.stderr, flush=True)
+    with _quiet_libraries():
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.model.save_pretrained(str(output))  # adapter_config.json + adapter_model.safetensors
+    state = trainer.state
+    seconds = progress.seconds(state)
+    card = {
+        "base_model": model,
+        "base_identity": started["base_identity"],
+        "data": {"path": str(rows.path.resolve()), "sha256": started["data_sha256"], "recipe": rows.recipe,
+                 "format": rows.row_format, "rows": len(rows.rows)},
+        "hyperparameters": started["hyperparameters"],
+        "training": {"trainer": "DPOTrainer" if rows.row_format == "preference" else "SFTTrainer",
+                     "target_modules": TARGET_MODULES, "steps": state.global_step, "device": str(trainer.args.device),
+                     "dtype": str(base.dtype).removeprefix("torch."), "optimizer": str(trainer.args.optim.value),
+                     "lr_scheduler": str(trainer.args.lr_scheduler_type.value), "software": _versions()},
+        "losses": [{"step": log["step"], "loss": log["loss"], "seconds": log.get("seconds")}
+                   for log in state.log_history if "loss" in log],
+        "seconds": round(seconds, 3),
+        "trained_tokens": state.num_input_tokens_seen,
+        "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else 0.0,
+        "trained_questions": rows.questions,
+    }
+    gguf = base_gguf(model)
+    if gguf is not None:
+        card["gguf_adapter"] = _export_gguf(output, gguf)
+    _write_atomically(output / CARD_FILE, json.dumps(card, indent=1))  # last: a card marks a finished training
+    return card
+
+
+def _check_output(output: Path, started: dict) -> dict | None:
+    """The card of a finished training of the same settings in `output`, None when there is none or an
+    unfinished one of the same settings; UserError when `output` holds something else."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output}: is a file; give a directory for the adapter")
+    card_path, settings_path = output / CARD_FILE, output / CHECKPOINTS / SETTINGS
+    if card_path.is_file():
+        card = json.loads(card_path.read_text())
+        held = {"base_model": card["base_model"], "base_identity": card["base_identity"],
+                "data_sha256": card["data"]["sha256"], "hyperparameters": card["hyperparameters"]}
+        difference = _difference(held, started)
+        if difference:
+            raise UserError(f"--output {output}: holds an adapter trained with another {difference}; give another "
+                            "directory (or delete this one to train again)")
+        return card
+    if settings_path.is_file():
+        difference = _difference(json.loads(settings_path.read_text()), started)
+        if difference:
+            raise UserError(f"--output {output}: holds an unfinished training with another {difference}; run that "
+                            "command again to resume it, or give another directory")
+        return None
+    if output.is_dir() and any(output.iterdir()):
+        raise UserError(f"--output {output}: is not empty and holds no training; give a new or empty directory")
+    return None
+
+
+def _difference(held: dict, wanted: dict) -> str | None:
+    """The first setting in which `held` differs from `wanted`, as 'data (sha256 ...)'; None if none."""
+    for key in ("base_model", "base_identity", "data_sha256", "hyperparameters"):
+        if key == "base_identity" and None in (held[key], wanted[key]):
+            continue  # a Hub id before loading: its revision is not known yet
+        if key == "hyperparameters":
+            for name in sorted(set(held[key]) | set(wanted[key])):
+                if held[key].get(name) != wanted[key].get(name):
+                    return f"{name} ({held[key].get(name)}, not {wanted[key].get(name)})"
+        elif held[key] != wanted[key]:
+            return f"{key.replace('_', ' ')} ({held[key]}, not {wanted[key]})"
+    return None
+
+
+def base_model(spec: str):
+    """(model, tokenizer) of a base model spec, loaded by transformers once per process and kept:
+    loading the embedded GGUF takes about 20 s on 2 cores, and the closed loop trains several adapters of one
+    base. Train a copy: PEFT wraps the model it is given in place."""
+    return _load_base(spec, base_identity(spec))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_base(spec: str, identity: str | None):
+    """`base_model`, keyed by the weights' identity too, so that a file changed on disk is loaded again."""
+    from ..models.hf import import_torch
+
+    torch = import_torch()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf = base_gguf(spec)
+    location, options = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf else (spec.removeprefix("hf:"), {})
+    # On a GPU, bfloat16 where it computes natively (half the memory, full speed); float32 on the CPU.
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        with _quiet_libraries():
+            tokenizer = AutoTokenizer.from_pretrained(location, **options)
+            if gguf:  # dense weights, and no GGUF quantizer left on the model: the Trainer refuses to train one
+                options["quantization_config"] = GgufConfig(dequantize=True)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **options)
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--model {spec}: transformers cannot load it ({reason})") from None
+    if tokenizer.chat_template is None:
+        raise UserError(f"--model {spec}: the tokenizer has no chat template; use an instruction-tuned model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only pads: the collator masks padding out of the loss
+    return model, tokenizer
+
+
+def span_masked_example(tokenizer, messages: list[dict], no_loss: list[int]) -> dict:
+    """`input_ids` of the whole conversation and its `completion_mask`: 1 on the tokens of each assistant
+    message not in `no_loss`. A message's tokens are what TRL trains as the completion of a prompt/completion
+    row: from the end of the conversation before it plus the assistant header, to the end of the conversation
+    up to it (so its end-of-turn token is learnt too)."""
+    from trl.data_utils import common_prefix_length
+
+    def ids(conversation: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        encoded = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                                add_generation_prompt=add_generation_prompt)
+        return list(encoded["input_ids"])
+
+    input_ids = ids(messages)
+    mask = [0] * len(input_ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant" or index in no_loss:
+            continue
+        start, end = ids(messages[:index], add_generation_prompt=True), ids(messages[: index + 1])
+        if common_prefix_length(end, input_ids) < len(end) or common_prefix_length(start, end) < len(start):
+            raise UserError("the model's chat template renders a conversation differently from its beginning; "
+                            "span-masked rows need one that renders each message after the ones before")
+        mask[len(start): len(end)] = [1] * (len(end) - len(start))
+    return {"input_ids": input_ids, "completion_mask": mask}
+
+
+def build_trainer(base, tokenizer, rows: TrainingData, settings: Hyperparameters, checkpoints: Path,
+                  callbacks: tuple = ()):
+    """(TRL trainer of a LoRA adapter of `base` on `rows`, checkpointing into `checkpoints`; its progress
+    callback, which also keeps the training time)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, ProgressCallback
+
+    cuda = torch.cuda.is_available()
+    steps_per_epoch = math.ceil(len(rows.rows) / settings.batch_size)
+    total_steps = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
+    common = dict(
+        output_dir=str(checkpoints),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        max_length=None,  # rows are never cut: a cut completion would teach a reply that does not end
+        bf16=cuda and base.dtype == torch.bfloat16,
+        activation_checkpointing=cuda,  # saves a GPU's memory; on the CPU it would only cost time
+        logging_steps=max(1, total_steps // LOGS_PER_TRAINING),
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=KEEP_CHECKPOINTS,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,  # our own progress (`_progress_callback`): a bar with the loss on a terminal, lines off it
+        report_to="none",
+        dataloader_pin_memory=cuda,
+    )
+    peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                             target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
+    with _quiet_libraries():
+        if rows.row_format == "preference":
+            from trl import DPOConfig, DPOTrainer
+
+            trainer = DPOTrainer(model=base, args=DPOConfig(beta=settings.beta, **common), processing_class=tokenizer,
+                                 train_dataset=Dataset.from_list(rows.rows), peft_config=peft_config)
+        else:
+            from trl import SFTConfig, SFTTrainer
+
+            if rows.row_format == "span-masked":
+                dataset = Dataset.from_list([span_masked_example(tokenizer, r["messages"], r["no_loss"])
+                                             for r in rows.rows])
+            else:
+                dataset = Dataset.from_list(rows.rows)
+            # completion_only_loss: TRL masks the prompt of prompt/completion rows, and applies the
+            # completion_mask of pre-tokenized rows only when it is on.
+            trainer = SFTTrainer(model=base, args=SFTConfig(completion_only_loss=True, **common),
+                                 processing_class=tokenizer, train_dataset=dataset, peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    progress = _progress_callback()()
+    trainer.add_callback(progress)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer, progress
+
+
+def _last_whole_checkpoint(checkpoints: Path) -> str | None:
+    """The latest checkpoint written to the end: the Trainer writes trainer_state.json last, so a checkpoint
+    without it was cut short by a kill (the one before it is kept for that case)."""
+    whole = [path for path in checkpoints.glob("checkpoint-*")
+             if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()]
+    return str(max(whole, key=lambda path: int(path.name.removeprefix("checkpoint-")))) if whole else None
+
+
+@functools.lru_cache(maxsize=1)
+def _progress_callback():
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Progress on stderr: a bar with the latest loss on a terminal; off a terminal, one line per log.
+        Also the training clock: each log in the state's history gets the seconds trained so far, so that a
+        resumed training's time (and tokens/s) counts the time of the steps its checkpoint holds."""
+
+        def __init__(self):
+            self.bar = None
+            self.started = time.monotonic()
+            self.before = 0.0  # seconds trained before this process, by the checkpoint resumed from
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.monotonic()
+            self.before = next((log["seconds"] for log in reversed(state.log_history) if "seconds" in log), 0.0)
+            if sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                                file=sys.stderr, dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+            if control.should_save:  # log at every checkpoint, so that its history holds the time trained
+                control.should_log = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.log_history:
+                return
+            state.log_history[-1]["seconds"] = round(self.seconds(state), 3)
+            if "loss" not in (logs or {}):
+                return
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            else:
+                print(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f} "
+                      f"({self.seconds(state):.0f} s)", file=sys.stderr, flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+        def seconds(self, state) -> float:
+            return self.before + time.monotonic() - self.started
+
+    return Progress
+
+
+def _export_gguf(output: Path, gguf: Path) -> str | None:
+    """Write the adapter for llama.cpp (GGUF_ADAPTER_FILE) beside the PEFT one; the file name, or None when this
+    base's architecture has no llama.cpp adapter writer (only an `hf:FILE.gguf` base: it runs on transformers,
+    and `check_trainable` refuses llama.cpp bases of such architectures before training)."""
+    from .export_gguf import write_gguf_adapter
+
+    try:
+        write_gguf_adapter(output, output / GGUF_ADAPTER_FILE, gguf)
+    except UserError as error:
+        print(f"note: no llama.cpp adapter written: {error}", file=sys.stderr)
+        return None
+    return GGUF_ADAPTER_FILE
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Loading and preparing print progress bars of their own (de-quantising the GGUF, each dataset `map`),
+    which off a terminal flood the output with carriage returns; our progress says what matters. The GGUF
+    loader's bar is a plain tqdm that no switch of transformers turns off, so it is replaced while we run."""
+    from unittest import mock
+
+    import datasets
+    import transformers
+    from transformers import modeling_gguf_pytorch_utils as gguf_loader
+
+    datasets_bars, transformers_bars = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with mock.patch.object(gguf_loader, "tqdm", functools.partial(gguf_loader.tqdm, disable=True)), \
+                warnings.catch_warnings():
+            # Notes to library developers, about things that do not apply here: TRL reads a property
+            # transformers renamed, and PEFT cannot look up the config of a base loaded from a GGUF file to
+            # see whether its vocabulary grew (it did not: no tokens are added).
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            warnings.filterwarnings("ignore", "Could not find a config file in", UserWarning)
+            yield
+    finally:
+        if datasets_bars:
+            datasets.enable_progress_bars()
+        if transformers_bars:
+            transformers.utils.logging.enable_progress_bar()

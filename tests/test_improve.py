@@ -1,0 +1,80 @@
+"""The closed loop through the command line, on the real embedded model: measure the training part, build data,
+train, measure base and trained model on the held-out part; then the trained model refused its training items."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfcorrect.api import load_run
+from selfcorrect.train.leak import question_key
+
+from conftest import run_cli
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+TASK = ["--task-opt", "n=120", "--task-opt", "digits=2"]
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("improve")
+    db, output = folder / "runs.sqlite", folder / "out"
+    done = run_cli("improve", "--output", str(output), "--recipe", "cct", *TASK, "--train-limit", "16",
+                   "--test-limit", "8", "--json", "--db", str(db), timeout=900)
+    assert done.returncode == 0, done.stderr
+    return db, output, json.loads(done.stdout)
+
+
+def test_the_loop_trains_on_one_part_and_measures_on_the_other(loop):
+    db, output, result = loop
+    train_run, base = load_run(result["train_run"], db), load_run(result["base_run"], db)
+    trained = load_run(result["trained_runs"]["cct"], db)
+    assert train_run.config["split"]["part"] == "train" and base.config["split"]["part"] == "test"
+    assert base.config["model"] == "embedded" and trained.config["model"] == f"lora:{output / 'cct'}"
+    assert base.config["strategy"] == trained.config["strategy"] == "reask"
+    # The trained model's identity is its base's plus the adapter: its replies are never cached as the base's.
+    assert trained.config["backend"] != base.config["backend"] and base.config["backend"] in trained.config["backend"]
+    rows = [json.loads(line) for line in (output / "cct.jsonl").read_text().splitlines()]
+    card = json.loads((output / "cct" / "training_card.json").read_text())
+    assert card["data"]["rows"] == len(rows) and card["base_model"] == "embedded"
+    assert {row["source"]["run"] for row in rows} == {train_run.run_id}
+    trained_keys = {question_key(item["question"]) for item in train_run.items}
+    assert set(card["trained_questions"]) <= trained_keys
+    assert not trained_keys & {question_key(item["question"]) for item in base.items}
+    # Both held-out runs hold the same items, every one of them complete, and the comparison pairs them all.
+    assert [i["item_id"] for i in base.items] == [i["item_id"] for i in trained.items]
+    assert result["comparison"]["n_items"] == len(base.items) == 8
+
+
+def test_the_same_command_again_resumes_every_step(loop):
+    db, output, result = loop
+    again = run_cli("improve", "--output", str(output), "--recipe", "cct", *TASK, "--train-limit", "16",
+                    "--test-limit", "8", "--json", "--db", str(db), timeout=600)
+    assert again.returncode == 0, again.stderr
+    repeated = json.loads(again.stdout)
+    assert {key: repeated[key] for key in ("train_run", "base_run", "trained_runs")} == {
+        key: result[key] for key in ("train_run", "base_run", "trained_runs")}
+    assert "step 1/" not in again.stderr  # the finished training is not run again
+
+
+def test_a_trained_model_is_refused_its_training_questions(loop):
+    db, output, result = loop
+    before = load_run(result["train_run"], db)
+    refused = run_cli("run", "--model", f"lora:{output / 'cct'}", *TASK, "--split", "train", "--limit", "16",
+                      "--db", str(db))
+    assert refused.returncode == 2
+    assert "questions it was trained on" in refused.stderr and "--allow-train-items" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    # Without a split, the whole task holds the training questions too.
+    whole = run_cli("run", "--model", f"lora:{output / 'cct'}", *TASK, "--db", str(db))
+    assert whole.returncode == 2 and "questions it was trained on" in whole.stderr
+    assert len(load_run(result["train_run"], db).turns) == len(before.turns)
+
+
+def test_data_from_a_held_out_run_is_refused(loop):
+    db, output, result = loop
+    made = run_cli("data", result["base_run"], "--recipe", "cct", "--output", str(output / "leak.jsonl"), "--db", str(db))
+    assert made.returncode == 2 and "--split train" in made.stderr
+    assert not (output / "leak.jsonl").exists()
