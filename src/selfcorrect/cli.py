@@ -124,7 +124,7 @@ TASK_HELP = "task name; `selfcorrect tasks` lists them"
 MODEL_HELP = "embedded | llamacpp:PATH.gguf | openai:MODEL@URL | hf:PATH_OR_ID | lora:DIR (a trained adapter)"
 DATA_HELP = "data file (JSONL, CSV, Parquet) or hf:DATASET[:CONFIG][@SPLIT] for tasks that read one"
 TASK_OPT_HELP = "task option KEY=VALUE (repeatable)"
-FIELD_HELP = "custom task: map fields to columns, NAME=COLUMN[,NAME=COLUMN] (question, answer, choices, id)"
+FIELD_HELP = "custom task: map fields to columns, NAME=COLUMN[,NAME=COLUMN] (question, answer, choices, id, solution)"
 GRADER_HELP = "custom task: exact | number | math | choice | code"
 GRADER_TIMEOUT_HELP = (
     "seconds one grade may take; a grade that takes longer is recorded as wrong ('grader timeout'). "

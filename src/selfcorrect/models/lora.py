@@ -77,11 +77,29 @@ def _read_card(spec: str, directory: Path) -> TrainedModel:
 
 def base_gguf(model: TrainedModel) -> Path:
     """The GGUF file of a llama.cpp base."""
-    if model.base == "embedded":
+    return spec_gguf(model.base)
+
+
+def spec_gguf(spec: str) -> Path | None:
+    """The GGUF file a model spec computes from: the embedded model's, a llamacpp: file or an hf: .gguf file
+    (dequantised by transformers); None for other specs."""
+    if spec == "embedded":
         from .llamacpp import embedded_model_path
 
         return embedded_model_path()
-    return Path(model.base.removeprefix("llamacpp:")).expanduser()
+    if spec.startswith("llamacpp:"):
+        return Path(spec.removeprefix("llamacpp:")).expanduser()
+    source = spec.removeprefix("hf:")
+    return Path(source).expanduser() if spec.startswith("hf:") and source.endswith(".gguf") else None
+
+
+def absolute_spec(spec: str) -> str:
+    """A base model spec with a local path made absolute, as a training card keeps it: the trained model must
+    find its base from any directory."""
+    kind, colon, source = spec.partition(":")
+    if colon and kind in ("llamacpp", "hf") and Path(source).expanduser().exists():
+        return f"{kind}:{Path(source).expanduser().resolve()}"
+    return spec
 
 
 def load_trained_model(spec: str):
@@ -114,11 +132,14 @@ def hf_base_source(adapter_dir: Path) -> str:
 
 
 def trained_questions(spec: str) -> set[str] | None:
-    """The question hashes (train.leak.question_key) a trained model saw in training; None for a model spec
-    that is not a trained adapter."""
-    if not spec.startswith("lora:"):
+    """The question hashes (train.leak.question_key) a trained model saw in training: of `lora:DIR`, and of
+    `hf:DIR` when DIR is an adapter directory with a training card; None for a model spec that is neither."""
+    if spec.startswith("lora:"):
+        model = read_trained_model(spec)
+    elif spec.startswith("hf:") and (Path(spec.removeprefix("hf:")).expanduser() / CARD_FILE).is_file():
+        model = _read_card(spec, Path(spec.removeprefix("hf:")).expanduser())
+    else:
         return None
-    model = read_trained_model(spec)
     questions = model.card.get("trained_questions")
     if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
         raise UserError(f"--model {spec}: {model.card_path} field trained_questions is missing or not a list of "

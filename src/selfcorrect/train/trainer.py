@@ -36,7 +36,7 @@ from typing import Any, Iterator
 from ..errors import UserError
 from ..models import check_model_spec
 from ..models.identity import file_digest, files_digest
-from ..models.lora import CARD_FILE, GGUF_ADAPTER_FILE, PEFT_CONFIG_FILE
+from ..models.lora import CARD_FILE, GGUF_ADAPTER_FILE, PEFT_CONFIG_FILE, absolute_spec, spec_gguf
 
 INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]'"
 # The attention and MLP projections of Llama-like models (SmolLM2, Llama, Qwen, Mistral).
@@ -131,7 +131,7 @@ def _check_llama_cpp_adapter(spec: str) -> None:
     export_gguf can do for some architectures only: refuse the others before training rather than after."""
     from .export_gguf import SUPPORTED_ARCHITECTURES
 
-    path = base_gguf(spec)
+    path = spec_gguf(spec)
     try:
         architecture = _gguf_architecture(path, file_digest(path))
     except (OSError, ValueError) as error:
@@ -244,21 +244,9 @@ def _check_messages(messages: Any, where: str, field: str) -> list[dict]:
     return messages
 
 
-def base_gguf(spec: str) -> Path | None:
-    """The GGUF file a base model spec names (its weights, dequantised by transformers), else None."""
-    if spec == "embedded":
-        from ..models.llamacpp import embedded_model_path
-
-        return embedded_model_path()
-    if spec.startswith("llamacpp:"):
-        return Path(spec.removeprefix("llamacpp:")).expanduser()
-    source = spec.removeprefix("hf:")
-    return Path(source).expanduser() if spec.startswith("hf:") and source.endswith(".gguf") else None
-
-
 def base_identity(spec: str) -> str | None:
     """The base's weights by content (models/identity.py), or None for a Hub id (known once loaded)."""
-    gguf = base_gguf(spec)
+    gguf = spec_gguf(spec)
     if gguf is not None:
         return f"{gguf.name}:{file_digest(gguf)}"
     path = Path(spec.removeprefix("hf:")).expanduser()
@@ -278,6 +266,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
         raise UserError(f"train: {error}") from None
     settings.check()
     check_trainable(model)
+    model = absolute_spec(model)  # the card's base must be found from anywhere
     rows = read_training_data(Path(data).expanduser())
     output = Path(output).expanduser()
     started = {
@@ -324,7 +313,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
         "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else 0.0,
         "trained_questions": rows.questions,
     }
-    gguf = base_gguf(model)
+    gguf = spec_gguf(model)
     if gguf is not None:
         card["gguf_adapter"] = _export_gguf(output, gguf)
     _write_atomically(output / CARD_FILE, json.dumps(card, indent=1))  # last: a card marks a finished training
@@ -386,7 +375,7 @@ def _load_base(spec: str, identity: str | None):
     torch = import_torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = base_gguf(spec)
+    gguf = spec_gguf(spec)
     location, options = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf else (spec.removeprefix("hf:"), {})
     # On a GPU, bfloat16 where it computes natively (half the memory, full speed); float32 on the CPU.
     cuda = torch.cuda.is_available()
