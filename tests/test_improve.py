@@ -8,6 +8,7 @@ import json
 import pytest
 
 from selfcorrect.api import load_run
+from selfcorrect.models.identity import file_digest
 from selfcorrect.train.leak import question_key
 
 from conftest import run_cli
@@ -35,7 +36,8 @@ def test_the_loop_trains_on_one_part_and_measures_on_the_other(loop):
     assert base.config["model"] == "embedded" and trained.config["model"] == f"lora:{output / 'cct'}"
     assert base.config["strategy"] == trained.config["strategy"] == "reask"
     # The trained model's identity is its base's plus the adapter: its replies are never cached as the base's.
-    assert trained.config["backend"] != base.config["backend"] and base.config["backend"] in trained.config["backend"]
+    adapter = file_digest(output / "cct" / "adapter.gguf")
+    assert trained.config["backend"] == base.config["backend"].replace(":llama.cpp-", f":lora={adapter}:llama.cpp-", 1)
     rows = [json.loads(line) for line in (output / "cct.jsonl").read_text().splitlines()]
     card = json.loads((output / "cct" / "training_card.json").read_text())
     assert card["data"]["rows"] == len(rows) and card["base_model"] == "embedded"
