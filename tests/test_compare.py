@@ -153,3 +153,14 @@ def test_runs_pair_by_item_content_not_by_file_path(tmp_path):
     assert result["n_items"] == 4 and result["pairs"][0]["diff"] == -1.0
     with pytest.raises(UserError, match="different items under the id 'row-4'"):
         compare_runs([a, run(edited, 0)])
+
+
+def test_runs_of_one_strategy_on_different_models_are_named_by_their_model():
+    from selfcorrect.report import _run_labels
+
+    rows = [{"run_id": "aaaaaa111", "strategy": "reask", "model": "embedded", "upper_bound": False},
+            {"run_id": "bbbbbb222", "strategy": "reask", "model": "lora:/tmp/out/cct", "upper_bound": False},
+            {"run_id": "cccccc333", "strategy": "critique", "model": "embedded", "upper_bound": True}]
+    assert _run_labels(rows) == {"aaaaaa111": "reask embedded", "bbbbbb222": "reask lora:cct", "cccccc333": "critique*"}
+    same_model = [dict(rows[0]), dict(rows[0], run_id="dddddd444")]
+    assert _run_labels(same_model) == {"aaaaaa111": "reask aaaaaa", "dddddd444": "reask dddddd"}

@@ -46,7 +46,7 @@ def round_name(t: int) -> str:
 def render_html(runs: list[Run], n_boot: int = 2000) -> str:
     """The report of `runs` as one HTML document (a string), plots included."""
     reports = [run.report(n_boot) for run in runs]
-    labels = _run_labels([{"run_id": r["run_id"], "strategy": r["config"]["strategy"],
+    labels = _run_labels([{"run_id": r["run_id"], "strategy": r["config"]["strategy"], "model": r["config"]["model"],
                            "upper_bound": r["upper_bound"]} for r in reports])
     # Plot legends carry the words, not only the star: a legend has no footnote.
     legends = {r["run_id"]: labels[r["run_id"]] + (" UPPER BOUND" if r["upper_bound"] else "") for r in reports}

@@ -275,12 +275,12 @@ def _run_labels(rows: list[dict]) -> dict[str, str]:
     """A short name per run: its strategy, or its model where the runs share a strategy but not a model (a base
     and its trained adapters), else strategy and run id; '*' marks an upper bound."""
     strategies = [row["strategy"] for row in rows]
-    models = [row["model"] for row in rows]
+    pairs = [(row["strategy"], row["model"]) for row in rows]
 
     def label(row: dict) -> str:
         if strategies.count(row["strategy"]) == 1:
             return row["strategy"]
-        if models.count(row["model"]) == 1:
+        if pairs.count((row["strategy"], row["model"])) == 1:
             return f"{row['strategy']} {model_label(row['model'])}"
         return f"{row['strategy']} {row['run_id'][:6]}"
 

@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Callable, ContextManager
 
-from ..api import Run, evaluate, load_run
+from ..api import Run, evaluate
 from ..compare import compare_runs
 from ..errors import UserError
 from .data import RECIPES, build_rows, summary_line, write_rows
@@ -60,9 +60,13 @@ def improve(
         raise UserError("--recipe: give at least one recipe")
     if len(set(recipes)) != len(recipes):
         raise UserError("--recipe: each recipe once")
-    from .trainer import check_trainable, train  # the train extra; checked before anything runs
+    from .trainer import Hyperparameters, check_trainable, train  # the train extra; checked before anything runs
 
     check_trainable(model)
+    try:
+        Hyperparameters(seed=seed, **(train_options or {})).check()
+    except TypeError as error:
+        raise UserError(f"improve: {error}") from None
     output = Path(output).expanduser()
     common = dict(task=task, task_options=task_options, data=data, strategy=strategy, rounds=1, seed=seed, db=db,
                   split_seed=split_seed, test_share=test_share)
@@ -74,20 +78,18 @@ def improve(
                             on_start=on_start, on_turn=on_turn, **common)
 
     train_run = measure("1. measure the training items", model, "train", train_limit, samples, temperature)
-    trained_runs, cards = {}, {}
+    cards = {}
     for recipe in recipes:
         rows_file, adapter = output / f"{recipe}.jsonl", output / recipe
-        rows, summary = build_rows([load_run(train_run.run_id, db)], recipe, clt_share=clt_share, seed=seed)
+        rows, summary = build_rows([train_run], recipe, clt_share=clt_share, seed=seed)
         output.mkdir(parents=True, exist_ok=True)
         write_rows(rows, rows_file)
         say(f"2. {recipe} data: {rows_file} ({summary_line(summary)})")
         say(f"3. train {recipe}: {model} into {adapter}")
         cards[recipe] = train(rows_file, model, adapter, seed=seed, **(train_options or {}))
     base_run = measure("4. measure the base", model, "test", test_limit, 1, 0.0)
-    for recipe in recipes:
-        trained = measure(f"5. measure {recipe}", f"lora:{output / recipe}", "test", test_limit, 1, 0.0)
-        trained_runs[recipe] = trained.run_id
-    runs = [load_run(base_run.run_id, db)] + [load_run(run_id, db) for run_id in trained_runs.values()]
-    return {"train_run": train_run.run_id, "base_run": base_run.run_id, "trained_runs": trained_runs, "cards": cards,
-            "comparison": compare_runs(runs, seed=seed)}
-
+    trained = {recipe: measure(f"5. measure {recipe}", f"lora:{output / recipe}", "test", test_limit, 1, 0.0)
+               for recipe in recipes}
+    return {"train_run": train_run.run_id, "base_run": base_run.run_id,
+            "trained_runs": {recipe: run.run_id for recipe, run in trained.items()}, "cards": cards,
+            "comparison": compare_runs([base_run, *trained.values()], seed=seed)}
