@@ -31,6 +31,34 @@ def embedded():
     return load_model("embedded")
 
 
+# .ci/run sets this: there, bubblewrap is installed and a test that needs it must fail rather than skip.
+REQUIRE_BUBBLEWRAP = os.environ.get("SELFCORRECT_REQUIRE_BUBBLEWRAP") == "1"
+
+
+def need_bubblewrap() -> None:
+    """Skip the calling test where bubblewrap does not work here (fail instead under SELFCORRECT_REQUIRE_BUBBLEWRAP=1)."""
+    from selfcorrect.sandbox import bubblewrap_problem
+
+    problem = bubblewrap_problem()
+    if problem is not None:
+        if REQUIRE_BUBBLEWRAP:
+            pytest.fail(f"SELFCORRECT_REQUIRE_BUBBLEWRAP=1 but {problem}")
+        pytest.skip(problem)
+
+
+def sandbox_processes() -> list[int]:
+    """Host pids of sandboxed programs (and their forks) still running, seen from this side of any namespace."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline, open(f"/proc/{entry}/stat") as stat:
+                if b"sandbox_child.py" in cmdline.read() and stat.read().rsplit(")", 1)[1].split()[0] not in "ZX":
+                    pids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m selfcorrect ARGS` in a subprocess, as a user would from a shell."""
     return subprocess.run(

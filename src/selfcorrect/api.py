@@ -21,8 +21,10 @@ from .engine import run_cells
 from .errors import UserError
 from .exact import can_score_options, item_probabilities, run_scoring
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
+from .isolation import MODES, IsolationUnavailable, using
 from .models import Backend, check_model_spec, load_model, trained_questions
 from .prompt_version import prompt_version
+from .sandbox import isolation_for
 from .store import OptionScore, Store, Turn, default_db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
@@ -186,7 +188,19 @@ def _grading(turns: list[Turn]) -> dict:
         "outdated": sum(count for version, count in versions.items() if version not in (today, "unknown")),
         "unversioned": versions.get("unknown", 0),
         "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in turns),
+        "isolation": _isolation_counts(turns),
     }
+
+
+def _isolation_counts(turns: list[Turn]) -> dict[str, int]:
+    """How many grades ran their program inside each boundary; "not recorded" for code grades stored before
+    the boundary was (a code grade is one that timed its program)."""
+    counts: dict[str, int] = {}
+    for turn in turns:
+        if "isolation" in turn.extra or "duration_s" in turn.extra:
+            name = turn.extra.get("isolation", "not recorded")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _verifier(turns: list[Turn]) -> dict | None:
@@ -284,6 +298,23 @@ def _check_numbers(rounds: int, samples: int, temperature: float, limit: int | N
 MAX_GRADER_TIMEOUT_S = 86400.0
 
 
+def check_isolation_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UserError(f"--isolation {mode}: choose one of {', '.join(MODES)}")
+
+
+def code_isolation(task: Task, mode: str) -> str | None:
+    """The boundary `task`'s model-written code will run inside in isolation `mode` ("bubblewrap" or
+    "process only"), None for a task that runs no code; UserError for "strict" where bubblewrap fails."""
+    if task.execution_feedback is None:  # set by exactly the tasks that run code (selfcorrect.tasks.Task)
+        return None
+    try:
+        return isolation_for(mode)
+    except IsolationUnavailable as problem:
+        raise UserError(f"{problem}; without --isolation strict, code runs in the process-only sandbox "
+                        "(see docs/limits.md)") from None
+
+
 def check_grader_timeout(seconds: float) -> None:
     if not 0 < seconds <= MAX_GRADER_TIMEOUT_S:
         raise UserError(
@@ -315,6 +346,7 @@ def evaluate(
     split_seed: int = 0,
     test_share: float = 0.5,
     allow_train_items: bool = False,
+    isolation: str = "auto",
     backend: Backend | None = None,
     critic_backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
@@ -334,11 +366,15 @@ def evaluate(
     `split` ("train" or "test") keeps only the items of that part of a seeded split by question content
     (`split_seed`, `test_share` of the questions in "test"; see train/leak.py), before `limit`. A trained
     model (`lora:DIR`) is refused items whose question was in its training data unless `allow_train_items`.
+    `isolation` ("auto", "strict" or "process", see selfcorrect.isolation) says what boundary model-written
+    code runs inside; "strict" refuses a code task where bubblewrap does not work. Each grade records the
+    boundary it ran inside; the mode is not part of the run's identity.
     One process at a time runs a given run (`Store.lock_run`): while another does, this raises UserError
     naming it. Ctrl-C ends the call within seconds with the finished turns stored (see `run_cells`).
     """
     _check_numbers(rounds, samples, temperature, limit, max_tokens)
     check_grader_timeout(grader_timeout)
+    check_isolation_mode(isolation)
     if budget is not None and budget < 1:
         raise UserError(f"--budget {budget}: must be at least 1 token")
     if estimator not in ESTIMATORS:
@@ -355,6 +391,7 @@ def evaluate(
     if the_strategy.needs_critic and critic_model is None:
         raise UserError(f"--strategy {strategy}: needs a second model; pass --critic-model SPEC (e.g. embedded)")
     check_examples_possible(the_task, icl_confident, icl_critical)
+    code_isolation(the_task, isolation)
     check_model_spec(model)
     if critic_model is not None:
         check_model_spec(critic_model)
@@ -416,7 +453,7 @@ def evaluate(
             )
         else:
             on_start(run_id, len(items) * samples * (rounds + 1), store.count(run_id, "turns"))
-            with GraderPool(grader_timeout) as graders:
+            with GraderPool(grader_timeout) as graders, using(isolation):
                 bounded = replace(the_task, grade=graders.limit(the_task.grade))
                 generated, cache_hits = run_cells(
                     run_id, bounded, items, the_strategy, backend, store,
@@ -442,7 +479,7 @@ def load_run(run_id: str, db: str | Path | None = None) -> Run:
 
 def regrade(
     run_id: str, db: str | Path | None = None, grader_timeout: float = DEFAULT_TIMEOUT_S, all_turns: bool = False,
-    task_spec: dict | None = None,
+    task_spec: dict | None = None, isolation: str = "auto",
 ) -> dict:
     """Grade a stored run's replies again with today's graders; nothing is generated.
 
@@ -465,9 +502,11 @@ def regrade(
             return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
                                        "probabilities): nothing to regrade"}
         task, items = _task_again(store, run_id, config, task_spec)
+        code_isolation(task, isolation)
         turns = store.turns(run_id)
         due = [turn for turn in turns if all_turns or turn.grader_version != today or turn.extra.get("grader_timeout")]
-        grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
+        with using(isolation):
+            grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
         regraded = [
             replace(turn, answer=new.answer, correct=new.correct, reason=new.reason, extra=new.extra,
                     grader_version=today)

@@ -20,12 +20,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .api import check_grader_timeout, evaluate, load_run
+from .api import check_grader_timeout, check_isolation_mode, code_isolation, evaluate, load_run
 from .api import regrade as regrade_run
 from .compare import compare_runs
 from .engine import dropped_turns_running
 from .errors import UserError
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
+from .isolation import using
 from .html_report import render_html
 from .models import MODEL_SPECS, can_score_options, check_model_spec
 from .report import grader_note, print_comparison, print_improvement, print_report, print_table
@@ -126,6 +127,10 @@ DATA_HELP = "data file (JSONL, CSV, Parquet) or hf:DATASET[:CONFIG][@SPLIT] for 
 TASK_OPT_HELP = "task option KEY=VALUE (repeatable)"
 FIELD_HELP = "custom task: map fields to columns, NAME=COLUMN[,NAME=COLUMN] (question, answer, choices, id, solution)"
 GRADER_HELP = "custom task: exact | number | math | choice | code"
+ISOLATION_HELP = (
+    "what model-written code runs inside: auto (bubblewrap where it works here, else the process-only sandbox; the "
+    "report says which) | strict (bubblewrap or refuse) | process (never bubblewrap)"
+)
 GRADER_TIMEOUT_HELP = (
     "seconds one grade may take; a grade that takes longer is recorded as wrong ('grader timeout'). "
     "Code graders are bounded by the sandbox's own timeout instead"
@@ -305,6 +310,7 @@ def run(
     allow_train_items: bool = typer.Option(
         False, "--allow-train-items", help="let a trained model (lora:DIR) be measured on questions it was trained on"
     ),
+    isolation: str = typer.Option("auto", help=ISOLATION_HELP),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -334,7 +340,7 @@ def run(
             estimator=estimator, cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
             icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=on_turn,
             backend=backend, grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
-            allow_train_items=allow_train_items,
+            allow_train_items=allow_train_items, isolation=isolation,
         )
     report = result.report()
     if as_json:
@@ -584,10 +590,13 @@ def grade(
     grader_timeout: float = typer.Option(
         DEFAULT_TIMEOUT_S, "--grader-timeout", metavar="SECONDS", help=GRADER_TIMEOUT_HELP
     ),
+    isolation: str = typer.Option("auto", help=ISOLATION_HELP),
 ):
     """Grade one reply to one item and print {"correct", "reason", "answer"} as JSON."""
     check_grader_timeout(grader_timeout)
+    check_isolation_mode(isolation)
     the_task = load_task(task, data, parse_task_options(task_opt, field, grader))
+    code_isolation(the_task, isolation)
     found = [candidate for candidate in the_task.items if candidate.id == item]
     if not found:
         raise UserError(f"--item {item}: no such item in task '{task}' (ids look like {the_task.items[0].id!r})")
@@ -599,7 +608,7 @@ def grade(
     except UnicodeDecodeError as err:
         raise UserError(f"--response {response}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x}); "
                         "save the reply as UTF-8") from None
-    with GraderPool(grader_timeout, processes=1) as graders:
+    with GraderPool(grader_timeout, processes=1) as graders, using(isolation):
         verdict = graders.limit(the_task.grade)(found[0], text)
     print(json.dumps({"correct": verdict.correct, "reason": verdict.reason, "answer": verdict.answer,
                       "item_id": item, "extra": verdict.extra}))
@@ -620,6 +629,7 @@ def regrade(
     task_opt: list[str] = typer.Option([], "--task-opt", help="with --task: the run's --task-opt (repeatable)"),
     field: list[str] = typer.Option([], "--field", help="with --task: the run's --field"),
     grader: Optional[str] = typer.Option(None, help="with --task: the run's --grader"),
+    isolation: str = typer.Option("auto", help=ISOLATION_HELP),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ):
@@ -628,7 +638,7 @@ def regrade(
         raise UserError("--data, --task-opt, --field and --grader: only with --task (for a run stored before runs "
                         "kept how their task was loaded)")
     given = None if task is None else {"task": task, "data": data, "options": parse_task_options(task_opt, field, grader)}
-    summary = regrade_run(run_id, db, grader_timeout, all_turns, given)
+    summary = regrade_run(run_id, db, grader_timeout, all_turns, given, isolation)
     if as_json:
         print(json.dumps(summary))
         return

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Callable
 
-from .sandbox import die_with_parent
+from .sandbox_child import die_with_parent
 from .tasks import Grade, Item
 from .tasks.code import grade_code_with_tests, grade_humaneval
 

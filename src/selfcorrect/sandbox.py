@@ -1,72 +1,66 @@
 """Run a model-written Python program (a solution plus its tests) in a throwaway, limited process.
 
 `run_program` writes the program to `program.py` in a fresh temporary directory and runs it there with
-`python -I` in a new session, through a small runner (this file's `__main__` part). It passes only if
-the program runs to its last line and the interpreter then exits 0.
+`python -I` in a new session, through a small runner (selfcorrect.sandbox_child). It passes only if the
+program runs to its last line and the interpreter then exits 0. Linux only.
 
-Linux only. What is enforced, and by whom:
+Two boundaries, chosen by the isolation mode (selfcorrect.isolation; the grade records which one ran):
 
-- By the kernel, whatever the program does: CPU time, address space and file size limits (setrlimit,
-  so a memory bomb gets a MemoryError); a process-count limit, which Linux does not apply to root; a
-  wall-clock timeout; a cap on stdout and stderr; an environment holding only PATH, LANG, HOME and
-  TMPDIR (the parent's secrets are not passed on); a temporary working directory deleted afterwards;
-  and, where the OS permits it (it does as root, and usually for others through a user namespace),
-  an empty network namespace, in which no address, not even 127.0.0.1, is reachable. The program
-  and every process it starts share one process group, which is killed as soon as the program ends,
-  times out or floods its output, so no descendant outlives the run (unless it left the group).
-- By a Python-level guard installed before the program starts: starting processes (os.fork,
-  subprocess, os.system, exec*), signalling (os.kill, os.killpg) and leaving the process group are
-  refused; so are creating, changing or removing files outside the working directory, reading other
-  processes' /proc entries (their environment), and opening sockets. The guard stops honest mistakes
-  and careless code, not a determined attacker: `ctypes`, `_io`, `_socket` and friends reach the
-  same system calls around it. Such a program runs as the caller's user, so as root it can still
-  kill other processes (the parent too), read their environments, write wherever root can, fork
-  without limit until the timeout, or call setsid() to leave the process group and survive the run.
-  Even a guarded program may fill the disk with many files of up to the size limit in its own
-  directory. Run untrusted code as root only inside a machine or container you can throw away.
+**bubblewrap**, where it works here (a trial run at first use tells, `bubblewrap_problem`). The program runs
+in new PID, network, IPC, UTS and cgroup namespaces with a read-only root, private /tmp, /run, /proc and
+/dev, and its working directory as the only writable host directory. It cannot see or signal any host
+process, reach any address or host Unix socket under /run, or write outside its directory, whatever it
+calls (ctypes and libc included). Run by root, it runs as a fresh unprivileged user (no capabilities, no
+setuid), so the kernel's process-count limit contains a fork bomb. What remains: it reads what that user
+may read of the host's files (the root is bound read-only, not hidden), and may fill the disk up to the
+file size limit per file in its own directory.
+
+**process only** (no bubblewrap, or mode "process"). Enforced by the kernel: CPU time, address space and
+file size limits (setrlimit, so a memory bomb gets a MemoryError); a process-count limit, which Linux does
+not apply to root; where the OS permits it, an empty network namespace. Enforced by a Python-level guard:
+starting processes (os.fork, subprocess, os.system, exec*), signalling (os.kill, os.killpg) and leaving the
+process group are refused; so are creating, changing or removing files outside the working directory,
+reading other processes' /proc entries (their environment), and opening sockets. The guard stops honest
+mistakes and careless code, not a determined attacker: `ctypes`, `_io`, `_socket` and friends reach the
+same system calls around it. Such a program runs as the caller's user, so as root it can still kill
+other processes (the parent too), read their environments, write wherever root can, fork without limit
+until the timeout, connect to host Unix sockets, or call setsid() to leave the process group and survive
+the run. Run untrusted code that way only inside a machine or container you can throw away.
+
+In both: the guard (it turns mistakes into clear reasons), the rlimits, a wall-clock timeout, a cap on
+stdout and stderr, an environment holding only PATH, LANG, HOME and TMPDIR (the parent's secrets are not
+passed on), a working directory deleted afterwards, and one process group killed as soon as the program
+ends, times out or floods its output, so no descendant outlives the run.
 """
 
 from __future__ import annotations
 
-import builtins
-import ctypes
-import io
-import linecache
+import functools
 import os
-import resource
 import secrets
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-PROGRAM_FILE = "program.py"
+from . import isolation
+from .isolation import BUBBLEWRAP, PROCESS_ONLY, IsolationUnavailable
+from .sandbox_child import PROGRAM_FILE
 
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 # Once the program has exited, how long to keep reading what is already in its pipes.
 _DRAIN_S = 1.0
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-# os functions that create, change or remove files, and which of their arguments name those files.
-_CHANGES_FILES = {
-    "mkdir": ("path",), "mkfifo": ("path",), "mknod": ("path",), "remove": ("path",),
-    "unlink": ("path",), "rmdir": ("path",), "rename": ("src", "dst"), "replace": ("src", "dst"),
-    "link": ("src", "dst"), "symlink": ("dst",), "chmod": ("path",), "chown": ("path",),
-    "lchown": ("path",), "truncate": ("path",),
-}
-# Functions that start processes, signal them, or leave the process group the parent will kill.
-_REFUSED = {
-    os: ("fork", "forkpty", "system", "execv", "execve", "posix_spawn", "posix_spawnp",
-         "kill", "killpg", "setsid", "setpgid", "setpgrp"),
-    signal: ("pthread_kill", "pidfd_send_signal"),
-}
+# bubblewrap exits with 128 + the signal that killed the program, as a shell does.
+_SIGNALLED = 128
+
+
+class SandboxBroken(RuntimeError):
+    """The sandbox could not start the program (it says nothing about the program)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +72,17 @@ class ExecutionResult:
     stdout: str
     stderr: str
     duration_s: float
+    isolation: str = PROCESS_ONLY  # BUBBLEWRAP or PROCESS_ONLY: the boundary the program ran inside
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout_s: float
+    memory_mb: int
+    cpu_s: int
+    max_output_bytes: int
+    max_file_bytes: int
+    max_processes: int
 
 
 def run_program(
@@ -89,6 +94,7 @@ def run_program(
     max_output_bytes: int = 100_000,
     max_file_bytes: int = 10_000_000,
     max_processes: int = 32,
+    mode: str | None = None,
 ) -> ExecutionResult:
     """Run `program` (solution, tests and the call that runs them) in the sandbox and grade the run.
 
@@ -96,10 +102,58 @@ def run_program(
     includes unittest.main(), so run unittest with unittest.main(exit=False) and a failing result
     raising, or use plain asserts.
 
-    stdout and stderr are each read up to `max_output_bytes`; one more byte ends the run. The kernel
-    counts `max_processes` over all of the user's processes and threads (not for root), so a caller
-    that is not root and already runs many processes needs a higher value for threaded programs.
+    stdout and stderr are each read up to `max_output_bytes`; one more byte ends the run. Without bubblewrap
+    the kernel counts `max_processes` over all of the user's processes and threads (not for root), so a
+    caller that is not root and already runs many processes needs a higher value for threaded programs.
+    `mode` is an isolation mode (selfcorrect.isolation; None: the one in force); "strict" raises
+    IsolationUnavailable where bubblewrap does not work. SandboxBroken: the sandbox failed to start.
     """
+    limits = Limits(timeout_s, memory_mb, cpu_s, max_output_bytes, max_file_bytes, max_processes)
+    return _execute(program, _use_bubblewrap(mode or isolation.current_mode()), limits)
+
+
+def _use_bubblewrap(mode: str) -> bool:
+    if isolation.check_mode(mode) == "process":
+        return False
+    problem = bubblewrap_problem()
+    if problem is not None and mode == "strict":
+        raise IsolationUnavailable(f"--isolation strict: {problem}")
+    return problem is None
+
+
+def isolation_for(mode: str) -> str:
+    """The boundary programs will run inside in `mode` (BUBBLEWRAP or PROCESS_ONLY); IsolationUnavailable
+    for "strict" where bubblewrap does not work. A run asks this before it starts."""
+    return BUBBLEWRAP if _use_bubblewrap(mode) else PROCESS_ONLY
+
+
+# The trial run: it passes only where bubblewrap started it cut off from the host as run_program promises.
+_TRIAL = """
+import os
+assert os.getpid() < 10, f"pid {os.getpid()}: not in a new PID namespace"
+assert os.getuid() != 0, "still root"
+assert os.listdir("/run") == [], "the host's /run is visible"
+"""
+
+
+@functools.cache
+def bubblewrap_problem() -> str | None:
+    """None when bubblewrap isolates programs here, else why not (one line). Found once per process by a
+    trial run through the same path every program takes."""
+    if not sys.platform.startswith("linux"):
+        return "bubblewrap needs Linux"
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (Debian and Ubuntu: apt install bubblewrap)"
+    try:
+        trial = _execute(_TRIAL, True, Limits(60.0, 512, 10, 100_000, 1_000_000, 32))
+    except (OSError, SandboxBroken) as error:
+        return f"bubblewrap does not work here: {error}"
+    if not trial.passed:
+        return f"bubblewrap's trial run failed: {trial.reason}"
+    return None
+
+
+def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionResult:
     # How the parent knows the program ran to its end: the runner reads this nonce from stdin before
     # the program starts, keeps it out of the program's namespace, and writes it to a pipe of its own
     # only after exec() of the program returns. sys.exit() raises SystemExit through exec(), and
@@ -110,14 +164,23 @@ def run_program(
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="selfcorrect-sandbox-", ignore_cleanup_errors=True) as workdir:
         Path(workdir, PROGRAM_FILE).write_text(program, encoding="utf-8", errors="replace")
+        uid = isolation.sandbox_uid() if use_bubblewrap else None
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         status_read, status_write = os.pipe()
         try:
-            limits = (memory_mb * 2**20, cpu_s, max_file_bytes, max_processes)
+            command = [sys.executable, "-I", _CHILD, str(status_write), str(limits.memory_mb * 2**20),
+                       str(limits.cpu_s), str(limits.max_file_bytes), str(limits.max_processes),
+                       "bubblewrap" if use_bubblewrap else "process", "-" if uid is None else str(uid)]
+            if use_bubblewrap:
+                command = isolation.bubblewrap_argv(command, workdir, uid, env, readable=(os.path.dirname(_CHILD),))
+            else:
+                env["SELFCORRECT_PARENT_PID"] = str(os.getpid())
             process = subprocess.Popen(
-                [sys.executable, "-I", os.path.abspath(__file__), str(status_write), *map(str, limits)],
+                command,
                 cwd=workdir,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
-                     "SELFCORRECT_PARENT_PID": str(os.getpid())},
+                env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -136,24 +199,35 @@ def run_program(
             except BrokenPipeError:
                 pass  # the runner died at once; its exit status tells why
             try:
-                stdout, stderr, status, stopped = _collect(process, status_read, timeout_s, max_output_bytes)
+                stdout, stderr, status, stopped = _collect(process, status_read, limits.timeout_s,
+                                                           limits.max_output_bytes)
             finally:
                 _kill_group(process.pid)
                 process.wait()
                 _await_group_end(process.pid)
                 os.close(status_read)
+    reports = _reports(status.decode(errors="replace"), nonce)
+    returncode = process.returncode
+    if use_bubblewrap and returncode > _SIGNALLED:  # (a program's own os._exit(130) reads as SIGINT: a failure too)
+        returncode = _SIGNALLED - returncode
     if stopped == "output":
-        passed, reason = False, f"output limit exceeded (more than {max_output_bytes} bytes)"
+        passed, reason = False, f"output limit exceeded (more than {limits.max_output_bytes} bytes)"
     elif stopped == "timeout":
-        passed, reason = False, f"timeout after {timeout_s:g}s"
+        passed, reason = False, f"timeout after {limits.timeout_s:g}s"
+    elif "running" not in reports:
+        lines = stderr.decode(errors="replace").strip().splitlines()
+        raise SandboxBroken(f"the sandbox ({BUBBLEWRAP if use_bubblewrap else PROCESS_ONLY}) could not start the "
+                            f"program (exit code {process.returncode}): {lines[-1] if lines else 'no message'}")
     else:
-        passed, reason = _verdict(process.returncode, _report(status.decode(errors="replace"), nonce), cpu_s)
+        final = [report for report in reports if report != "running"]
+        passed, reason = _verdict(returncode, final[-1] if final else None, limits.cpu_s)
     return ExecutionResult(
         passed=passed,
         reason=reason,
         stdout=stdout.decode(errors="replace"),
         stderr=stderr.decode(errors="replace"),
         duration_s=time.monotonic() - started,
+        isolation=BUBBLEWRAP if use_bubblewrap else PROCESS_ONLY,
     )
 
 
@@ -226,10 +300,10 @@ def _group_running(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return bool(live_processes_in_group(pgid))
+    return bool(_live_processes_in_group(pgid))
 
 
-def live_processes_in_group(pgid: int) -> list[int]:
+def _live_processes_in_group(pgid: int) -> list[int]:
     """Pids of the process group that still run. Zombies, which wait for init to reap them, don't."""
     pids = []
     for entry in os.listdir("/proc"):
@@ -245,10 +319,9 @@ def live_processes_in_group(pgid: int) -> list[int]:
     return pids
 
 
-def _report(status: str, nonce: str) -> str | None:
-    """The runner's last report ("passed" or "failed REASON"), ignoring lines without the nonce."""
-    reports = [line[len(nonce) + 1:] for line in status.splitlines() if line.startswith(f"{nonce} ")]
-    return reports[-1] if reports else None
+def _reports(status: str, nonce: str) -> list[str]:
+    """The runner's reports ("running", then "passed" or "failed REASON"), ignoring lines without the nonce."""
+    return [line[len(nonce) + 1:] for line in status.splitlines() if line.startswith(f"{nonce} ")]
 
 
 def _verdict(returncode: int, report: str | None, cpu_s: int) -> tuple[bool, str]:
@@ -268,178 +341,3 @@ def _verdict(returncode: int, report: str | None, cpu_s: int) -> tuple[bool, str
     if report is not None:
         return False, report.removeprefix("failed ")
     return False, f"exited with code {returncode} before the tests finished"
-
-
-# ----- The runner: what runs in the child, as `python -I sandbox.py STATUS_FD LIMITS...` -----
-
-
-def _child_main(argv: list[str]) -> int:
-    """Isolate and limit this process, run program.py in it, and report how it ended (see run_program)."""
-    status_fd = int(argv[0])
-    memory_bytes, cpu_s, file_bytes, processes = map(int, argv[1:])
-    nonce = sys.stdin.readline().strip()
-    # A program must not outlive selfcorrect: a run that ends at once on Ctrl-C leaves its last programs.
-    die_with_parent(int(os.environ.pop("SELFCORRECT_PARENT_PID")))
-    _isolate_network()
-    _install_guard(os.path.realpath(os.getcwd()))
-    _set_limits(memory_bytes, cpu_s, file_bytes, processes)
-    # A fresh __main__ for the program, so `if __name__ == "__main__":` works and the runner's names
-    # (the nonce above all) are not among the program's globals.
-    module = types.ModuleType("__main__")
-    module.__file__ = PROGRAM_FILE
-    sys.modules["__main__"] = module
-    sys.argv = [PROGRAM_FILE]  # as if run as `python program.py`; unittest.main() parses it
-    try:
-        source = Path(PROGRAM_FILE).read_text(encoding="utf-8")
-        # Tracebacks quote the program as it was given, even if it changes or deletes the file.
-        linecache.cache[PROGRAM_FILE] = (len(source), None, source.splitlines(True), PROGRAM_FILE)
-        exec(compile(source, PROGRAM_FILE, "exec"), module.__dict__)
-    except BaseException as error:  # noqa: BLE001 - SystemExit and KeyboardInterrupt end a program too
-        # Report first: after a MemoryError, printing the traceback may itself run out of memory.
-        os.write(status_fd, f"{nonce} failed {_describe(error)}\n".encode())
-        trace = error.__traceback__.tb_next if error.__traceback__ else None
-        traceback.print_exception(type(error), error, trace)
-        return 1
-    os.write(status_fd, f"{nonce} passed\n".encode())
-    return 0
-
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel kill this process when the parent thread that started it ends, or the parent with it
-    (Linux only: elsewhere nothing happens)."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before the line above
-        os._exit(0)
-
-
-def _isolate_network() -> None:
-    """Move into a new network namespace, which has no usable interface, if the OS allows it.
-
-    Root may create one directly; another user may only together with a user namespace. When neither
-    is allowed, the guard's refusal to open sockets is all that remains.
-    """
-    import ctypes
-
-    unshare = getattr(ctypes.CDLL(None, use_errno=True), "unshare", None)
-    if unshare is None:
-        return
-    for flags in (_CLONE_NEWNET, _CLONE_NEWUSER | _CLONE_NEWNET):
-        if unshare(flags) == 0:
-            return
-
-
-def _set_limits(memory_bytes: int, cpu_s: int, file_bytes: int, processes: int) -> None:
-    """Apply the kernel limits. Hard limits too, so the program cannot raise them back.
-
-    The CPU hard limit is one second above the soft one: the soft limit sends SIGXCPU, the hard one
-    SIGKILL for a program that catches it.
-    """
-    for limit, soft, hard in (
-        (resource.RLIMIT_AS, memory_bytes, memory_bytes),
-        (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
-        (resource.RLIMIT_FSIZE, file_bytes, file_bytes),
-        (resource.RLIMIT_NPROC, processes, processes),
-        (resource.RLIMIT_CORE, 0, 0),
-    ):
-        _, current_hard = resource.getrlimit(limit)
-        if current_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
-        resource.setrlimit(limit, (soft, hard))
-
-
-def _install_guard(root: str) -> None:
-    """Refuse, from Python, what a test program has no business doing (see the module docstring)."""
-    import _posixsubprocess
-    import inspect
-    import socket
-
-    def refuse(what: str) -> Callable:
-        def refused(*args, **kwargs):
-            raise PermissionError(f"sandbox: {what} is not allowed")
-
-        return refused
-
-    for module, names in _REFUSED.items():
-        for name in names:
-            if hasattr(module, name):
-                setattr(module, name, refuse(f"{module.__name__}.{name}"))
-    subprocess.Popen = refuse("starting a process")
-    _posixsubprocess.fork_exec = refuse("starting a process")
-
-    class NoSocket(socket.socket):
-        """Stays a class, so modules that subclass socket.socket (ssl) still import."""
-
-        def __init__(self, *args, **kwargs):
-            raise PermissionError("sandbox: network access is not allowed")
-
-    socket.socket = NoSocket
-
-    def check(path, dir_fd: int | None, writing: bool, what: str) -> None:
-        path = os.fsdecode(path)
-        if dir_fd is not None and not os.path.isabs(path):
-            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
-        full = os.path.realpath(path)
-        if writing and os.path.commonpath([full, root]) != root:
-            raise PermissionError(
-                f"sandbox: {what}({full!r}) is not allowed: only files in the working directory may be changed"
-            )
-        parts = full.split(os.sep)
-        if parts[1:2] == ["proc"] and len(parts) > 2 and parts[2].isdigit() and int(parts[2]) != os.getpid():
-            raise PermissionError(f"sandbox: reading another process's {full} is not allowed")
-
-    def confine(module, name: str, parameters: tuple[str, ...], writing: Callable[[dict], bool]) -> None:
-        real = getattr(module, name)
-        signature = inspect.signature(real)
-        what = name if module is builtins else f"{module.__name__}.{name}"
-
-        def confined(*args, **kwargs):
-            arguments = signature.bind(*args, **kwargs).arguments
-            for parameter in parameters:
-                path = arguments.get(parameter)
-                if path is not None and not isinstance(path, int):  # an int is an already open file
-                    dir_fd = arguments.get("dir_fd", arguments.get(f"{parameter}_dir_fd"))
-                    check(path, dir_fd, writing(arguments), what)
-            return real(*args, **kwargs)
-
-        setattr(module, name, confined)
-
-    confine(builtins, "open", ("file",), lambda arguments: any(c in arguments.get("mode", "r") for c in "wax+"))
-    io.open = builtins.open
-    confine(os, "open", ("path",), lambda arguments: bool(arguments["flags"] & _WRITE_FLAGS))
-    for name, parameters in _CHANGES_FILES.items():
-        confine(os, name, parameters, lambda arguments: True)
-
-
-def _describe(error: BaseException) -> str:
-    """One line naming the error and the program line it came from, as feedback for the model."""
-    line = None
-    trace = error.__traceback__
-    while trace is not None:  # the innermost frame that is the program's own
-        if trace.tb_frame.f_code.co_filename == PROGRAM_FILE:
-            line = trace.tb_lineno
-        trace = trace.tb_next
-    message = str(error)
-    if isinstance(error, SyntaxError) and error.filename == PROGRAM_FILE:
-        line, message = error.lineno, error.msg
-    source = linecache.getline(PROGRAM_FILE, line).strip() if line else ""
-    where = f"{type(error).__name__} at line {line}" if line else type(error).__name__
-    if isinstance(error, SystemExit):
-        code = 0 if error.code is None else int(error.code) if isinstance(error.code, int) else 1
-        text = f"exited with code {code}{f' at line {line}' if line else ''} before the tests finished"
-    elif isinstance(error, MemoryError):
-        text = f"memory limit exceeded ({where}{f': {source}' if source else ''})"
-    elif isinstance(error, AssertionError):
-        text = f"{where}: {source}{f' ({message})' if message else ''}"
-    else:
-        text = f"{where}: {message or source}"
-    return " ".join(text.split())[:500]
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

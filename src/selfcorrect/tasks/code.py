@@ -49,7 +49,8 @@ TIMEOUT_S = 10.0
 
 def _run(item: Item, program: str, answer: str) -> Grade:
     result = run_program(program, timeout_s=TIMEOUT_S)
-    return Grade(answer, result.passed, result.reason, {"duration_s": round(result.duration_s, 3)})
+    return Grade(answer, result.passed, result.reason,
+                 {"duration_s": round(result.duration_s, 3), "isolation": result.isolation})
 
 
 def _humaneval_solution(spec: dict, code: str) -> str:

@@ -1,0 +1,149 @@
+"""How much stands between a model-written program and this machine: bubblewrap's namespaces, or the process alone.
+
+Three modes, chosen per run (`--isolation`, `evaluate(isolation=...)`):
+
+- "auto" (the default): bubblewrap where it works here, else the process-only sandbox, and the run's report
+  says which (`isolation: bubblewrap` / `isolation: process only`).
+- "strict": bubblewrap or nothing: a run that would execute code without it is refused before it starts.
+- "process": the process-only sandbox even where bubblewrap works (to compare the two, or time them).
+
+Whether bubblewrap works is found by a trial run at first use (`selfcorrect.sandbox.bubblewrap_problem`), not by
+`bwrap` being on the PATH: it may be installed where the kernel or a container refuses namespaces.
+
+This module only says how to wrap a command in bubblewrap (`bubblewrap_argv`); selfcorrect.sandbox runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Iterator
+
+MODES = ("auto", "strict", "process")
+BUBBLEWRAP = "bubblewrap"
+PROCESS_ONLY = "process only"
+
+# A root caller's program runs as a fresh user id from this block, which no account uses: the kernel applies
+# the process-count limit to every user but root, and counts it per user, so one id per program makes the
+# limit that program's alone (programs graded at the same time do not share it).
+_UID_BLOCK_START = 2_000_000_000
+_UID_BLOCK_SIZE = 2**24
+# The private /tmp is memory: a program may fill it only this far.
+_TMP_BYTES = 64 * 2**20
+
+_mode = "auto"
+
+
+class IsolationUnavailable(RuntimeError):
+    """--isolation strict, and bubblewrap does not work here."""
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"--isolation {mode}: choose one of {', '.join(MODES)}")
+    return mode
+
+
+@contextlib.contextmanager
+def using(mode: str) -> Iterator[None]:
+    """Run the sandboxed programs started inside this block (from any thread of this process) in `mode`.
+
+    A process-wide setting, because graders are called as grade(item, reply) from the engine's threads: two
+    runs at once in one process with different modes would see each other's.
+    """
+    global _mode
+    before, _mode = _mode, check_mode(mode)
+    try:
+        yield
+    finally:
+        _mode = before
+
+
+def current_mode() -> str:
+    return _mode
+
+
+def sandbox_uid() -> int | None:
+    """The user id a program should run as: a fresh unprivileged one when we are root, else None (ours)."""
+    if os.geteuid() != 0:
+        return None
+    return _UID_BLOCK_START + secrets.randbelow(_UID_BLOCK_SIZE)
+
+
+def bubblewrap_argv(
+    command: list[str], workdir: str, uid: int | None, env: dict[str, str], readable: tuple[str, ...] = ()
+) -> list[str]:
+    """`command`, wrapped in bubblewrap, with `env` its whole environment; `readable`: directories besides
+    Python's own that the command reads.
+
+    Read-only root; private /tmp, /run, /proc and /dev; `workdir` the only writable host directory; new PID,
+    network, IPC, UTS and cgroup namespaces; environment cleared; killed with its parent.
+
+    With `uid` (we are root), bubblewrap runs as root without a user namespace and the program drops to
+    `uid` itself (selfcorrect.sandbox_child): a user namespace would map its root back to ours, which the
+    process-count limit does not apply to. Directories that user could not enter (/root, where a
+    pyenv Python lives) are replaced by empty ones holding only the interpreter's trees and the work
+    directory, bound back where they were. Without `uid`, bubblewrap makes a user namespace as usual.
+    """
+    argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    if uid is None:
+        argv += ["--unshare-all"]
+    else:  # root may make the other namespaces without a user namespace
+        argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+    argv += ["--die-with-parent", "--clearenv"]
+    for name, value in env.items():
+        argv += ["--setenv", name, value]
+    workdir = os.path.realpath(workdir)
+    needed = _interpreter_trees() + [os.path.realpath(path) for path in readable]
+    masked = ["/tmp", "/run"]
+    if uid is not None:
+        masked += [top for top in map(_topmost_closed, [*needed, workdir]) if top is not None]
+    masked = _outermost(masked)
+    for directory in masked:
+        argv += ["--perms", "1777" if directory == "/tmp" else "0755", "--size", str(_TMP_BYTES), "--tmpfs", directory]
+    made: set[str] = set()
+    for path, how in [*((path, "--ro-bind") for path in _outermost(needed)), (workdir, "--bind")]:
+        mask = next((m for m in masked if _inside(path, m)), None)
+        if mask is None:
+            if how == "--bind":  # a work directory outside the masks still becomes the only writable place
+                argv += [how, path, path]
+            continue
+        for parent in _between(mask, path):
+            if parent not in made:
+                made.add(parent)
+                argv += ["--perms", "0755", "--dir", parent]
+        argv += [how, path, path]
+    return argv + ["--chdir", workdir, "--", *command]
+
+
+def _interpreter_trees() -> list[str]:
+    """What Python needs to start and import its standard library and installed packages."""
+    trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
+    return sorted(os.path.realpath(tree) for tree in trees if os.path.isdir(tree))
+
+
+def _topmost_closed(path: str) -> str | None:
+    """The outermost directory above `path` that a user other than its owner and group cannot enter."""
+    for parent in reversed(Path(path).parents):
+        if str(parent) != "/" and not os.stat(parent).st_mode & 0o001:
+            return str(parent)
+    return None
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """`paths` without duplicates and without those inside another, sorted."""
+    unique = sorted(set(paths))
+    return [path for path in unique if not any(other != path and _inside(path, other) for other in unique)]
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path != directory and os.path.commonpath([path, directory]) == directory
+
+
+def _between(top: str, path: str) -> list[str]:
+    """The directories strictly between `top` and `path`, outermost first."""
+    return [str(parent) for parent in reversed(Path(path).parents) if _inside(str(parent), top)]

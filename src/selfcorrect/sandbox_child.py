@@ -1,0 +1,233 @@
+"""What runs inside the sandbox, as `python -I sandbox_child.py STATUS_FD LIMITS... [UID]`: limit, guard and
+(when asked) drop this process to an unprivileged user, run program.py, and report how it ended.
+
+The parent side, and what is enforced by whom, is selfcorrect.sandbox. This file imports only the standard
+library: it starts for every program, and under bubblewrap it runs as a user who may read nothing else.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import io
+import linecache
+import os
+import resource
+import signal
+import subprocess
+import sys
+import traceback
+import types
+from pathlib import Path
+from typing import Callable
+
+PROGRAM_FILE = "program.py"
+
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+# os functions that create, change or remove files, and which of their arguments name those files.
+_CHANGES_FILES = {
+    "mkdir": ("path",), "mkfifo": ("path",), "mknod": ("path",), "remove": ("path",),
+    "unlink": ("path",), "rmdir": ("path",), "rename": ("src", "dst"), "replace": ("src", "dst"),
+    "link": ("src", "dst"), "symlink": ("dst",), "chmod": ("path",), "chown": ("path",),
+    "lchown": ("path",), "truncate": ("path",),
+}
+# Functions that start processes, signal them, or leave the process group the parent will kill.
+_REFUSED = {
+    os: ("fork", "forkpty", "system", "execv", "execve", "posix_spawn", "posix_spawnp",
+         "kill", "killpg", "setsid", "setpgid", "setpgrp"),
+    signal: ("pthread_kill", "pidfd_send_signal"),
+}
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def _child_main(argv: list[str]) -> int:
+    """Isolate and limit this process, run program.py in it, and report how it ended (see run_program).
+
+    `argv`: the status pipe, the four limits, "bubblewrap" or "process", and the user id to drop to ("-": stay).
+    """
+    status_fd = int(argv[0])
+    memory_bytes, cpu_s, file_bytes, processes = map(int, argv[1:5])
+    isolation, uid = argv[5], argv[6]
+    nonce = sys.stdin.readline().strip()
+    if uid != "-":
+        _drop_privileges(int(uid))
+    if isolation == "process":
+        # A program must not outlive selfcorrect: a run that ends at once on Ctrl-C leaves its last programs.
+        # (bubblewrap's --die-with-parent does this for its sandbox, whose parent pid this one cannot see.)
+        die_with_parent(int(os.environ.pop("SELFCORRECT_PARENT_PID")))
+        _isolate_network()  # bubblewrap made a network namespace already
+    _install_guard(os.path.realpath(os.getcwd()))
+    _set_limits(memory_bytes, cpu_s, file_bytes, processes)
+    # A fresh __main__ for the program, so `if __name__ == "__main__":` works and the runner's names
+    # (the nonce above all) are not among the program's globals.
+    module = types.ModuleType("__main__")
+    module.__file__ = PROGRAM_FILE
+    sys.modules["__main__"] = module
+    sys.argv = [PROGRAM_FILE]  # as if run as `python program.py`; unittest.main() parses it
+    # Everything above is the sandbox's own setting up: a run without this line never reached the program.
+    os.write(status_fd, f"{nonce} running\n".encode())
+    try:
+        source = Path(PROGRAM_FILE).read_text(encoding="utf-8")
+        # Tracebacks quote the program as it was given, even if it changes or deletes the file.
+        linecache.cache[PROGRAM_FILE] = (len(source), None, source.splitlines(True), PROGRAM_FILE)
+        exec(compile(source, PROGRAM_FILE, "exec"), module.__dict__)
+    except BaseException as error:  # noqa: BLE001 - SystemExit and KeyboardInterrupt end a program too
+        # Report first: after a MemoryError, printing the traceback may itself run out of memory.
+        os.write(status_fd, f"{nonce} failed {_describe(error)}\n".encode())
+        trace = error.__traceback__.tb_next if error.__traceback__ else None
+        traceback.print_exception(type(error), error, trace)
+        return 1
+    os.write(status_fd, f"{nonce} passed\n".encode())
+    return 0
+
+
+def _drop_privileges(uid: int) -> None:
+    """Become user and group `uid` with no supplementary groups and no capabilities, for good.
+
+    Runs as root inside bubblewrap's namespaces (see selfcorrect.isolation). Once no user id is 0 the kernel
+    clears every capability; no_new_privs stops a setuid program (su, mount) from giving root back.
+    """
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when the parent thread that started it ends, or the parent with it
+    (Linux only: elsewhere nothing happens)."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(0)
+
+
+def _isolate_network() -> None:
+    """Move into a new network namespace, which has no usable interface, if the OS allows it.
+
+    Root may create one directly; another user may only together with a user namespace. When neither
+    is allowed, the guard's refusal to open sockets is all that remains.
+    """
+    unshare = getattr(ctypes.CDLL(None, use_errno=True), "unshare", None)
+    if unshare is None:
+        return
+    for flags in (_CLONE_NEWNET, _CLONE_NEWUSER | _CLONE_NEWNET):
+        if unshare(flags) == 0:
+            return
+
+
+def _set_limits(memory_bytes: int, cpu_s: int, file_bytes: int, processes: int) -> None:
+    """Apply the kernel limits. Hard limits too, so the program cannot raise them back.
+
+    The CPU hard limit is one second above the soft one: the soft limit sends SIGXCPU, the hard one
+    SIGKILL for a program that catches it.
+    """
+    for limit, soft, hard in (
+        (resource.RLIMIT_AS, memory_bytes, memory_bytes),
+        (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
+        (resource.RLIMIT_FSIZE, file_bytes, file_bytes),
+        (resource.RLIMIT_NPROC, processes, processes),
+        (resource.RLIMIT_CORE, 0, 0),
+    ):
+        _, current_hard = resource.getrlimit(limit)
+        if current_hard != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current_hard), min(hard, current_hard)
+        resource.setrlimit(limit, (soft, hard))
+
+
+def _install_guard(root: str) -> None:
+    """Refuse, from Python, what a test program has no business doing (see the module docstring)."""
+    import _posixsubprocess
+    import inspect
+    import socket
+
+    def refuse(what: str) -> Callable:
+        def refused(*args, **kwargs):
+            raise PermissionError(f"sandbox: {what} is not allowed")
+
+        return refused
+
+    for module, names in _REFUSED.items():
+        for name in names:
+            if hasattr(module, name):
+                setattr(module, name, refuse(f"{module.__name__}.{name}"))
+    subprocess.Popen = refuse("starting a process")
+    _posixsubprocess.fork_exec = refuse("starting a process")
+
+    class NoSocket(socket.socket):
+        """Stays a class, so modules that subclass socket.socket (ssl) still import."""
+
+        def __init__(self, *args, **kwargs):
+            raise PermissionError("sandbox: network access is not allowed")
+
+    socket.socket = NoSocket
+
+    def check(path, dir_fd: int | None, writing: bool, what: str) -> None:
+        path = os.fsdecode(path)
+        if dir_fd is not None and not os.path.isabs(path):
+            path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        full = os.path.realpath(path)
+        if writing and os.path.commonpath([full, root]) != root:
+            raise PermissionError(
+                f"sandbox: {what}({full!r}) is not allowed: only files in the working directory may be changed"
+            )
+        parts = full.split(os.sep)
+        if parts[1:2] == ["proc"] and len(parts) > 2 and parts[2].isdigit() and int(parts[2]) != os.getpid():
+            raise PermissionError(f"sandbox: reading another process's {full} is not allowed")
+
+    def confine(module, name: str, parameters: tuple[str, ...], writing: Callable[[dict], bool]) -> None:
+        real = getattr(module, name)
+        signature = inspect.signature(real)
+        what = name if module is builtins else f"{module.__name__}.{name}"
+
+        def confined(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            for parameter in parameters:
+                path = arguments.get(parameter)
+                if path is not None and not isinstance(path, int):  # an int is an already open file
+                    dir_fd = arguments.get("dir_fd", arguments.get(f"{parameter}_dir_fd"))
+                    check(path, dir_fd, writing(arguments), what)
+            return real(*args, **kwargs)
+
+        setattr(module, name, confined)
+
+    confine(builtins, "open", ("file",), lambda arguments: any(c in arguments.get("mode", "r") for c in "wax+"))
+    io.open = builtins.open
+    confine(os, "open", ("path",), lambda arguments: bool(arguments["flags"] & _WRITE_FLAGS))
+    for name, parameters in _CHANGES_FILES.items():
+        confine(os, name, parameters, lambda arguments: True)
+
+
+def _describe(error: BaseException) -> str:
+    """One line naming the error and the program line it came from, as feedback for the model."""
+    line = None
+    trace = error.__traceback__
+    while trace is not None:  # the innermost frame that is the program's own
+        if trace.tb_frame.f_code.co_filename == PROGRAM_FILE:
+            line = trace.tb_lineno
+        trace = trace.tb_next
+    message = str(error)
+    if isinstance(error, SyntaxError) and error.filename == PROGRAM_FILE:
+        line, message = error.lineno, error.msg
+    source = linecache.getline(PROGRAM_FILE, line).strip() if line else ""
+    where = f"{type(error).__name__} at line {line}" if line else type(error).__name__
+    if isinstance(error, SystemExit):
+        code = 0 if error.code is None else int(error.code) if isinstance(error.code, int) else 1
+        text = f"exited with code {code}{f' at line {line}' if line else ''} before the tests finished"
+    elif isinstance(error, MemoryError):
+        text = f"memory limit exceeded ({where}{f': {source}' if source else ''})"
+    elif isinstance(error, AssertionError):
+        text = f"{where}: {source}{f' ({message})' if message else ''}"
+    else:
+        text = f"{where}: {message or source}"
+    return " ".join(text.split())[:500]
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
