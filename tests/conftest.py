@@ -46,14 +46,17 @@ def need_bubblewrap() -> None:
         pytest.skip(problem)
 
 
-def sandbox_processes() -> list[int]:
-    """Host pids of sandboxed programs (and their forks) still running, seen from this side of any namespace."""
+def sandbox_processes(bubblewrap: bool = True) -> list[int]:
+    """Host pids of sandboxed programs (and their forks) still running, seen from this side of any namespace;
+    with `bubblewrap`, also the bwrap processes around them."""
     pids = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline, open(f"/proc/{entry}/stat") as stat:
-                if b"sandbox_child.py" in cmdline.read() and stat.read().rsplit(")", 1)[1].split()[0] not in "ZX":
-                    pids.append(int(entry))
+                command = cmdline.read()
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+            if b"sandbox_child.py" in command and state not in "ZX" and (bubblewrap or b"bwrap" not in command):
+                pids.append(int(entry))
         except (OSError, ValueError, IndexError):
             continue
     return pids

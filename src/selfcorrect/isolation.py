@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -88,7 +89,8 @@ def bubblewrap_argv(
     pyenv Python lives) are replaced by empty ones holding only the interpreter's trees and the work
     directory, bound back where they were. Without `uid`, bubblewrap makes a user namespace as usual.
     """
-    argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    # By its full path: the command's own environment (`env`) has a PATH of its own.
+    argv = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     if uid is None:
         argv += ["--unshare-all"]
     else:  # root may make the other namespaces without a user namespace
