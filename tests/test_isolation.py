@@ -335,3 +335,6 @@ def test_the_boundary_is_recorded_per_grade_not_in_the_run_id(tmp_path):
     assert regraded.returncode == 0, regraded.stderr
     shown = run_cli("report", report["run_id"], "--db", db)
     assert "isolation: bubblewrap" in shown.stdout and "process only" not in shown.stdout
+    page = tmp_path / "report.html"
+    assert run_cli("report", report["run_id"], "--db", db, "--html", str(page)).returncode == 0
+    assert "isolation: bubblewrap" in page.read_text()
