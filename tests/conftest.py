@@ -46,20 +46,31 @@ def need_bubblewrap() -> None:
         pytest.skip(problem)
 
 
-def sandbox_processes(bubblewrap: bool = True) -> list[int]:
+def sandbox_processes(bubblewrap: bool = True, descendants_of: int | None = None) -> list[int]:
     """Host pids of sandboxed programs (and their forks) still running, seen from this side of any namespace;
-    with `bubblewrap`, also the bwrap processes around them."""
-    pids = []
-    for entry in os.listdir("/proc"):
+    with `bubblewrap`, also the bwrap processes around them; by default only those this process started
+    (`descendants_of`: another pid's; 0: anyone's), so that a suite running beside this one is not counted."""
+    ancestor = os.getpid() if descendants_of is None else descendants_of
+    parents, found = {}, []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as cmdline, open(f"/proc/{entry}/stat") as stat:
                 command = cmdline.read()
-                state = stat.read().rsplit(")", 1)[1].split()[0]
-            if b"sandbox_child.py" in command and state not in "ZX" and (bubblewrap or b"bwrap" not in command):
-                pids.append(int(entry))
-        except (OSError, ValueError, IndexError):
+                state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):  # the process ended while being read
             continue
-    return pids
+        parents[int(entry)] = int(parent)
+        if b"sandbox_child.py" in command and state not in "ZX" and (bubblewrap or b"bwrap" not in command):
+            found.append(int(entry))
+
+    def descends(pid: int) -> bool:
+        while pid in parents and pid > 1:
+            pid = parents[pid]
+            if pid == ancestor:
+                return True
+        return False
+
+    return [pid for pid in found if ancestor == 0 or descends(pid)]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -189,6 +189,7 @@ def _grading(turns: list[Turn]) -> dict:
         "unversioned": versions.get("unknown", 0),
         "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in turns),
         "isolation": _isolation_counts(turns),
+        "isolation_notes": sorted({turn.extra["isolation_note"] for turn in turns if "isolation_note" in turn.extra}),
     }
 
 
@@ -488,9 +489,11 @@ def regrade(
     are always tried again. The new grades are written in one transaction once all are made, so an error
     or Ctrl-C leaves the store as it was. Returns a summary: turns regraded and skipped, verdicts changed.
     A run stored before runs kept how their task was loaded needs `task_spec` ({"task", "data",
-    "options"}, as `evaluate` took them); the run's items must come out of it unchanged.
+    "options"}, as `evaluate` took them); the run's items must come out of it unchanged. `isolation` as for
+    `evaluate`.
     """
     check_grader_timeout(grader_timeout)
+    check_isolation_mode(isolation)
     store = Store(_db_path(db), create=False)
     try:
         run_id = store.find_run(run_id)

@@ -103,7 +103,7 @@ def _runs_table(reports: list[dict], labels: dict[str, str]) -> str:
         ]) + "</tr>")
     notes = "".join(f"<li>{escape(note)}</li>" for name, note in ESTIMATOR_NOTES.items()
                     if any(r["estimator"] == name for r in reports))
-    isolation = [(labels[r["run_id"]], isolation_line(r["grading"]["isolation"])) for r in reports]
+    isolation = [(labels[r["run_id"]], isolation_line(r["grading"]["isolation"], r["grading"]["isolation_notes"])) for r in reports]
     isolation_notes = "".join(f'<p class="note">{escape(label)}: {escape(line)}</p>' for label, line in isolation if line)
     return (f'<table><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr>{"".join(rows)}</table>'
             f'<p class="note">CL, CS and RSS go from the first answer to the final one. Estimator:</p>'

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from .sandbox_child import PROGRAM_FILE
+
 MODES = ("auto", "strict", "process")
 BUBBLEWRAP = "bubblewrap"
 PROCESS_ONLY = "process only"
@@ -32,7 +34,7 @@ PROCESS_ONLY = "process only"
 # limit that program's alone (programs graded at the same time do not share it).
 _UID_BLOCK_START = 2_000_000_000
 _UID_BLOCK_SIZE = 2**24
-# The private /tmp is memory: a program may fill it only this far.
+# The private /tmp (which holds the work directory) and /run are memory: a program may fill each only this far.
 _TMP_BYTES = 64 * 2**20
 
 _mode = "auto"
@@ -75,20 +77,27 @@ def sandbox_uid() -> int | None:
 
 
 def bubblewrap_argv(
-    command: list[str], workdir: str, uid: int | None, env: dict[str, str], readable: tuple[str, ...] = ()
+    command: list[str], env: dict[str, str], workdir: str, program_fd: int, uid: int | None,
+    readable: tuple[str, ...] = (),
 ) -> list[str]:
     """`command`, wrapped in bubblewrap, with `env` its whole environment; `readable`: directories besides
     Python's own that the command reads.
 
-    Read-only root; private /tmp, /run, /proc and /dev; `workdir` the only writable host directory; new PID,
-    network, IPC, UTS and cgroup namespaces; environment cleared; killed with its parent.
+    Read-only root; private /tmp, /run, /proc and /dev; new PID, network, IPC, UTS and cgroup namespaces;
+    environment cleared; killed with its parent. `workdir` (a directory of /tmp) is made inside the sandbox's
+    private /tmp, a tmpfs of at most _TMP_BYTES, and holds program.py, copied from `program_fd`: nothing the
+    program writes reaches a host disk, and it all goes with the sandbox.
+
+    Home directories (/root, /home, $HOME) are replaced by empty ones: the program must not read the caller's
+    keys and tokens and print them into feedback. What Python needs from them (a pyenv interpreter, a
+    virtualenv, selfcorrect itself) is bound back, read-only, where it was.
 
     With `uid` (we are root), bubblewrap runs as root without a user namespace and the program drops to
     `uid` itself (selfcorrect.sandbox_child): a user namespace would map its root back to ours, which the
-    process-count limit does not apply to. Directories that user could not enter (/root, where a
-    pyenv Python lives) are replaced by empty ones holding only the interpreter's trees and the work
-    directory, bound back where they were. Without `uid`, bubblewrap makes a user namespace as usual.
+    process-count limit does not apply to. Directories that user could not enter are replaced the same way.
+    Without `uid`, bubblewrap makes a user namespace as usual.
     """
+    assert os.path.dirname(workdir) == "/tmp", workdir
     # By its full path: the command's own environment (`env`) has a PATH of its own.
     argv = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     if uid is None:
@@ -98,34 +107,45 @@ def bubblewrap_argv(
     argv += ["--die-with-parent", "--clearenv"]
     for name, value in env.items():
         argv += ["--setenv", name, value]
-    workdir = os.path.realpath(workdir)
-    needed = _interpreter_trees() + [os.path.realpath(path) for path in readable]
-    masked = ["/tmp", "/run"]
+    needed = _outermost(_interpreter_trees() + [os.path.realpath(path) for path in readable])
+    masked = ["/tmp", "/run", *_homes()]
     if uid is not None:
-        masked += [top for top in map(_topmost_closed, [*needed, workdir]) if top is not None]
-    masked = _outermost(masked)
+        masked += [top for top in map(_topmost_closed, needed) if top is not None]
+    masked = [directory for directory in _outermost(masked) if os.path.isdir(directory)]
     for directory in masked:
         argv += ["--perms", "1777" if directory == "/tmp" else "0755", "--size", str(_TMP_BYTES), "--tmpfs", directory]
     made: set[str] = set()
-    for path, how in [*((path, "--ro-bind") for path in _outermost(needed)), (workdir, "--bind")]:
+    for path in needed:
         mask = next((m for m in masked if _inside(path, m)), None)
         if mask is None:
-            if how == "--bind":  # a work directory outside the masks still becomes the only writable place
-                argv += [how, path, path]
             continue
         for parent in _between(mask, path):
             if parent not in made:
                 made.add(parent)
                 argv += ["--perms", "0755", "--dir", parent]
-        argv += [how, path, path]
+        argv += ["--ro-bind", path, path]
+    argv += ["--perms", "0777", "--dir", workdir,
+             "--perms", "0644", "--file", str(program_fd), os.path.join(workdir, PROGRAM_FILE)]
     return argv + ["--chdir", workdir, "--", *command]
 
 
 def _interpreter_trees() -> list[str]:
-    """What Python needs to start and import its standard library and installed packages."""
-    trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable))}
-    return sorted(os.path.realpath(tree) for tree in trees if os.path.isdir(tree))
+    """What Python needs to start and import its standard library and installed packages: its prefixes, and
+    the directory of every link on the way from sys.executable to the interpreter (each is followed)."""
+    trees = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    link = os.path.abspath(sys.executable)
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        trees.add(os.path.dirname(link))
+        if not os.path.islink(link):
+            break
+        link = os.path.join(os.path.dirname(link), os.readlink(link))
+    trees |= {os.path.realpath(tree) for tree in trees}
+    return sorted(tree for tree in trees if os.path.isdir(tree))
+
+
+def _homes() -> list[str]:
+    home = os.path.expanduser("~")
+    return ["/root", "/home", *([home] if home != "/" else [])]
 
 
 def _topmost_closed(path: str) -> str | None:

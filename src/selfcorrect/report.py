@@ -155,22 +155,23 @@ def _provenance_warnings(report: dict) -> list[str]:
     return warnings
 
 
-def isolation_line(counts: dict[str, int]) -> str | None:
-    """What stood between the run's model-written code and the machine, in one line (None: it ran none)."""
+def isolation_line(counts: dict[str, int], notes: list[str]) -> str | None:
+    """What stood between the run's model-written code and the machine, in one line (None: it ran none).
+    `notes`: why programs ran without bubblewrap."""
     if not counts:
         return None
-    if list(counts) == ["bubblewrap"]:
-        return "isolation: bubblewrap"
     if list(counts) == ["process only"]:
-        return ("isolation: process only (no kernel boundary around the model's code: bubblewrap was not used; "
-                "--isolation strict refuses to run without it)")
+        why = f"{'; '.join(notes)}; " if notes else ""
+        return f"isolation: process only (no kernel boundary around the model's code: {why}--isolation strict refuses this)"
+    if len(counts) == 1:
+        return f"isolation: {next(iter(counts))}"
     return "isolation: mixed (" + ", ".join(f"{count} grades {name}" for name, count in sorted(counts.items())) + ")"
 
 
 def _print_grading(report: dict, console: Console) -> None:
     """Which graders gave the verdicts, those older than today's, grades that timed out, and the code's isolation."""
     grading, run = report["grading"], report["run_id"]
-    isolation = isolation_line(grading["isolation"])
+    isolation = isolation_line(grading["isolation"], grading["isolation_notes"])
     if isolation is not None:
         style = "" if isolation == "isolation: bubblewrap" else "yellow"
         console.print(isolation, style=style, highlight=False, soft_wrap=True, markup=False)

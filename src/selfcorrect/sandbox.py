@@ -35,6 +35,7 @@ ends, times out or floods its output, so no descendant outlives the run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
@@ -45,8 +46,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 from . import isolation
 from .isolation import BUBBLEWRAP, PROCESS_ONLY, IsolationUnavailable
@@ -73,6 +75,7 @@ class ExecutionResult:
     stderr: str
     duration_s: float
     isolation: str = PROCESS_ONLY  # BUBBLEWRAP or PROCESS_ONLY: the boundary the program ran inside
+    isolation_note: str | None = None  # why not inside bubblewrap, one line
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,12 @@ def run_program(
     IsolationUnavailable where bubblewrap does not work. SandboxBroken: the sandbox failed to start.
     """
     limits = Limits(timeout_s, memory_mb, cpu_s, max_output_bytes, max_file_bytes, max_processes)
-    return _execute(program, _use_bubblewrap(mode or isolation.current_mode()), limits)
+    mode = mode or isolation.current_mode()
+    inside_bubblewrap = _use_bubblewrap(mode)
+    result = _execute(program, inside_bubblewrap, limits)
+    if inside_bubblewrap:
+        return result
+    return replace(result, isolation_note="--isolation process" if mode == "process" else bubblewrap_problem())
 
 
 def _use_bubblewrap(mode: str) -> bool:
@@ -162,11 +170,8 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
     # runner's frames could forge it, and such code is beyond what the guard claims to stop.
     nonce = secrets.token_hex(16)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="selfcorrect-sandbox-", ignore_cleanup_errors=True) as workdir:
-        Path(workdir, PROGRAM_FILE).write_text(program, encoding="utf-8", errors="replace")
+    with _workdir(program, use_bubblewrap) as (workdir, program_fd):
         uid = isolation.sandbox_uid() if use_bubblewrap else None
-        if uid is not None:
-            os.chown(workdir, uid, uid)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         status_read, status_write = os.pipe()
         try:
@@ -174,17 +179,18 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
                        str(limits.cpu_s), str(limits.max_file_bytes), str(limits.max_processes),
                        "bubblewrap" if use_bubblewrap else "process", "-" if uid is None else str(uid)]
             if use_bubblewrap:
-                command = isolation.bubblewrap_argv(command, workdir, uid, env, readable=(os.path.dirname(_CHILD),))
+                command = isolation.bubblewrap_argv(command, env, workdir, program_fd, uid,
+                                                    readable=(os.path.dirname(_CHILD),))
             else:
                 env["SELFCORRECT_PARENT_PID"] = str(os.getpid())
             process = subprocess.Popen(
                 command,
-                cwd=workdir,
+                cwd="/" if use_bubblewrap else workdir,  # under bubblewrap, workdir exists only inside
                 env=env,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(status_write,),
+                pass_fds=(status_write,) if program_fd is None else (status_write, program_fd),
                 start_new_session=True,
             )
         except BaseException:
@@ -194,11 +200,11 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
             os.close(status_write)
         with process:
             try:
-                process.stdin.write(f"{nonce}\n".encode())
-                process.stdin.close()
-            except BrokenPipeError:
-                pass  # the runner died at once; its exit status tells why
-            try:
+                try:
+                    process.stdin.write(f"{nonce}\n".encode())
+                    process.stdin.close()
+                except BrokenPipeError:
+                    pass  # the runner died at once; its exit status tells why
                 stdout, stderr, status, stopped = _collect(process, status_read, limits.timeout_s,
                                                            limits.max_output_bytes)
             finally:
@@ -229,6 +235,30 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
         duration_s=time.monotonic() - started,
         isolation=BUBBLEWRAP if use_bubblewrap else PROCESS_ONLY,
     )
+
+
+@contextlib.contextmanager
+def _workdir(program: str, inside_bubblewrap: bool) -> Iterator[tuple[str, int | None]]:
+    """Where the program runs, and under bubblewrap a file descriptor holding it.
+
+    Under bubblewrap the directory is made inside the sandbox's private /tmp, and bubblewrap copies the program
+    there from the descriptor (a memory file): nothing of the run touches the host's disk. Otherwise it is a
+    temporary directory of the host, deleted afterwards.
+    """
+    source = program.encode("utf-8", errors="replace")
+    if inside_bubblewrap:
+        program_fd = os.memfd_create(PROGRAM_FILE)
+        try:
+            with open(program_fd, "wb", closefd=False) as handle:
+                handle.write(source)
+            os.lseek(program_fd, 0, os.SEEK_SET)
+            yield f"/tmp/selfcorrect-sandbox-{secrets.token_hex(6)}", program_fd
+        finally:
+            os.close(program_fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="selfcorrect-sandbox-", ignore_cleanup_errors=True) as workdir:
+        Path(workdir, PROGRAM_FILE).write_bytes(source)
+        yield workdir, None
 
 
 def _collect(process: subprocess.Popen, status_fd: int, timeout_s: float, cap: int):

@@ -49,8 +49,10 @@ TIMEOUT_S = 10.0
 
 def _run(item: Item, program: str, answer: str) -> Grade:
     result = run_program(program, timeout_s=TIMEOUT_S)
-    return Grade(answer, result.passed, result.reason,
-                 {"duration_s": round(result.duration_s, 3), "isolation": result.isolation})
+    extra = {"duration_s": round(result.duration_s, 3), "isolation": result.isolation}
+    if result.isolation_note:
+        extra["isolation_note"] = result.isolation_note
+    return Grade(answer, result.passed, result.reason, extra)
 
 
 def _humaneval_solution(spec: dict, code: str) -> str:

@@ -56,7 +56,7 @@ _GRADING_PACKAGES = ("math-verify", "latex2sympy2_extended", "antlr4-python3-run
 @functools.cache
 def grader_version() -> str:
     """12 hex digits that change when the grading code changes: the source of every module of
-    selfcorrect.tasks and of the sandbox (both sides), the versions of the maths packages and Python's major.minor.
+    selfcorrect.tasks and of the sandbox (both sides and its isolation), the versions of the maths packages and Python's major.minor.
 
     One version for the whole installation, not one per grader, so a report can tell whether a run's
     grades are older than today's without loading the run's task. It errs on the side of "changed": an
@@ -65,7 +65,7 @@ def grader_version() -> str:
     """
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for path in [*sorted(here.glob("*.py")), *(here.parent / name for name in ("sandbox.py", "sandbox_child.py"))]:
+    for path in [*sorted(here.glob("*.py")), *(here.parent / name for name in ("sandbox.py", "sandbox_child.py", "isolation.py"))]:
         digest.update(f"{path.name}\0".encode() + path.read_bytes() + b"\0")
     for package in _GRADING_PACKAGES:
         try:
