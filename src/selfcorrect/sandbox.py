@@ -8,12 +8,12 @@ Two boundaries, chosen by the isolation mode (selfcorrect.isolation; the grade r
 
 **bubblewrap**, where it works here (a trial run at first use tells, `bubblewrap_problem`). The program runs
 in new PID, network, IPC, UTS and cgroup namespaces with a read-only root, private /tmp, /run, /proc and
-/dev, and its working directory as the only writable host directory. It cannot see or signal any host
-process, reach any address or host Unix socket under /run, or write outside its directory, whatever it
-calls (ctypes and libc included). Run by root, it runs as a fresh unprivileged user (no capabilities, no
-setuid), so the kernel's process-count limit contains a fork bomb. What remains: it reads what that user
-may read of the host's files (the root is bound read-only, not hidden), and may fill the disk up to the
-file size limit per file in its own directory.
+/dev, empty home directories, and its working directory inside the private /tmp (memory, not a host disk).
+It cannot see or signal any host process, reach any address or host Unix socket under /run, write to any
+host file, or read the caller's home, whatever it calls (ctypes and libc included). Run by root, it runs as a
+fresh unprivileged user (no capabilities, no setuid), so the kernel's process-count limit contains a fork
+bomb. What remains: it reads what that user may read of the host's other files (the root is bound
+read-only, not hidden). See selfcorrect.isolation.
 
 **process only** (no bubblewrap, or mode "process"). Enforced by the kernel: CPU time, address space and
 file size limits (setrlimit, so a memory bomb gets a MemoryError); a process-count limit, which Linux does
