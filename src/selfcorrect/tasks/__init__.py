@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from . import arithmetic, code, custom, gsm8k, math_problems, mcq  # noqa: F401 - importing registers the tasks
+from . import arithmetic, code, custom, gsm8k, ifeval, math_problems, mcq  # noqa: F401 - importing registers the tasks
 from .base import TASKS, Grade, Item, Task, defining_identity, register_task
 from .grading import grader_version
 
