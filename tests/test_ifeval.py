@@ -367,3 +367,36 @@ def test_hub_rows_load_without_a_file(monkeypatch):
     rows[1]["instruction_id_list"] = ["no:such"]
     with pytest.raises(UserError, match=r"hf:google/IFEval:2: field 'instruction_id_list' names unknown"):
         load_task("ifeval")
+
+
+def test_the_report_gives_prompt_and_instruction_level_accuracy_under_both_checks(tmp_path):
+    """Three replies to item 1001 ("no commas") and item 1000 (no commas, 3 highlights, 300+ words), scripted;
+    the four accuracies worked out by hand from which instructions each reply follows."""
+    from conftest import SHARED_DATA, ScriptedBackend
+    from selfcorrect import evaluate
+
+    long_text = " ".join(["word"] * 310)
+    replies = {
+        # 1000: strict follows no-comma and 300+ words, misses the highlights; loose the same. 1001: follows.
+        "round0-1000": f"Sure *one* *two*\n{long_text}",
+        "round0-1001": "No commas here at all.",
+        # Round 1 for 1000: a first line with a comma, then all three instructions followed: loose only.
+        "round1-1000": f"Here it is, as asked:\n*a* *b* *c* {long_text}",
+        "round1-1001": "A comma, sadly.",
+    }
+
+    def reply(messages, seed):
+        item = "1000" if "Tripoli" in messages[0]["content"] else "1001"
+        return replies[f"round{(len(messages) - 1) // 2}-{item}"]
+
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(line for line in (SHARED_DATA / "ifeval.jsonl").read_text().splitlines(True)
+                            if line.startswith(('{"id": 1000,', '{"id": 1001,'))))
+    run = evaluate(task="ifeval", data=data, rounds=1, backend=ScriptedBackend(reply), db=tmp_path / "r.sqlite")
+    first, second = run.report()["instruction_following"]
+    # Round 0: 1000 follows 2 of 3 (strict and loose), 1001 follows 1 of 1.
+    assert first == {"round": 0, "replies": 2, "prompt_strict": 0.5, "prompt_loose": 0.5,
+                     "instruction_strict": 0.75, "instruction_loose": 0.75}
+    # Round 1: 1000 misses no-comma strictly (the first line), follows all 3 loosely; 1001 misses its one.
+    assert second == {"round": 1, "replies": 2, "prompt_strict": 0.0, "prompt_loose": 0.5,
+                      "instruction_strict": 0.5, "instruction_loose": 0.75}

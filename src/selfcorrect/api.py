@@ -123,6 +123,7 @@ class Run:
             "prompt_version": self.config.get("prompts"),
             "replies": _replies(self.turns),
             "grading": _grading(self.turns),
+            "instruction_following": _instruction_following(self.turns),
         }
         if summary is None:
             return {**report, "acc": [], "acc_ci": [], "cl": None, "cs": None, "rss": None, "acc_inf": None,
@@ -202,6 +203,26 @@ def _isolation_counts(turns: list[Turn]) -> dict[str, int]:
             name = turn.extra.get("isolation", "not recorded")
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def _instruction_following(turns: list[Turn]) -> list[dict] | None:
+    """IFEval's four accuracies for each round, from the per-instruction verdicts its grader stores: prompt
+    level (every instruction of a reply followed) and instruction level (over all instructions of all replies),
+    each under the strict and the loose check. Over every graded reply of the round, incomplete items
+    included. None for a task whose grades hold no such verdicts."""
+    graded = [turn for turn in turns if "strict" in turn.extra and "loose" in turn.extra]
+    if not graded:
+        return None
+    rounds = []
+    for round_ in sorted({turn.round for turn in graded}):
+        replies = [turn for turn in graded if turn.round == round_]
+        figures = {"round": round_, "replies": len(replies)}
+        for check in ("strict", "loose"):
+            verdicts = [verdict for turn in replies for verdict in turn.extra[check]]
+            figures[f"prompt_{check}"] = sum(all(turn.extra[check]) for turn in replies) / len(replies)
+            figures[f"instruction_{check}"] = sum(verdicts) / len(verdicts) if verdicts else None
+        rounds.append(figures)
+    return rounds
 
 
 def _verifier(turns: list[Turn]) -> dict | None:

@@ -225,6 +225,18 @@ def print_report(report: dict, console: Console) -> None:
         rounds.add_row("first answer" if t == 0 else f"correction {t}", _num(acc), _interval(ci))
     print_table(console, rounds)
 
+    if report["instruction_following"]:
+        following = Table(title="Instructions followed (IFEval), by round: prompt and instruction level")
+        for column in ("round", "replies", "prompt strict", "prompt loose", "instruction strict", "instruction loose"):
+            following.add_column(column, justify="right" if column != "round" else "left")
+        for figures in report["instruction_following"]:
+            following.add_row(
+                "first answer" if figures["round"] == 0 else f"correction {figures['round']}", str(figures["replies"]),
+                *(_num(figures[name]) for name in ("prompt_strict", "prompt_loose", "instruction_strict",
+                                                   "instruction_loose")),
+            )
+        print_table(console, following)
+
     if report["pairs"]:
         headline = Table(title=f"Last correction (round {report['pairs'][-1]['from']} -> {report['pairs'][-1]['to']})")
         headline.add_column("metric")
