@@ -5,6 +5,7 @@ is one line and exit code 2, its cell recorded as failed, not graded."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import subprocess
@@ -187,3 +188,32 @@ def test_store_keeps_a_failed_cell_until_its_turn_is_written(tmp_path):
     store.add_turn("r1", turn)
     assert store.failures("r1") == []
     store.close()
+
+
+def test_the_papers_protocol_through_the_server(server, tmp_path):
+    """`run --protocol yang2025` and the `reproduce` grid against the llama.cpp server: the paper's system message
+    and prompts go over HTTP, and BoolQ, which the paper scores from option probabilities that this backend does
+    not give, is sampled instead, and the grid says so."""
+    from conftest import SHARED_DATA
+
+    env = {"OPENAI_API_KEY": API_KEY}
+    model = f"openai:{SERVED_AS}@{server}/v1"
+    db = str(tmp_path / "runs.sqlite")
+    done = run_cli("run", "--protocol", "yang2025", "--task", "gsm8k", "--data", str(SHARED_DATA / "gsm8k_test.jsonl"),
+                   "--model", model, "--limit", "1", "--samples", "2", "--max-tokens", str(MAX_TOKENS), "--db", db,
+                   "--json", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert (report["config"]["samples"], report["config"]["temperature"]) == (2, 0.7)  # --samples wins, T the preset's
+    assert report["config"]["task"]["prompt"] == "yang2025"
+    turn = json.loads(run_cli("export", report["run_id"], "--db", db, env=env).stdout.splitlines()[-1])
+    assert turn["messages"][0] == {"role": "system", "content": "You are a helpful assistant!"}
+    assert turn["messages"][3]["content"] == turn["messages"][1]["content"]  # the question again, word for word
+
+    grid = run_cli("reproduce", "--model", model, "--tasks", "boolq", "--data", f"boolq={SHARED_DATA / 'boolq.jsonl'}",
+                   "--strategies", "reask", "--limit", "2", "--samples", "1", "--max-tokens", str(MAX_TOKENS),
+                   "--db", db, "--json", env=env)
+    assert grid.returncode == 0, grid.stderr[-2000:]
+    assert "gives no option probabilities, so its answers are sampled" in grid.stderr
+    (row,) = json.loads(grid.stdout)
+    assert (row["task"], row["estimator"], row["items"]) == ("boolq", "sampling", 2)

@@ -29,7 +29,8 @@ from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import using
 from .html_report import render_html
 from .models import MODEL_SPECS, can_score_options, check_model_spec
-from .report import grader_note, print_comparison, print_improvement, print_report, print_table
+from .protocols import protocol_settings
+from .report import grader_note, print_comparison, print_improvement, print_report, print_reproduction, print_table
 from .store import Store, default_db_path
 from .strategies import all_strategies
 from .tasks import TASKS, load_task
@@ -259,6 +260,11 @@ def _progress(db: Optional[Path], every: float):
         yield lines.start, lines.advance
 
 
+def _given(flag, preset, default):
+    """A flag's value: as given, else the protocol's, else its default."""
+    return flag if flag is not None else preset if preset is not None else default
+
+
 @app.command()
 @user_errors
 def run(
@@ -266,8 +272,8 @@ def run(
     model: str = typer.Option("embedded", help=MODEL_HELP),
     strategy: str = typer.Option("reask", help="correction strategy; `selfcorrect strategies` lists them"),
     rounds: int = typer.Option(1, help="correction rounds after the first answer"),
-    samples: int = typer.Option(1, help="first answers per item (the sampling estimator)"),
-    temperature: float = typer.Option(0.0, help="sampling temperature (0 = greedy)"),
+    samples: Optional[int] = typer.Option(None, help="first answers per item (the sampling estimator; default 1)"),
+    temperature: Optional[float] = typer.Option(None, help="sampling temperature (default 0: greedy)"),
     limit: Optional[int] = typer.Option(None, help="use only the first N items"),
     seed: int = typer.Option(0, help="seed for sampling and bootstrap"),
     data: Optional[Path] = typer.Option(None, help=DATA_HELP),
@@ -275,8 +281,12 @@ def run(
     field: list[str] = typer.Option([], "--field", help=FIELD_HELP),
     grader: Optional[str] = typer.Option(None, help=GRADER_HELP),
     max_tokens: Optional[int] = typer.Option(None, help="cap on tokens per reply (default: the task's)"),
-    estimator: str = typer.Option(
-        "auto", help="exact (option log-probs, multiple choice) | sampling | auto: exact where possible"
+    estimator: Optional[str] = typer.Option(
+        None, help="exact (option log-probs, multiple choice) | sampling | auto (default): exact where possible"
+    ),
+    protocol: Optional[str] = typer.Option(
+        None, help="yang2025: Yang et al.'s prompts, samples and decoding for the task; flags you give win "
+        "(see docs/reproduce.md)"
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="generate every reply, ignoring the response cache"),
     critic_model: Optional[str] = typer.Option(None, help="model spec of the critic, for --strategy critic"),
@@ -327,6 +337,10 @@ def run(
         raise UserError("--ray-actors and --ray-model: only with --ray ADDRESS (local, auto or a cluster address)")
     if ray_model and model != "embedded":
         raise UserError("--model and --ray-model: give one of them (the --ray-model specs name the model)")
+    options = parse_task_options(task_opt, field, grader)
+    preset = protocol_settings(protocol, task, model) if protocol else {}
+    if preset:
+        options = {**preset["task_options"], **options}
     with _progress(db, every) as (on_start, on_turn):
         backend = None
         if ray is not None:
@@ -335,9 +349,10 @@ def run(
             backend = ray_backend(model, ray, ray_actors, ray_model)
             model = ray_model[0] if ray_model else model  # the run's model spec; the backend names every actor's
         result = evaluate(
-            task=task, model=model, strategy=strategy, rounds=rounds, samples=samples, temperature=temperature,
-            limit=limit, seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), max_tokens=max_tokens,
-            estimator=estimator, cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
+            task=task, model=model, strategy=strategy, rounds=rounds,
+            samples=_given(samples, preset.get("samples"), 1), temperature=_given(temperature, preset.get("temperature"), 0.0),
+            limit=limit, seed=seed, data=data, task_options=options, max_tokens=_given(max_tokens, preset.get("max_tokens"), None),
+            estimator=_given(estimator, preset.get("estimator"), "auto"), cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
             icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=on_turn,
             backend=backend, grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
             allow_train_items=allow_train_items, isolation=isolation,
@@ -500,6 +515,57 @@ def improve(
     out.print(f"\nruns: base {result['base_run']}, "
               + ", ".join(f"{name} {run_id}" for name, run_id in result["trained_runs"].items())
               + f"; training items measured in {result['train_run']}. Every pair: selfcorrect compare {ids}",
+              soft_wrap=True, highlight=False)
+
+
+@app.command()
+@user_errors
+def reproduce(
+    model: str = typer.Option("embedded", help=MODEL_HELP),
+    protocol: str = typer.Option("yang2025", help="the protocol whose grid to run (yang2025: Yang et al., ACL 2025)"),
+    tasks: str = typer.Option(
+        "gsm8k,humaneval,ifeval,commonsense_qa,mmlu,boolq", help="the paper's tasks to run, comma-separated"
+    ),
+    strategies: str = typer.Option("reask,confident,critical", help="second-turn prompts, comma-separated"),
+    data: list[str] = typer.Option(
+        [], "--data", metavar="TASK=PATH", help="a task's questions (repeatable); commonsense_qa, mmlu and boolq need one"
+    ),
+    limit: Optional[int] = typer.Option(None, help="use only the first N items of each task"),
+    samples: Optional[int] = typer.Option(None, help="samples per question of the sampled tasks (the protocol's: 10)"),
+    max_tokens: Optional[int] = typer.Option(None, help="cap on new tokens per reply (the protocol's: 2,048; 1,024 on llama.cpp)"),
+    seed: int = typer.Option(0, help="seed for sampling and bootstrap"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    html: Optional[Path] = typer.Option(None, help="also write every run of the grid as one HTML report (CL-CS plane)"),
+    as_json: bool = typer.Option(False, "--json", help="print the table as one JSON array"),
+):
+    """Run a paper's grid (tasks x second-turn prompts) on one model and print its table; resumable."""
+    from .reproduce import run_grid, table_rows
+
+    files = {}
+    for pair in data:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--data {pair}: give TASK=PATH, e.g. --data boolq=boolq.jsonl")
+        files[name.strip()] = Path(path).expanduser()
+    if html is not None and not html.parent.is_dir():
+        raise UserError(f"--html {html}: no such directory {html.parent}; create it first")
+    every = progress_seconds()
+    say = lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    with _progress(db, every) as (on_start, on_turn):
+        cells = run_grid(
+            model, [task.strip() for task in tasks.split(",") if task.strip()], protocol=protocol,
+            strategies=tuple(name.strip() for name in strategies.split(",") if name.strip()), data=files,
+            limit=limit, samples=samples, max_tokens=max_tokens, seed=seed, db=db, on_start=on_start, on_turn=on_turn,
+            on_cell=lambda task, strategy: say(f"{task} x {strategy}"), on_note=say,
+        )
+    rows = table_rows(cells)
+    if html is not None:
+        html.write_text(render_html([run for _, _, run in cells]), encoding="utf-8")
+    if as_json:
+        print(json.dumps(rows))
+        return
+    print_reproduction(rows, model, protocol, out)
+    out.print(f"\nruns: {' '.join(row['run_id'] for row in rows)}" + (f"; HTML report: {html}" if html else ""),
               soft_wrap=True, highlight=False)
 
 
@@ -678,14 +744,16 @@ def models():
     print_table(out, table, text=("what it runs",))
 
 
-EXPORT_FORMATS = ("jsonl", "json", "csv")
+EXPORT_FORMATS = ("jsonl", "json", "csv", "yang2025")
 
 
 @app.command()
 @user_errors
 def export(
     run_id: str = typer.Argument(..., help="run id (or a unique prefix)"),
-    format: str = typer.Option("jsonl", "--format", help="jsonl | json | csv"),
+    format: str = typer.Option(
+        "jsonl", "--format", help="jsonl | json | csv | yang2025 (the log lines of Yang et al.'s scripts, for their analysis)"
+    ),
     output: Optional[Path] = typer.Option(None, help="file to write (default: standard output)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
 ):
@@ -699,11 +767,16 @@ def export(
     if output is not None and not output.parent.is_dir():
         raise UserError(f"--output {output}: no such directory {output.parent}; create it first")
     result = load_run(run_id, db)
-    targets = {item["item_id"]: item["target"] for item in result.items}
-    rows = result.scores if result.estimator == "exact" else result.turns
-    records = [{"run_id": result.run_id, **row.to_json(), "target": targets[row.item_id]} for row in rows]
+    if format == "yang2025":  # the log format of the paper's own scripts (selfcorrect.paper_logs)
+        from .paper_logs import logits_log, sampling_log
+
+        records = logits_log(result) if result.estimator == "exact" else sampling_log(result)
+    else:
+        targets = {item["item_id"]: item["target"] for item in result.items}
+        rows = result.scores if result.estimator == "exact" else result.turns
+        records = [{"run_id": result.run_id, **row.to_json(), "target": targets[row.item_id]} for row in rows]
     handle = io.StringIO(newline="")  # all of it built before the file is opened: a failure writes nothing
-    if format == "jsonl":
+    if format in ("jsonl", "yang2025"):
         for record in records:
             handle.write(json.dumps(record) + "\n")
     elif format == "json":

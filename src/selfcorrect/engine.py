@@ -372,7 +372,7 @@ def _generate_turn(
     """The turn, and whether every reply in it came from the response cache."""
     started = time.perf_counter()
     dialogue = Dialogue(
-        backend, previous.messages if previous else [], max_tokens=max_tokens, temperature=temperature,
+        backend, previous.messages if previous else task.system_messages(), max_tokens=max_tokens, temperature=temperature,
         seed=lambda step: cell_seed(seed, item.id, sample, round_, step), critic=critic,
     )
     response, notes = play_round(task, strategy, item, round_, dialogue, previous, budget=budget, examples=examples)

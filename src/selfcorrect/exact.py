@@ -47,13 +47,13 @@ def run_scoring(
             if (item.id, given) in stored:
                 continue
             started = time.perf_counter()
-            first: list[Message] = [{"role": "user", "content": task.prompt(item)}]
+            first: list[Message] = [*task.system_messages(), {"role": "user", "content": task.prompt(item)}]
             try:
                 if given:
                     probs, messages, feedback = _score_correction(task, strategy, backend, item, first, given,
                                                                   labels, max_tokens, seed, critic, examples(item))
                 else:
-                    probs, messages, feedback = backend.option_probs(first, ANSWER_PREFIX, labels), first, []
+                    probs, messages, feedback = backend.option_probs(first, task.answer_prefix or ANSWER_PREFIX, labels), first, []
             except BackendError as error:  # a server gone, an actor dead: what is scored stays stored
                 raise UserError(
                     f"{error} (scoring stopped at item {item.id}; the finished scoring passes are stored: run the "
@@ -75,7 +75,7 @@ def _score_correction(
     """p2(.|given): the model made to have answered `given`, then the strategy's round run greedily; the
     reply it would grade is replaced by scoring the labels at that point of the conversation. A strategy
     that stops keeps the given answer, so p2 puts all its mass there."""
-    previous_reply = f"{ANSWER_PREFIX} {given}."
+    previous_reply = task.stated_answer(given) if task.stated_answer else f"{ANSWER_PREFIX} {given}."
     dialogue = Dialogue(
         backend, [*first, {"role": "assistant", "content": previous_reply}], max_tokens=max_tokens, temperature=0.0,
         seed=lambda step: cell_seed(seed, item.id, 0, 1, step), critic=critic,
@@ -87,7 +87,7 @@ def _score_correction(
     if response is None:
         return [1.0 if label == given else 0.0 for label in labels], dialogue.messages, dialogue.replies
     context = dialogue.messages[:-1]  # up to the prompt that the graded reply answered
-    return backend.option_probs(context, ANSWER_PREFIX, labels), context, dialogue.replies[:-1]
+    return backend.option_probs(context, task.answer_prefix or ANSWER_PREFIX, labels), context, dialogue.replies[:-1]
 
 
 def item_probabilities(scores: list[OptionScore], target: str) -> tuple[float, float, float] | None:

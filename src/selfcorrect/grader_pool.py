@@ -41,12 +41,12 @@ from typing import Callable
 
 from .sandbox_child import die_with_parent
 from .tasks import Grade, Item
-from .tasks.code import grade_code_with_tests, grade_humaneval
+from .tasks.code import grade_code_with_tests, grade_humaneval, grade_humaneval_3s
 
 DEFAULT_TIMEOUT_S = 10.0
 TIMEOUT_REASON = "grader timeout"
 # Graders bounded by the sandbox, which kills the program they run at its own timeout.
-SANDBOXED = (grade_humaneval, grade_code_with_tests)
+SANDBOXED = (grade_humaneval, grade_humaneval_3s, grade_code_with_tests)
 # A child imports selfcorrect (numpy and scipy among it) before it is ready; that is not the grade's time.
 _START_TIMEOUT_S = 120.0
 

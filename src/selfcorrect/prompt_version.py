@@ -64,4 +64,8 @@ def prompt_version(strategy: Strategy, task: Task, items: list[Item]) -> str:
             digest.update(text.encode() + b"\0")
     for item in items:
         digest.update(task.prompt(item).encode() + b"\0")
+    # A protocol's own wording (Yang et al.'s); tasks without one hash as they always did.
+    for text in (task.system, task.answer_prefix, task.stated_answer and task.stated_answer("X")):
+        if text:
+            digest.update(text.encode() + b"\0")
     return digest.hexdigest()[:16]

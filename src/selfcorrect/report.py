@@ -395,3 +395,16 @@ def print_improvement(result: dict, console: Console) -> None:
             "" if card is None else f"{card['data']['rows']} rows, {card['seconds']:.0f} s",
         )
     print_table(console, table)
+
+
+def print_reproduction(rows: list[dict], model: str, protocol: str, console: Console) -> None:
+    """A protocol's grid as the paper lays it out: per task and second-turn prompt, Acc1, Acc2, CL, CS, RSS."""
+    table = Table(title=f"{model} under {protocol}: per task and second-turn prompt (95% bootstrap intervals over items)")
+    for column in ("task", "second turn", "items", "Acc1", "Acc2", "CL", "CS", "RSS"):
+        table.add_column(column, justify="left" if column in ("task", "second turn") else "right")
+    for row in rows:
+        cells = [f"{_num(row[name])} {_interval(row['ci'][name])}" if row["ci"][name] else _num(row[name])
+                 for name in ("acc1", "acc2", "cl", "cs", "rss")]
+        task = row["task"] + (" (sampled)" if row["estimator"] == "sampling" and row["task"] in ("commonsense_qa", "mmlu", "boolq") else "")
+        table.add_row(task, row["prompt"], str(row["items"]), *cells)
+    print_table(console, table)

@@ -74,9 +74,21 @@ class Task:
     execution_feedback: Callable[[Item, str], ExecutionFeedback] | None = None
     # Everything that defines the item set, for the run's identity (options, data file and its hash).
     identity: dict = field(default_factory=dict)
+    # A system message that opens every conversation (a protocol's, e.g. Yang et al.'s); None: no system message.
+    system: str | None = None
+    # The exact estimator: the start of the reply whose next token is scored, and how a reply states option
+    # `label`, where a protocol words them its own way; None: selfcorrect.exact's ("The answer is", "... B.").
+    answer_prefix: str | None = None
+    stated_answer: Callable[[str], str] | None = None
 
     def prompt(self, item: Item) -> str:
-        return f"{item.question}\n{self.instruction(item)}"
+        """The first user message: the question, then the answer instruction (none where the task has none)."""
+        instruction = self.instruction(item)
+        return f"{item.question}\n{instruction}" if instruction else item.question
+
+    def system_messages(self) -> list[dict]:
+        """What every conversation starts with, before the question: the system message, if the task has one."""
+        return [{"role": "system", "content": self.system}] if self.system else []
 
 
 def answer_sentence(answer: str) -> str:

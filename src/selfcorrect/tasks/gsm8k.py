@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .base import Item, Task, answer_sentence, file_identity, read_jsonl, register_task, reject_unknown_options
+from ..protocols import YANG2025, YANG2025_SYSTEM, prompt_style
 from .base import require_field, require_items
 from .extract import canonical_number
 from .grading import grade_number
@@ -58,9 +59,13 @@ def _items_from_hub() -> list[Item]:
     "gsm8k", "GSM8K maths word problems (--data JSONL, or the Hub when online)", grader="number", answer="a number"
 )
 def gsm8k(data: Path | None, options: dict[str, str]) -> Task:
-    reject_unknown_options("gsm8k", options, set())
+    reject_unknown_options("gsm8k", options, {"prompt"})
+    style = prompt_style("gsm8k", options)
     items = _items_from_file(data) if data is not None else _items_from_hub()
     identity = file_identity(data) if data is not None else {"hub": "openai/gsm8k:main:test"}
+    if style == YANG2025:  # the question alone (selfcorrect.protocols)
+        return Task(name="gsm8k", items=items, instruction=lambda item: "", grade=grade_number, max_tokens=2048,
+                    identity={"task": "gsm8k", **identity, "prompt": style}, system=YANG2025_SYSTEM)
     return Task(
         name="gsm8k",
         items=items,

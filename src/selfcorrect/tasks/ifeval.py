@@ -30,6 +30,7 @@ from typing import Callable
 from ..errors import UserError
 from .base import Grade, Item, Task, file_identity, read_records, register_task, reject_unknown_options
 from .base import require_field, require_items
+from ..protocols import YANG2025, YANG2025_SYSTEM, prompt_style
 from .hub import load_hub_rows
 
 HUB_DATASET = "google/IFEval"
@@ -567,7 +568,8 @@ CORRECTION_INSTRUCTION = "Give your whole reply again, following every instructi
     grader="ifeval (strict, prompt level)", answer="a reply following the prompt's instructions",
 )
 def ifeval(data: Path | None, options: dict[str, str]) -> Task:
-    reject_unknown_options("ifeval", options, set())
+    reject_unknown_options("ifeval", options, {"prompt"})
+    style = prompt_style("ifeval", options)
     if data is None or str(data).startswith("hf:"):
         # hf:DATASET[:CONFIG][@SPLIT], as the custom task reads it; IFEval's own split is the default.
         name = str(data).removeprefix("hf:") if data is not None else HUB_DATASET
@@ -588,6 +590,7 @@ def ifeval(data: Path | None, options: dict[str, str]) -> Task:
         grade=grade_ifeval,
         # IFEval asks for long replies ("at least 300 words", several sections or paragraphs): 1024 tokens hold
         # about 700 English words, so the length limit rarely decides whether an instruction is followed.
-        max_tokens=1024,
-        identity={"task": "ifeval", **identity},
+        max_tokens=2048 if style == YANG2025 else 1024,
+        identity={"task": "ifeval", **identity, **({"prompt": style} if style else {})},
+        system=YANG2025_SYSTEM if style == YANG2025 else None,
     )

@@ -1,0 +1,92 @@
+"""`selfcorrect reproduce`: a protocol's grid, its tasks times its second-turn prompts, for one model, and the
+paper's table of Acc1, Acc2, CL, CS and RSS per task and prompt.
+
+Every cell is an ordinary run (stored, resumable, reported like any other): running the grid again fills what
+is missing. The model is loaded once for the whole grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .api import Run, evaluate
+from .errors import UserError
+from .exact import can_score_options
+from .models import check_model_spec, load_model
+from .protocols import YANG2025_STRATEGIES, YANG2025_TASKS, protocol_settings
+from .strategies import get_strategy
+
+# The paper's tasks that have a source without --data: our gsm8k and ifeval read the Hub, humaneval its package.
+NEEDS_DATA = ("commonsense_qa", "mmlu", "boolq")
+
+
+def run_grid(
+    model: str, tasks: list[str], *, protocol: str = "yang2025", strategies: tuple[str, ...] = YANG2025_STRATEGIES,
+    data: dict[str, Path] | None = None, limit: int | None = None, samples: int | None = None,
+    max_tokens: int | None = None, seed: int = 0,
+    db: str | Path | None = None, on_cell: Callable[[str, str], None] = lambda task, strategy: None,
+    on_note: Callable[[str], None] = lambda line: None,
+    on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
+    on_turn: Callable[[], None] = lambda: None,
+) -> list[tuple[str, str, Run]]:
+    """(task, strategy, run) for every cell of the grid, in order. Everything is checked before the first run:
+    the tasks (the paper's names, `YANG2025_TASKS`), the strategies, the data files and the model spec.
+    `samples` overrides the protocol's samples per question of the sampled tasks, `max_tokens` its cap on new
+    tokens per reply (both to shrink the grid). A model that
+    gives no option probabilities has the multiple-choice tasks sampled like the others, said through `on_note`."""
+    data = data or {}
+    unknown = [task for task in tasks if task not in YANG2025_TASKS]
+    if unknown:
+        raise UserError(f"--tasks {unknown[0]}: not in the {protocol} grid; choose from {', '.join(YANG2025_TASKS)}")
+    if not tasks:
+        raise UserError("--tasks: give at least one task")
+    stray = sorted(set(data) - set(tasks))
+    if stray:
+        raise UserError(f"--data {stray[0]}=...: task {stray[0]} is not among --tasks")
+    missing = [task for task in tasks if task in NEEDS_DATA and task not in data]
+    if missing:
+        raise UserError(f"--tasks {missing[0]}: needs its questions, --data {missing[0]}=PATH (JSONL with question, "
+                        "choices or a true/false answer; e.g. the paper's data/ files); or leave it out of --tasks")
+    for strategy in strategies:
+        get_strategy(strategy)
+    check_model_spec(model)
+    if samples is not None and samples < 1:
+        raise UserError(f"--samples {samples}: must be at least 1")
+    backend = load_model(model)
+    cells = []
+    for task in tasks:
+        ours = YANG2025_TASKS[task]
+        settings = protocol_settings(protocol, ours, model)
+        if settings["estimator"] == "exact" and not can_score_options(backend):
+            # The paper scores these from option probabilities; a model that gives none is sampled instead.
+            settings = {**settings, **protocol_settings(protocol, "gsm8k", model), "task_options": settings["task_options"]}
+            on_note(f"{task}: {model} gives no option probabilities, so its answers are sampled "
+                    f"({settings['samples']} per question) instead of scored exactly")
+        for strategy in strategies:
+            on_cell(task, strategy)
+            run = evaluate(
+                task=ours, model=model, strategy=strategy, rounds=1, data=data.get(task),
+                task_options=settings["task_options"], estimator=settings["estimator"],
+                samples=samples if samples is not None and settings["estimator"] == "sampling" else settings["samples"],
+                temperature=settings["temperature"], max_tokens=max_tokens or settings["max_tokens"], limit=limit, seed=seed,
+                db=db, backend=backend, on_start=on_start, on_turn=on_turn,
+            )
+            cells.append((task, strategy, run))
+    return cells
+
+
+def table_rows(cells: list[tuple[str, str, Run]], n_boot: int = 2000) -> list[dict]:
+    """The paper's table: per task and second-turn prompt, Acc1, Acc2, CL, CS and RSS with 95% intervals."""
+    rows = []
+    for task, strategy, run in cells:
+        report = run.report(n_boot)
+        acc = report["acc"] or [None, None]
+        rows.append({
+            "task": task, "prompt": strategy, "run_id": run.run_id, "estimator": report["estimator"],
+            "items": report["n_items"], "generated": run.generated, "acc1": acc[0], "acc2": acc[1],
+            "cl": report["cl"], "cs": report["cs"], "rss": report["rss"],
+            "ci": {name: report["ci"].get(key) for name, key in
+                   (("acc1", "acc_0"), ("acc2", "acc_1"), ("cl", "cl"), ("cs", "cs"), ("rss", "rss"))},
+        })
+    return rows
