@@ -14,10 +14,12 @@ capital_word_frequency need it, and it cannot be downloaded here) nor langdetect
 english_lowercase: unseeded, so not reproducible): no_comma, number_bullet_lists, end_checker, json_format, title,
 postscript, forbidden_words, quotation, number_paragraphs.
 
-Each line must get the same verdict from our grader, except:
+Our graders are taken as `--protocol yang2025` sets the tasks up (task option prompt=yang2025: BoolQ read as their
+checker reads it, `\boxed{X}` read first, HumanEval's 3-second limit). Each line must get the same verdict from our
+grader, except:
 - DELIBERATE_DIFFERENCES: we disagree on purpose; the test asserts that we still do, so the list stays true.
-- NEEDS_PROTOCOL: formats their checker accepts and ours does not yet; xfail(strict=True), so they turn into failures
-  once the paper-protocol preset teaches our graders (then move them out of this dict).
+- NEEDS_PROTOCOL: forms their checker reads and ours does not yet; xfail(strict=True), so each turns into a failure
+  once our grader learns it (then move it out of this dict).
 Keys are (task, item_id, reply_prefix); a prefix must match exactly one fixture line.
 """
 
