@@ -349,10 +349,12 @@ def run(
             backend = ray_backend(model, ray, ray_actors, ray_model)
             model = ray_model[0] if ray_model else model  # the run's model spec; the backend names every actor's
         result = evaluate(
-            task=task, model=model, strategy=strategy, rounds=rounds,
-            samples=_given(samples, preset.get("samples"), 1), temperature=_given(temperature, preset.get("temperature"), 0.0),
-            limit=limit, seed=seed, data=data, task_options=options, max_tokens=_given(max_tokens, preset.get("max_tokens"), None),
-            estimator=_given(estimator, preset.get("estimator"), "auto"), cache=not no_cache, critic_model=critic_model, icl_confident=icl_confident,
+            task=task, model=model, strategy=strategy, rounds=rounds, limit=limit, seed=seed, data=data,
+            task_options=options, samples=_given(samples, preset.get("samples"), 1),
+            temperature=_given(temperature, preset.get("temperature"), 0.0),
+            max_tokens=_given(max_tokens, preset.get("max_tokens"), None),
+            estimator=_given(estimator, preset.get("estimator"), "auto"), cache=not no_cache,
+            critic_model=critic_model, icl_confident=icl_confident,
             icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=on_turn,
             backend=backend, grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
             allow_train_items=allow_train_items, isolation=isolation,
