@@ -162,6 +162,8 @@ def test_mbpp_bad_records(tmp_path):
         ("Explain\n```\nx = 1\n```\nthen\n```py\ndef g(): pass\n```", "def g(): pass\n"),
         ("```python\ndef cut_off(x):\n    return", "def cut_off(x):\n    return"),
         ("def bare(): return 2", "def bare(): return 2"),
+        ("Here is the solution:\nimport math\ndef f():\n    return 1\n", "import math\ndef f():\n    return 1\n"),
+        ("x = compute()\nprint(x)", "x = compute()\nprint(x)"),  # nothing defined: the whole reply
     ],
 )
 def test_extract_code(reply, code):

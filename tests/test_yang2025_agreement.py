@@ -97,12 +97,8 @@ DELIBERATE_DIFFERENCES = {
         _NOT_BOXED + " (no letter here); ours finds the option's text",
 }
 
-NEEDS_PROTOCOL = {
-    ("humaneval", "HumanEval/0", "Here is the solution:"):
-        "take unfenced code from the entry point's def on, dropping prose before it, as their post_process does "
-        "(the paper's HumanEval prompt, 'Write a function def ... to solve the following problem:', asks for no "
-        "fence)",
-}
+# Empty: the last one, unfenced code after a line of prose, is read since extract_code drops the prose.
+NEEDS_PROTOCOL: dict[tuple[str, str, str], str] = {}
 
 
 def _rows() -> list[dict]:

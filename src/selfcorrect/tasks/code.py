@@ -36,12 +36,18 @@ def code_block(code: str) -> str:
     return f"```python\n{code.rstrip()}\n```"
 
 
+# Where unfenced code starts: a line that defines or imports something, at the left margin.
+_CODE_START = re.compile(r"^(?:def|class|import|from|async def|@)\b.*", re.MULTILINE)
+
+
 def extract_code(response: str) -> str:
     """The code in a reply: the last fenced block that defines something, else the last block (a block
-    cut off by the token limit counts), else the whole reply."""
+    cut off by the token limit counts); without a fence, the reply from its first line that defines or imports
+    something (prose before the code, "Here is the solution:", dropped), else the whole reply."""
     blocks = _BLOCK.findall(response)
     if not blocks:
-        return response
+        start = _CODE_START.search(response)
+        return response[start.start():] if start else response
     defining = [block for block in blocks if re.search(r"^\s*(def|class|import|from)\s", block, re.MULTILINE)]
     return (defining or blocks)[-1]
 
