@@ -107,10 +107,11 @@ YANG2025_TASKS = {
     "gsm8k": "gsm8k", "humaneval": "humaneval", "ifeval": "ifeval",
     "commonsense_qa": "mcq", "mmlu": "mcq", "boolq": "mcq",
 }
+_SAMPLED = TaskSettings(samples=10, estimator="sampling", max_tokens=2048)
 _SETTINGS = {
-    "gsm8k": TaskSettings(samples=10, estimator="sampling", max_tokens=2048),
-    "humaneval": TaskSettings(samples=10, estimator="sampling", max_tokens=2048),
-    "ifeval": TaskSettings(samples=10, estimator="sampling", max_tokens=2048),
+    "gsm8k": _SAMPLED,
+    "humaneval": _SAMPLED,
+    "ifeval": _SAMPLED,
     # The exact estimator generates the round's last reply only to replace it by scoring: the grid's one-prompt
     # strategies use none of it, so it is kept short.
     "mcq": TaskSettings(samples=1, estimator="exact", max_tokens=64),
@@ -119,19 +120,21 @@ YANG2025_STRATEGIES = ("reask", "confident", "critical")
 # Stand-ins for "the model's own defaults" (see the module docstring).
 TEMPERATURE = 0.7
 EMBEDDED_MAX_TOKENS = 1024
-_EMBEDDED_ENGINES = ("embedded", "llamacpp:", "lora:")  # model specs run by the batched llama.cpp engine
+_LLAMACPP_SPECS = ("llamacpp:", "lora:")  # besides "embedded": model specs run by the batched llama.cpp engine
 
 
-def protocol_settings(protocol: str, task: str, model: str) -> dict:
+def protocol_settings(protocol: str, task: str, model: str, sampled: bool = False) -> dict:
     """What `protocol` fixes for our task `task` on `model`: evaluate()'s task_options, samples, temperature,
-    max_tokens and estimator. A UserError for an unknown protocol or a task the protocol has no place for."""
+    max_tokens and estimator; with `sampled`, as the protocol samples its generative tasks (for a multiple-choice
+    task on a model that gives no option probabilities). A UserError for an unknown protocol or a task the
+    protocol has no place for."""
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
     if task not in _SETTINGS:
         raise UserError(f"--protocol {protocol}: task '{task}' is not in the paper's grid; its tasks are gsm8k, "
                         "humaneval, ifeval, and mcq (CommonsenseQA, MMLU, BoolQ from --data)")
-    settings = _SETTINGS[task]
-    embedded = model == "embedded" or model.startswith(_EMBEDDED_ENGINES[1:])
+    settings = _SAMPLED if sampled else _SETTINGS[task]
+    embedded = model == "embedded" or model.startswith(_LLAMACPP_SPECS)
     return {
         "task_options": {"prompt": protocol},
         "samples": settings.samples,

