@@ -746,7 +746,7 @@ def models():
     print_table(out, table, text=("what it runs",))
 
 
-EXPORT_FORMATS = ("jsonl", "json", "csv", "yang2025")
+EXPORT_FORMATS = ("jsonl", "json", "csv", "yang2025", "inspect")
 
 
 @app.command()
@@ -754,7 +754,8 @@ EXPORT_FORMATS = ("jsonl", "json", "csv", "yang2025")
 def export(
     run_id: str = typer.Argument(..., help="run id (or a unique prefix)"),
     format: str = typer.Option(
-        "jsonl", "--format", help="jsonl | json | csv | yang2025 (the log lines of Yang et al.'s scripts, for their analysis)"
+        "jsonl", "--format", help="jsonl | json | csv | yang2025 (the log lines of Yang et al.'s scripts, for their analysis) | "
+        "inspect (an Inspect AI eval log: .eval, or JSON when --output ends in .json; needs the inspect extra)"
     ),
     output: Optional[Path] = typer.Option(None, help="file to write (default: standard output)"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
@@ -795,7 +796,18 @@ def export(
         with output.open("w", encoding="utf-8", newline="") as file:
             file.write(handle.getvalue())
     except OSError as error:
+    if format == "inspect" and output is None:
+        raise UserError("--format inspect: give --output FILE (.eval, or .json for JSON); an Inspect log is a file")
         raise UserError(f"--output {output}: cannot write it ({error.strerror or error})") from None
+    if format == "inspect":  # inspect_ai's own log types and writer (selfcorrect.inspect_ext.log_export)
+        try:
+            from .inspect_ext.log_export import write_inspect_log
+        except ModuleNotFoundError as missing:
+            if not (missing.name or "").startswith("inspect_ai"):
+                raise
+            raise UserError("--format inspect: needs inspect_ai; pip install 'selfcorrect[inspect]'") from None
+        write_inspect_log(result, output)
+        return
 
 
 def main() -> None:
