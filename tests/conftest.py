@@ -3,10 +3,14 @@ and a scripted backend for unit tests of the engine's bookkeeping."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -131,3 +135,37 @@ def check_turns(task, run) -> None:
         else:
             assert replies and replies[-1] == turn.response and turn.feedback == replies[:-1], where
             assert turn.messages[-1] == {"role": "assistant", "content": turn.response}, where
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], port: int, log: Path, api_key: str = "none"):
+    """A server process started from `argv` (listening on 127.0.0.1:`port`, its output in `log`), once its
+    /v1/models answers; yields its URL without /v1 and stops it on exit."""
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    ready = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {api_key}"})
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(ready, timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the server did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

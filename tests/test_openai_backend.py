@@ -6,12 +6,8 @@ is one line and exit code 2, its cell recorded as failed, not graded."""
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
@@ -24,7 +20,7 @@ from selfcorrect.models.openai_http import OpenAIBackend
 from selfcorrect.store import Store, Turn
 from selfcorrect.tasks import Item
 
-from conftest import run_cli
+from conftest import free_port, run_cli, serving
 from fault_proxy import RETRY_AFTER_S, FaultProxy
 
 SERVED_AS = "smollm2"
@@ -34,46 +30,17 @@ RUN = dict(task="arithmetic", limit=4, rounds=1, max_tokens=MAX_TOKENS, cache=Fa
 TIMEOUT_S = 10.0  # through the proxy: well above a reply's time here, so only the injected stall times out
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """URL of a llama.cpp server (without /v1) that serves the embedded model as SERVED_AS to API_KEY."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "wb") as sink:
-        # One decoding thread: on a 2-core machine shared with other work, two spinning llama.cpp threads
-        # slowed to 0.35 tokens/s when the cores were busy, one thread kept about 7.
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()), "--model_alias",
-             SERVED_AS, "--api_key", API_KEY, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-             "--n_threads", "1"],
-            stdout=sink, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    ready = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(ready, timeout=2).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the llama.cpp server did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.5)
+    port = free_port()
+    # One decoding thread: on a 2-core machine shared with other work, two spinning llama.cpp threads
+    # slowed to 0.35 tokens/s when the cores were busy, one thread kept about 7.
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()), "--model_alias",
+            SERVED_AS, "--api_key", API_KEY, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
+            "--n_threads", "1"]
+    with serving(argv, port, tmp_path_factory.mktemp("server") / "server.log", API_KEY) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -131,7 +98,7 @@ def test_faults_are_retried_and_the_run_ends_with_the_same_turns(server, direct_
 
 
 def test_a_server_that_is_down_is_one_line_and_a_failed_cell(tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}/v1"  # nobody listens there
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nobody listens there
     db = tmp_path / "runs.sqlite"
     result = run_cli("run", "--model", f"openai:{SERVED_AS}@{url}", "--limit", "2", "--db", str(db),
                      env={"SELFCORRECT_HTTP_RETRIES": "1"})
@@ -192,8 +159,9 @@ def test_store_keeps_a_failed_cell_until_its_turn_is_written(tmp_path):
 
 def test_the_papers_protocol_through_the_server(server, tmp_path):
     """`run --protocol yang2025` and the `reproduce` grid against the llama.cpp server: the paper's system message
-    and prompts go over HTTP, and BoolQ, which the paper scores from option probabilities that this backend does
-    not give, is sampled instead, and the grid says so."""
+    and prompts go over HTTP with the server's own sampling defaults, and BoolQ, which the paper scores from
+    option probabilities that this server cannot give (it does not continue a started reply), is sampled
+    instead, and the grid says why."""
     from conftest import SHARED_DATA
 
     env = {"OPENAI_API_KEY": API_KEY}
@@ -204,7 +172,8 @@ def test_the_papers_protocol_through_the_server(server, tmp_path):
                    "--json", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert (report["config"]["samples"], report["config"]["temperature"]) == (2, 0.7)  # --samples wins, T the preset's
+    # --samples wins; the temperature is the preset's: the server's own sampling defaults
+    assert (report["config"]["samples"], report["config"]["temperature"]) == (2, "server")
     assert report["config"]["task"]["prompt"] == "yang2025"
     turn = json.loads(run_cli("export", report["run_id"], "--db", db, env=env).stdout.splitlines()[-1])
     assert turn["messages"][0] == {"role": "system", "content": "You are a helpful assistant!"}
@@ -214,6 +183,6 @@ def test_the_papers_protocol_through_the_server(server, tmp_path):
                    "--strategies", "reask", "--limit", "2", "--samples", "1", "--max-tokens", str(MAX_TOKENS),
                    "--db", db, "--json", env=env)
     assert grid.returncode == 0, grid.stderr[-2000:]
-    assert "gives no option probabilities, so its answers are sampled" in grid.stderr
+    assert "gives no option probabilities (the server does not continue a started assistant reply" in grid.stderr
     (row,) = json.loads(grid.stdout)
     assert (row["task"], row["estimator"], row["items"]) == ("boolq", "sampling", 2)

@@ -118,9 +118,11 @@ def test_the_papers_readings_of_replies():
 
 def test_settings_per_task_and_model():
     sampled = protocol_settings("yang2025", "gsm8k", "openai:qwen@http://127.0.0.1:8000/v1")
-    assert sampled == {"task_options": YANG, "samples": 10, "temperature": 0.7, "max_tokens": 2048,
+    # A server samples with its own defaults; selfcorrect's own engines have none, so 0.7 stands in.
+    assert sampled == {"task_options": YANG, "samples": 10, "temperature": "server", "max_tokens": 2048,
                        "estimator": "sampling"}
     assert protocol_settings("yang2025", "humaneval", "embedded")["max_tokens"] == 1024
+    assert protocol_settings("yang2025", "ifeval", "hf:HuggingFaceTB/SmolLM2-135M-Instruct")["temperature"] == 0.7
     exact = protocol_settings("yang2025", "mcq", "embedded")
     assert (exact["estimator"], exact["samples"], exact["temperature"]) == ("exact", 1, 0.0)
     with pytest.raises(UserError, match="task 'arithmetic' is not in the paper's grid"):
@@ -129,6 +131,19 @@ def test_settings_per_task_and_model():
         protocol_settings("yang2024", "gsm8k", "embedded")
     with pytest.raises(UserError, match="--task-opt prompt=paper"):
         load_task("gsm8k", SHARED_DATA / "gsm8k_test.jsonl", {"prompt": "paper"})
+
+
+def test_server_default_temperature_is_for_served_models_only(tmp_path):
+    """`--temperature server` leaves sampling to an OpenAI-compatible server; elsewhere it is one line and
+    exit 2 before anything is written, as is a temperature that is no number."""
+    from conftest import run_cli
+
+    db = tmp_path / "runs.sqlite"
+    for value, says in (("server", "--temperature server: only openai: models have sampling defaults of their own"),
+                        ("warm", "--temperature warm: give a number between 0 and 2, or server")):
+        done = run_cli("run", "--task", "arithmetic", "--temperature", value, "--samples", "2", "--db", str(db))
+        assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not db.exists()
 
 
 

@@ -29,8 +29,18 @@ from .tasks import Item, Task
 ANSWER_PREFIX = "The answer is"
 
 
-def can_score_options(backend: Backend) -> bool:
-    return callable(getattr(backend, "option_probs", None))
+def option_scoring_problem(backend: Backend) -> str | None:
+    """Why `backend` cannot score option labels, or None when it can. A server is asked (once) whether it
+    can (see `models/openai_logprobs.py`); a server that is down is a UserError here."""
+    if not callable(getattr(backend, "option_probs", None)):
+        return "it cannot score option labels"
+    ask = getattr(backend, "option_scoring_problem", None)
+    if ask is None:
+        return None
+    try:
+        return ask()
+    except BackendError as error:
+        raise UserError(str(error)) from None
 
 
 def run_scoring(

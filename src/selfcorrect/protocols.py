@@ -17,11 +17,16 @@
   reads "The answer is: X\\n".
 
 Where the paper leaves something open, or we cannot do as it did, the choice is ours and said here:
+- on an openai: model the multiple-choice options are scored from the server's top-20 token log-probabilities
+  where it can continue a started reply (vLLM, SGLang, llama-server: see models/openai_logprobs.py), else
+  sampled like the generative tasks, and `reproduce` says so;
 - the option token is scored with a leading space (" A" after "The answer is:"), as every selfcorrect backend
   scores options; the paper's code scores "A" without one;
-- "the model's own sampling defaults" are not known to selfcorrect: the preset samples at temperature 0.7
-  (a common default of instruction-tuned models) on every backend; on the embedded model replies are capped
-  at 1,024 new tokens, so two such replies and the prompts fit its 4,096-token context;
+- "the model's own sampling defaults": on an openai: model the preset leaves sampling to the server
+  (`--temperature server`: no temperature in the request, so vLLM applies the model's generation config);
+  selfcorrect's own engines know no such defaults and sample at temperature 0.7 (a common default of
+  instruction-tuned models); on the embedded model replies are capped at 1,024 new tokens, so two such
+  replies and the prompts fit its 4,096-token context;
 - the prompt variants of the paper's Section 5 (a "confident" and a "critical" second turn) are not in its
   released code; the grid runs our `confident` and `critical` strategies in their place (docs/strategies.md).
 """
@@ -33,6 +38,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import UserError
+from .models.base import SERVER_DEFAULT
 
 YANG2025 = "yang2025"
 PROTOCOLS = (YANG2025,)
@@ -117,7 +123,7 @@ _SETTINGS = {
     "mcq": TaskSettings(samples=1, estimator="exact", max_tokens=64),
 }
 YANG2025_STRATEGIES = ("reask", "confident", "critical")
-# Stand-ins for "the model's own defaults" (see the module docstring).
+# Stand-ins for "the model's own defaults" on selfcorrect's own engines (see the module docstring).
 TEMPERATURE = 0.7
 EMBEDDED_MAX_TOKENS = 1024
 _LLAMACPP_SPECS = ("llamacpp:", "lora:")  # besides "embedded": model specs run by the batched llama.cpp engine
@@ -138,7 +144,8 @@ def protocol_settings(protocol: str, task: str, model: str, sampled: bool = Fals
     return {
         "task_options": {"prompt": protocol},
         "samples": settings.samples,
-        "temperature": TEMPERATURE if settings.estimator == "sampling" else 0.0,
+        "temperature": (SERVER_DEFAULT if model.startswith("openai:") else TEMPERATURE)
+        if settings.estimator == "sampling" else 0.0,
         "max_tokens": min(settings.max_tokens, EMBEDDED_MAX_TOKENS) if embedded else settings.max_tokens,
         "estimator": settings.estimator,
     }

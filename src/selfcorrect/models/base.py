@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+# The temperature that leaves sampling to the server's own defaults (the model's generation config on vLLM):
+# only OpenAI-compatible servers have defaults of their own to leave it to. Every other temperature is a number.
+SERVER_DEFAULT = "server"
 
 
 @dataclass(frozen=True)
