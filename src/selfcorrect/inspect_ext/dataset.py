@@ -4,8 +4,8 @@ scorer grades them with.
 Each item becomes one Inspect sample: its id is the item's id, its input the first user message selfcorrect
 sends (the question and the task's answer instruction, after the task's system message if it has one), its
 target the gold answer; its metadata carries the task's answer instruction (INSTRUCTION_KEY), which
-`selfcorrect_rounds` hands to strategies that repeat it. The scorer finds the item again by the sample's id, so a reply is graded exactly as
-`selfcorrect run` grades it.
+`selfcorrect_rounds` hands to strategies that repeat it. The scorer finds the item again by the sample's id,
+so a reply is graded exactly as `selfcorrect run` grades it.
 """
 
 from __future__ import annotations

@@ -46,37 +46,27 @@ def _summary(scores: list[SampleScore]) -> dict | None:
     return metrics.summarize(correctness_table(scores), n_boot=1)
 
 
-def _last_correction(scores: list[SampleScore], name: str) -> float:
-    summary = _summary(scores)
-    value = summary["pairs"][-1][name] if summary and summary["pairs"] else None  # no pairs: no correction round
-    return math.nan if value is None else value
+def _last_correction_metric(name: str, description: str):
+    """The metric `name` of selfcorrect's last-correction figures (cl, cs or rss), registered with Inspect."""
+
+    def make() -> Metric:
+        def compute(scores: list[SampleScore]) -> float:
+            summary = _summary(scores)
+            value = summary["pairs"][-1][name] if summary and summary["pairs"] else None  # no pairs: no correction
+            return math.nan if value is None else value
+
+        return compute
+
+    make.__name__, make.__doc__ = name, description
+    return metric(name, scores="unreduced")(make)
 
 
-@metric(scores="unreduced")
-def cl() -> Metric:
-    """Confidence: of the answers right before the last correction, the share still right after it."""
-    def compute(scores: list[SampleScore]) -> float:
-        return _last_correction(scores, "cl")
-
-    return compute
-
-
-@metric(scores="unreduced")
-def cs() -> Metric:
-    """Critique: of the answers wrong before the last correction, the share right after it."""
-    def compute(scores: list[SampleScore]) -> float:
-        return _last_correction(scores, "cs")
-
-    return compute
-
-
-@metric(scores="unreduced")
-def rss() -> Metric:
-    """Relative self-correction score of the last correction: 0.5 means it changed nothing."""
-    def compute(scores: list[SampleScore]) -> float:
-        return _last_correction(scores, "rss")
-
-    return compute
+cl = _last_correction_metric(
+    "cl", "Confidence: of the answers right before the last correction, the share still right after it.")
+cs = _last_correction_metric(
+    "cs", "Critique: of the answers wrong before the last correction, the share right after it.")
+rss = _last_correction_metric(
+    "rss", "Relative self-correction score of the last correction: 0.5 means it changed nothing.")
 
 
 @metric(scores="unreduced")

@@ -39,7 +39,8 @@ def selfcorrect_scorer(
         its `data` file and `task_opts` as for `selfcorrect run --task TASK --data DATA --task-opt K=V`.
     """
     if (grader is None) == (task is None):
-        raise UserError("selfcorrect_scorer: give either grader= (an Inspect scorer) or task= (a selfcorrect task name)")
+        raise UserError(
+            "selfcorrect_scorer: give either grader= (an Inspect scorer) or task= (a selfcorrect task name)")
     loaded = selfcorrect_task(task, data, task_opts) if task is not None else None
 
     async def grade(state: TaskState, target: Target, reply: str) -> tuple[bool, str | None, str]:
@@ -55,7 +56,8 @@ def selfcorrect_scorer(
     async def score(state: TaskState, target: Target) -> Score:
         kept = state.store.get(ROUNDS_KEY)
         if kept is None:
-            raise ValueError(f"sample {state.sample_id}: no rounds in its store; put selfcorrect_rounds() in the solver")
+            raise ValueError(
+                f"sample {state.sample_id}: no rounds in its store; put selfcorrect_rounds() in the solver")
         return rounds_score([await grade(state, target, round_["response"]) for round_ in kept])
 
     return score
@@ -68,5 +70,6 @@ def rounds_score(graded: list[tuple[bool, str | None, str]]) -> Score:
         answer=graded[-1][1],
         explanation=" -> ".join(f"round {t}: {answer} ({'right' if right else 'wrong'})"
                                 for t, (right, answer, _) in enumerate(graded)),
-        metadata={"rounds": [{"answer": answer, "correct": right, "reason": reason} for right, answer, reason in graded]},
+        metadata={"rounds": [{"answer": answer, "correct": right, "reason": reason}
+                             for right, answer, reason in graded]},
     )

@@ -91,6 +91,7 @@ def selfcorrect_rounds(strategy: str = "reask", rounds: int = 1, instruction: st
             await generate(state, tool_calls="none")
         kept = [round_record(0, state.output.completion, [], {})]
         question = state.user_prompt.text
+        instruction_for_sample = state.metadata.get(INSTRUCTION_KEY, instruction)
         for round_ in range(1, rounds + 1):
             replies: list[str] = []
 
@@ -98,7 +99,7 @@ def selfcorrect_rounds(strategy: str = "reask", rounds: int = 1, instruction: st
                 replies.append(anyio.from_thread.run(reply_to, prompt))
                 return replies[-1]
 
-            correction = CorrectionRound(question=question, instruction=state.metadata.get(INSTRUCTION_KEY, instruction),
+            correction = CorrectionRound(question=question, instruction=instruction_for_sample,
                                          previous_reply=kept[-1]["response"], ask=ask)
             response = await anyio.to_thread.run_sync(partial(chosen.correct, correction))
             if response is None:  # the strategy stopped: the previous answer stands, every reply was feedback
