@@ -12,14 +12,13 @@ conversations, and is refused.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inspect_ai.log import (
     EvalConfig, EvalDataset, EvalLog, EvalMetric, EvalPlan, EvalPlanStep, EvalResults, EvalSample, EvalScore,
-    EvalSpec, write_eval_log,
+    EvalSpec, EvalStats, write_eval_log,
 )
 from inspect_ai.model import (
     ChatMessage, ChatMessageAssistant, ChatMessageSystem, ChatMessageUser, GenerateConfig, ModelOutput, ModelUsage,
@@ -27,6 +26,7 @@ from inspect_ai.model import (
 from inspect_ai.scorer import SampleScore
 
 from ..errors import UserError
+from ..store import Store
 from .metrics import cl, cs, round_accuracy, rss
 from .scorer import rounds_score
 from .solver import ROUNDS_KEY, round_record
@@ -57,6 +57,8 @@ def _sample(item: dict, sample: int, turns: list, model: str) -> EvalSample:
         scores={SCORER: rounds_score([(turn.correct, turn.answer, turn.reason) for turn in turns])},
         store={ROUNDS_KEY: [round_record(turn.round, turn.response, turn.feedback, turn.notes) for turn in turns]},
         metadata={"selfcorrect_item": item["item_id"]}, model_usage={model: usage},
+        # The conversation's turns ran one after another: their summed latency (generation and grading) is its time.
+        total_time=sum(turn.latency_s for turn in turns), working_time=sum(turn.latency_s for turn in turns),
     )
 
 
@@ -70,6 +72,15 @@ def _results(samples: list[EvalSample], total: int) -> EvalResults:
         scores=[EvalScore(name=SCORER, scorer=SCORER, scored_samples=len(samples),
                           metrics={name: EvalMetric(name=name, value=value) for name, value in values.items()})],
     )
+
+
+def _created_at(run: Run) -> str:
+    """When the run was first made, as its store recorded it."""
+    store = Store(run.db_path, create=False)
+    try:
+        return next(row["created_at"] for row in store.runs() if row["run_id"] == run.run_id)
+    finally:
+        store.close()
 
 
 def eval_log(run: Run) -> EvalLog:
@@ -89,11 +100,11 @@ def eval_log(run: Run) -> EvalLog:
     samples = [_sample(items[item_id], sample, turns[(item_id, sample)], model)
                for item_id in complete for sample in range(config["samples"])]
     solver_args = {"strategy": config["strategy"], "rounds": config["rounds"]}
-    now = datetime.now(timezone.utc).isoformat()
+    created = _created_at(run)
     return EvalLog(
         status="success" if len(complete) == len(run.items) else "cancelled",
         eval=EvalSpec(
-            created=now, run_id=run.run_id, task=f"selfcorrect/{config['task']['task']}", task_args=config["task"],
+            created=created, run_id=run.run_id, task=f"selfcorrect/{config['task']['task']}", task_args=config["task"],
             solver=SOLVER, solver_args=solver_args,
             dataset=EvalDataset(name=config["task"]["task"], samples=len(run.items),
                                 sample_ids=[item["item_id"] for item in run.items]),
@@ -105,6 +116,8 @@ def eval_log(run: Run) -> EvalLog:
         ),
         plan=EvalPlan(steps=[EvalPlanStep(solver=SOLVER, params=solver_args)]),
         results=_results(samples, len(run.items) * config["samples"]),
+        # When the run began; when it ended the store does not keep (a run may be resumed at any later time).
+        stats=EvalStats(started_at=created),
         samples=samples,
     )
 
