@@ -210,7 +210,7 @@ def test_bad_rounds_and_scorer_arguments_are_refused():
 
 def test_metrics_group_epochs_by_sample_and_leave_out_incomplete_items():
     # (sample id, round 0 right, round 1 right), epochs interleaved; "c" was scored in one epoch only.
-    rows = [("a", 1, 1), ("b", 0, 1), ("a", 1, 0), ("c", 1, 1), ("b", 0, 0)]
+    rows = [("c", 1, 1), ("a", 1, 1), ("b", 0, 1), ("a", 1, 0), ("b", 0, 0)]
     scores = [SampleScore(score=Score(value={"round_0": r0, "round_1": r1}), sample_id=sid) for sid, r0, r1 in rows]
     table = np.array([[[1, 1], [1, 0]], [[0, 1], [0, 0]]], dtype=bool)  # items a, b x 2 epochs x 2 rounds
     pair = metrics.pair_metrics(table[:, :, 0], table[:, :, 1], n_boot=1)

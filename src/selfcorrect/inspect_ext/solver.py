@@ -89,7 +89,7 @@ def selfcorrect_rounds(strategy: str = "reask", rounds: int = 1, instruction: st
 
         if not (state.messages and isinstance(state.messages[-1], ChatMessageAssistant)):
             await generate(state, tool_calls="none")
-        kept = [round_record(0, state.output.completion, [], {})]
+        kept = [round_record(0, state.messages[-1].text, [], {})]
         question = state.user_prompt.text
         instruction_for_sample = state.metadata.get(INSTRUCTION_KEY, instruction)
         for round_ in range(1, rounds + 1):
