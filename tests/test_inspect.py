@@ -145,6 +145,7 @@ def stored_run(tmp_path_factory):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # its run of the embedded model takes 20-40 s here
 @pytest.mark.parametrize("suffix", [".eval", ".json"])
 def test_export_reads_back_as_the_store_holds_the_run(stored_run, tmp_path, suffix):
     run, db = stored_run
@@ -175,6 +176,7 @@ def test_export_reads_back_as_the_store_holds_the_run(stored_run, tmp_path, suff
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_export_refusals_are_one_line(stored_run, tmp_path):
     run, db = stored_run
     done = run_cli("export", run.run_id, "--db", str(db), "--format", "inspect")
