@@ -6,6 +6,7 @@ The command line is a thin layer over these functions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from .exact import can_score_options, item_probabilities, run_scoring
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import MODES, IsolationUnavailable, using
 from .models import Backend, check_model_spec, load_model, trained_questions
+from .models.openai_http import check_rates
 from .prompt_version import prompt_version
 from .sandbox import isolation_for
 from .store import OptionScore, Store, Turn, default_db_path
@@ -42,6 +44,7 @@ class Run:
     items: list[dict]
     turns: list[Turn]
     scores: list[OptionScore] = field(default_factory=list)  # the exact estimator's scoring passes
+    traffic: list[dict] = field(default_factory=list)  # per call that ran it on an HTTP model: what its requests met
     generated: int = 0  # turns (or scoring passes) the model made for the call that returned this object
     cache_hits: int = 0  # turns that call took whole from the response cache
 
@@ -124,6 +127,7 @@ class Run:
             "replies": _replies(self.turns),
             "grading": _grading(self.turns),
             "instruction_following": _instruction_following(self.turns),
+            "http": _http_traffic(self.traffic),
         }
         if summary is None:
             return {**report, "acc": [], "acc_ci": [], "cl": None, "cs": None, "rss": None, "acc_inf": None,
@@ -160,6 +164,34 @@ def _costs(turns: list[Turn], n_items: int) -> dict:
     per = max(n_items, 1)
     return {"prompt": prompt, "completion": completion, "per_item": (prompt + completion) / per,
             "seconds": seconds, "seconds_per_item": seconds / per, "per_round": [rounds[r] for r in sorted(rounds)]}
+
+
+def _http_traffic(calls: list[dict]) -> dict | None:
+    """What the HTTP requests of the run met, over every call that ran it (a resumed run has several): requests
+    sent, how many repeated a failed one, how many were answered 429 and 503, the most in flight at once, the
+    ceiling asked for and the lowest the adaptive limit went. None for a run that sent no HTTP request."""
+    if not calls:
+        return None
+    summed = {key: sum(call[key] for call in calls) for key in ("requests", "retried", "rate_limited", "unavailable")}
+    return {**summed, "peak_in_flight": max(call["peak_in_flight"] for call in calls),
+            "concurrency": max(call["concurrency"] for call in calls),
+            "lowest_limit": min(call["lowest_limit"] for call in calls), "calls": len(calls)}
+
+
+@contextlib.contextmanager
+def _traffic_recorded(backend, store: Store, run_id: str):
+    """Within the block, count the requests of an HTTP model (its `metered`), and store what they met with the
+    run however the block ends (an error, Ctrl-C), when it sent any."""
+    metered = getattr(backend, "metered", None)
+    if metered is None:
+        yield
+        return
+    with metered() as meter:
+        try:
+            yield
+        finally:
+            if meter.requests:
+                store.add_traffic(run_id, meter.as_dict())
 
 
 def _replies(turns: list[Turn]) -> dict:
@@ -369,6 +401,9 @@ def evaluate(
     test_share: float = 0.5,
     allow_train_items: bool = False,
     isolation: str = "auto",
+    concurrency: int | None = None,
+    rpm: float | None = None,
+    tpm: float | None = None,
     backend: Backend | None = None,
     critic_backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
@@ -391,12 +426,16 @@ def evaluate(
     `isolation` ("auto", "strict" or "process", see selfcorrect.isolation) says what boundary model-written
     code runs inside; "strict" refuses a code task where bubblewrap does not work. Each grade records the
     boundary it ran inside; the mode is not part of the run's identity.
+    `concurrency` (default 64), `rpm` and `tpm` apply to an openai: model this call loads: the most requests in
+    flight (lowered while the server answers 429 or 503, see models/rate_limit.py) and ceilings on requests and
+    tokens per minute; none is part of the run's identity.
     One process at a time runs a given run (`Store.lock_run`): while another does, this raises UserError
     naming it. Ctrl-C ends the call within seconds with the finished turns stored (see `run_cells`).
     """
     _check_numbers(rounds, samples, temperature, limit, max_tokens)
     check_grader_timeout(grader_timeout)
     check_isolation_mode(isolation)
+    check_rates(concurrency, rpm, tpm)
     if budget is not None and budget < 1:
         raise UserError(f"--budget {budget}: must be at least 1 token")
     if estimator not in ESTIMATORS:
@@ -420,7 +459,9 @@ def evaluate(
     items = held_out_part(the_task.items, split, split_seed, test_share)
     items = items[:limit] if limit else items
     check_no_leak([(item.id, item.question) for item in items], trained_questions(model), model, allow_train_items)
-    backend = backend or load_model(model)
+    # Only the limits given go to the loader: a model not served over HTTP refuses any (models.load_model).
+    limits = {name: value for name, value in (("concurrency", concurrency), ("rpm", rpm), ("tpm", tpm)) if value is not None}
+    backend = backend or load_model(model, **limits)
     critic = None
     if the_strategy.needs_critic:
         critic = critic_backend or (backend if critic_model == model else load_model(critic_model))
@@ -465,23 +506,24 @@ def evaluate(
     try:
         store.create_run(run_id, config, items,
                          task_spec={"task": task, "data": _data_argument(data), "options": task_options or {}})
-        if chosen == "exact":
-            total = sum(1 + len(the_task.labels(item)) for item in items)
-            on_start(run_id, total, store.count(run_id, "option_scores"))
-            cache_hits = 0  # scoring passes are not cached; the greedy replies inside them are
-            generated = run_scoring(
-                run_id, the_task, items, the_strategy, backend, store,
-                max_tokens=config["max_tokens"], seed=seed, critic=critic, on_pass=on_turn, examples=examples,
-            )
-        else:
-            on_start(run_id, len(items) * samples * (rounds + 1), store.count(run_id, "turns"))
-            with GraderPool(grader_timeout) as graders, using(isolation):
-                bounded = replace(the_task, grade=graders.limit(the_task.grade))
-                generated, cache_hits = run_cells(
-                    run_id, bounded, items, the_strategy, backend, store,
-                    samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
-                    seed=seed, critic=critic, budget=budget, on_turn=on_turn, examples=examples,
+        with _traffic_recorded(backend, store, run_id):
+            if chosen == "exact":
+                total = sum(1 + len(the_task.labels(item)) for item in items)
+                on_start(run_id, total, store.count(run_id, "option_scores"))
+                cache_hits = 0  # scoring passes are not cached; the greedy replies inside them are
+                generated = run_scoring(
+                    run_id, the_task, items, the_strategy, backend, store,
+                    max_tokens=config["max_tokens"], seed=seed, critic=critic, on_pass=on_turn, examples=examples,
                 )
+            else:
+                on_start(run_id, len(items) * samples * (rounds + 1), store.count(run_id, "turns"))
+                with GraderPool(grader_timeout) as graders, using(isolation):
+                    bounded = replace(the_task, grade=graders.limit(the_task.grade))
+                    generated, cache_hits = run_cells(
+                        run_id, bounded, items, the_strategy, backend, store,
+                        samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
+                        seed=seed, critic=critic, budget=budget, on_turn=on_turn, examples=examples,
+                    )
         return _read_run(store, run_id, generated, cache_hits)
     finally:
         try:
@@ -603,5 +645,5 @@ def _db_path(db: str | Path | None) -> Path:
 def _read_run(store: Store, run_id: str, generated: int = 0, cache_hits: int = 0) -> Run:
     return Run(
         run_id, store.config(run_id), store.path, store.items(run_id), store.turns(run_id),
-        store.option_scores(run_id), generated, cache_hits,
+        store.option_scores(run_id), store.traffic(run_id), generated, cache_hits,
     )

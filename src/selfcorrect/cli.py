@@ -132,6 +132,12 @@ ISOLATION_HELP = (
     "what model-written code runs inside: auto (bubblewrap where it works here, else the process-only sandbox; the "
     "report says which) | strict (bubblewrap or refuse) | process (never bubblewrap)"
 )
+CONCURRENCY_HELP = (
+    "openai: models: the most requests in flight (default 64); lowered while the server answers 429 or 503 and "
+    "raised again after successes (see docs/backends.md)"
+)
+RPM_HELP = "openai: models: a ceiling on requests per minute (hosted APIs' rate limits)"
+TPM_HELP = "openai: models: a ceiling on prompt + completion tokens per minute (estimated before each reply)"
 GRADER_TIMEOUT_HELP = (
     "seconds one grade may take; a grade that takes longer is recorded as wrong ('grader timeout'). "
     "Code graders are bounded by the sandbox's own timeout instead"
@@ -321,6 +327,9 @@ def run(
         False, "--allow-train-items", help="let a trained model (lora:DIR) be measured on questions it was trained on"
     ),
     isolation: str = typer.Option("auto", help=ISOLATION_HELP),
+    concurrency: Optional[int] = typer.Option(None, metavar="N", help=CONCURRENCY_HELP),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help=RPM_HELP),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
@@ -346,7 +355,7 @@ def run(
         if ray is not None:
             from .models.ray_pool import ray_backend
 
-            backend = ray_backend(model, ray, ray_actors, ray_model)
+            backend = ray_backend(model, ray, ray_actors, ray_model, concurrency)
             model = ray_model[0] if ray_model else model  # the run's model spec; the backend names every actor's
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, limit=limit, seed=seed, data=data,
@@ -357,7 +366,7 @@ def run(
             critic_model=critic_model, icl_confident=icl_confident,
             icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=on_turn,
             backend=backend, grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
-            allow_train_items=allow_train_items, isolation=isolation,
+            allow_train_items=allow_train_items, isolation=isolation, concurrency=concurrency, rpm=rpm, tpm=tpm,
         )
     report = result.report()
     if as_json:
@@ -538,6 +547,9 @@ def reproduce(
     seed: int = typer.Option(0, help="seed for sampling and bootstrap"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     html: Optional[Path] = typer.Option(None, help="also write every run of the grid as one HTML report (CL-CS plane)"),
+    concurrency: Optional[int] = typer.Option(None, metavar="N", help=CONCURRENCY_HELP),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help=RPM_HELP),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help=TPM_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the table as one JSON array"),
 ):
     """Run a paper's grid (tasks x second-turn prompts) on one model and print its table; resumable."""
@@ -558,6 +570,7 @@ def reproduce(
             model, [task.strip() for task in tasks.split(",") if task.strip()], protocol=protocol,
             strategies=tuple(name.strip() for name in strategies.split(",") if name.strip()), data=files,
             limit=limit, samples=samples, max_tokens=max_tokens, seed=seed, db=db, on_start=on_start, on_turn=on_turn,
+            concurrency=concurrency, rpm=rpm, tpm=tpm,
             on_cell=lambda task, strategy: say(f"{task} x {strategy}"), on_note=say,
         )
     rows = table_rows(cells)

@@ -234,12 +234,15 @@ def run_cells(
     `dropped_turns_running`).
     """
     stored = store.turn_keys(run_id)
-    conversations = iter([
+    pending = [
         (item, sample) for item in items for sample in range(samples)
         if any((item.id, sample, round_) not in stored for round_ in range(rounds + 1))
-    ])
+    ]
+    conversations = iter(pending)
     take_lock = threading.Lock()
-    n_workers = max(1, getattr(backend, "max_in_flight", 1))
+    # A worker per request the backend can have in flight, but no more than there are conversations: an HTTP
+    # model at --concurrency 512 on a run of 20 items starts 20 threads.
+    n_workers = max(1, min(getattr(backend, "max_in_flight", 1), len(pending)))
     # (turn, from_cache), (failed cell, error), or None when a worker ends. Bounded, so workers wait for
     # the writer rather than pile finished turns up in memory.
     finished: queue.Queue = queue.Queue(maxsize=4 * n_workers)

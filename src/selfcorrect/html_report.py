@@ -15,7 +15,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from .api import Run
-from .report import ESTIMATOR_NOTES, _num, _run_labels, isolation_line
+from .report import ESTIMATOR_NOTES, _num, _run_labels, http_line, isolation_line
 from .store import Turn
 
 UPPER_BOUND_NOTE = "* UPPER BOUND: the strategy reads the gold answer; it is a ceiling, not a method"
@@ -105,9 +105,11 @@ def _runs_table(reports: list[dict], labels: dict[str, str]) -> str:
                     if any(r["estimator"] == name for r in reports))
     isolation = [(labels[r["run_id"]], isolation_line(r["grading"]["isolation"], r["grading"]["isolation_notes"])) for r in reports]
     isolation_notes = "".join(f'<p class="note">{escape(label)}: {escape(line)}</p>' for label, line in isolation if line)
+    traffic = [(labels[r["run_id"]], http_line(r.get("http"))) for r in reports]
+    traffic_notes = "".join(f'<p class="note">{escape(label)}: {escape(line)}</p>' for label, line in traffic if line)
     return (f'<table><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr>{"".join(rows)}</table>'
             f'<p class="note">CL, CS and RSS go from the first answer to the final one. Estimator:</p>'
-            f'<ul class="note">{notes}</ul>{isolation_notes}')
+            f'<ul class="note">{notes}</ul>{isolation_notes}{traffic_notes}')
 
 
 def _accuracy_figure(reports: list[dict], legends: dict[str, str]) -> str:

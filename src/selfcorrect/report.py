@@ -156,6 +156,18 @@ def _provenance_warnings(report: dict) -> list[str]:
     return warnings
 
 
+def http_line(http: dict | None) -> str | None:
+    """What the run's HTTP requests met, in one line (None: it sent none): retries, 429s and 503s, and the
+    concurrency reached against the one asked for."""
+    if not http:
+        return None
+    limit = (f"; the adaptive limit went down to {http['lowest_limit']}" if http["lowest_limit"] < http["concurrency"]
+             else "")
+    return (f"HTTP: {http['requests']} requests, {http['retried']} of them retries ({http['rate_limited']} answered 429, "
+            f"{http['unavailable']} answered 503); up to {http['peak_in_flight']} in flight at once of "
+            f"--concurrency {http['concurrency']}{limit}")
+
+
 def isolation_line(counts: dict[str, int], notes: list[str]) -> str | None:
     """What stood between the run's model-written code and the machine, in one line (None: it ran none).
     `notes`: why programs ran without bubblewrap."""
@@ -279,6 +291,8 @@ def print_report(report: dict, console: Console) -> None:
         "(summed over its turns; conversations run concurrently, so this exceeds wall time)",
         soft_wrap=True,
     )
+    if http_line(report.get("http")):
+        console.print(http_line(report["http"]), soft_wrap=True, highlight=False)
     if report["verifier"]:
         verifier = report["verifier"]
         precision, recall = _num(verifier["precision_wrong"]), _num(verifier["recall_wrong"])

@@ -24,7 +24,8 @@ NEEDS_DATA = ("commonsense_qa", "mmlu", "boolq")
 def run_grid(
     model: str, tasks: list[str], *, protocol: str = "yang2025", strategies: tuple[str, ...] = YANG2025_STRATEGIES,
     data: dict[str, Path] | None = None, limit: int | None = None, samples: int | None = None,
-    max_tokens: int | None = None, seed: int = 0,
+    max_tokens: int | None = None, seed: int = 0, concurrency: int | None = None, rpm: float | None = None,
+    tpm: float | None = None,
     db: str | Path | None = None, on_cell: Callable[[str, str], None] = lambda task, strategy: None,
     on_note: Callable[[str], None] = lambda line: None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
@@ -33,7 +34,8 @@ def run_grid(
     """(task, strategy, run) for every cell of the grid, in order. Everything is checked before the first run:
     the tasks (the paper's names, `YANG2025_TASKS`), the strategies, the data files and the model spec.
     `samples` overrides the protocol's samples per question of the sampled tasks, `max_tokens` its cap on new
-    tokens per reply (both to shrink the grid). A model that
+    tokens per reply (both to shrink the grid). `concurrency`, `rpm` and `tpm` are an openai: model's limits, as
+    for `evaluate`. A model that
     gives no option probabilities has the multiple-choice tasks sampled like the others, said through `on_note`."""
     data = data or {}
     unknown = [task for task in tasks if task not in YANG2025_TASKS]
@@ -53,7 +55,7 @@ def run_grid(
     check_model_spec(model)
     if samples is not None and samples < 1:
         raise UserError(f"--samples {samples}: must be at least 1")
-    backend = load_model(model)
+    backend = load_model(model, concurrency=concurrency, rpm=rpm, tpm=tpm)
     cells = []
     for task in tasks:
         ours = YANG2025_TASKS[task]

@@ -96,6 +96,19 @@ CREATE TABLE IF NOT EXISTS failed_cells (
     created_at TEXT NOT NULL,
     PRIMARY KEY (run_id, item_id, sample, round)
 );
+-- What the HTTP requests of a run met, one row per call that ran it (a resumed run has several); see
+-- models/rate_limit.py. Runs on other backends have none.
+CREATE TABLE IF NOT EXISTS run_traffic (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    created_at TEXT NOT NULL,
+    concurrency INTEGER NOT NULL,    -- the most requests in flight asked for (--concurrency)
+    requests INTEGER NOT NULL,       -- HTTP requests sent, retries included
+    retried INTEGER NOT NULL,        -- of them, repeats of a request that had failed
+    rate_limited INTEGER NOT NULL,   -- answered HTTP 429
+    unavailable INTEGER NOT NULL,    -- answered HTTP 503
+    peak_in_flight INTEGER NOT NULL, -- the most requests in flight at once
+    lowest_limit INTEGER NOT NULL    -- the lowest the adaptive in-flight limit went
+);
 """
 
 # Columns added after the first release, by table: a store made before them gets them (empty) when opened,
@@ -106,6 +119,9 @@ ADDED_COLUMNS = {
     "turns": ["finish_reasons TEXT", "served_by TEXT", "grader_version TEXT"],
     "response_cache": ["finish_reason TEXT", "served_by TEXT"],
 }
+
+
+TRAFFIC_FIELDS = ("concurrency", "requests", "retried", "rate_limited", "unavailable", "peak_in_flight", "lowest_limit")
 
 
 def default_db_path() -> Path:
@@ -280,6 +296,25 @@ class Store:
             (run_id,),
         )
         return [{"item_id": r[0], "sample": r[1], "round": r[2], "error": r[3], "created_at": r[4]} for r in rows]
+
+    @_locked
+    def add_traffic(self, run_id: str, traffic: dict) -> None:
+        """Record what one call's HTTP requests met (a `TrafficMeter.as_dict()`)."""
+        with self.db:
+            self.db.execute(
+                f"INSERT INTO run_traffic (run_id, created_at, {', '.join(TRAFFIC_FIELDS)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(TRAFFIC_FIELDS))})",
+                (run_id, _now(), *(traffic[name] for name in TRAFFIC_FIELDS)),
+            )
+
+    @_locked
+    def traffic(self, run_id: str) -> list[dict]:
+        """What the HTTP requests of each call that ran the run met, oldest first; [] for other backends."""
+        rows = self.db.execute(
+            f"SELECT created_at, {', '.join(TRAFFIC_FIELDS)} FROM run_traffic WHERE run_id = ? ORDER BY rowid",
+            (run_id,),
+        )
+        return [{"created_at": row[0], **dict(zip(TRAFFIC_FIELDS, row[1:]))} for row in rows]
 
     @_locked
     def add_option_score(self, run_id: str, score: "OptionScore") -> None:

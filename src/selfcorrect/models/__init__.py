@@ -68,14 +68,19 @@ def parse_openai_spec(spec: str) -> tuple[str, str]:
     return model, base_url
 
 
-def load_model(spec: str) -> Backend:
+def load_model(spec: str, *, concurrency: int | None = None, rpm: float | None = None,
+               tpm: float | None = None) -> Backend:
     """The backend a spec names. An HTTP model is not contacted here: a server that is down shows at the
-    first request."""
+    first request. `concurrency`, `rpm` and `tpm` are an HTTP model's limits (see models/rate_limit.py)."""
     check_model_spec(spec)
     if spec.startswith("openai:"):
-        from .openai_http import OpenAIBackend
+        from .openai_http import DEFAULT_CONCURRENCY, OpenAIBackend
 
-        return OpenAIBackend(*parse_openai_spec(spec))
+        return OpenAIBackend(*parse_openai_spec(spec), max_in_flight=concurrency or DEFAULT_CONCURRENCY, rpm=rpm, tpm=tpm)
+    given = [flag for flag, value in (("--concurrency", concurrency), ("--rpm", rpm), ("--tpm", tpm)) if value is not None]
+    if given:
+        raise UserError(f"{given[0]}: only for models served over HTTP (openai:MODEL@BASE_URL); {spec} runs in this "
+                        "process, at as many requests at once as its engine batches")
     if spec.startswith("hf:"):
         from .hf import TransformersBackend
 

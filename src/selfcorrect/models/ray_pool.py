@@ -31,16 +31,28 @@ from .base import BackendError, Completion, Message
 
 INSTALL_HINT = "needs the ray extra: pip install 'selfcorrect[ray]'"
 # Ray fixes an actor's thread pool when the actor is created, before its backend is loaded and can say how
-# many requests it batches; so the actor gets more threads than any backend batches (llama.cpp 16, HTTP 8),
-# and `Lanes` lets exactly the backend's `max_in_flight` requests in at once.
-ACTOR_THREADS = 64
+# many requests it takes at once; so the pool is sized from the spec: an HTTP model's concurrency, or the most
+# a local engine batches (llama.cpp 16, transformers 8). `Lanes` lets exactly the backend's `max_in_flight`
+# requests in at once; the spare threads answer the driver (`served`) while every lane is busy.
+LOCAL_BATCH = 16
+SPARE_THREADS = 2
 DEFAULT_ACTORS = 2
 
 
-def ray_backend(model: str, address: str, actors: int | None = None, actor_specs: Sequence[str] = ()) -> RayPool:
+def actor_threads(spec: str, concurrency: int | None) -> int:
+    """The threads of an actor that loads `spec`, at `--concurrency` `concurrency` (None: the default)."""
+    if spec.startswith("openai:"):
+        from .openai_http import DEFAULT_CONCURRENCY
+
+        return (concurrency or DEFAULT_CONCURRENCY) + SPARE_THREADS
+    return LOCAL_BATCH + SPARE_THREADS
+
+
+def ray_backend(model: str, address: str, actors: int | None = None, actor_specs: Sequence[str] = (),
+                concurrency: int | None = None) -> RayPool:
     """Join the Ray cluster at `address` (`local` starts one on this machine, `auto` finds the one this
     node belongs to) and start the actors: one per spec of `actor_specs`, or else `actors` actors (default
-    2) that each load `model`."""
+    2) that each load `model`; an HTTP model's actor keeps up to `concurrency` requests in flight."""
     from . import check_model_spec
 
     if actor_specs and actors is not None:
@@ -51,6 +63,9 @@ def ray_backend(model: str, address: str, actors: int | None = None, actor_specs
     specs = list(actor_specs) or [model] * actors
     for spec in dict.fromkeys(specs):
         check_model_spec(spec)  # a malformed spec fails here, before a cluster is started or joined
+    if concurrency is not None and not all(spec.startswith("openai:") for spec in specs):
+        raise UserError("--concurrency: only for models served over HTTP (openai:MODEL@BASE_URL); local models on "
+                        "Ray actors take as many requests at once as their engine batches")
     try:
         import ray
     except ImportError:
@@ -61,7 +76,7 @@ def ray_backend(model: str, address: str, actors: int | None = None, actor_specs
         ray.init(address=None if address == "local" else address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise UserError(f"--ray {address}: cannot join a Ray cluster there ({_last_line(err)})") from None
-    return RayPool.start(specs)
+    return RayPool.start(specs, concurrency)
 
 
 class Lanes:
@@ -100,13 +115,14 @@ class Lanes:
 class ModelActor:
     """One backend in a Ray worker process, with a count of what it served."""
 
-    def load(self, spec: str) -> dict:
-        """Load the model `spec` names; returns what the driver needs to know about it."""
+    def load(self, spec: str, concurrency: int | None = None) -> dict:
+        """Load the model `spec` names (an HTTP model with `concurrency` requests in flight); returns what the
+        driver needs to know about it."""
         import ray
 
         from . import load_model
 
-        self.backend = load_model(spec)
+        self.backend = load_model(spec, concurrency=concurrency)
         self.lanes = Lanes(getattr(self.backend, "max_in_flight", 1))
         self.requests: Counter[str] = Counter()  # conversation's first message -> requests served
         self.counting = threading.Lock()
@@ -183,14 +199,16 @@ class RayPool:
         self.max_in_flight = sum(description["max_in_flight"] for description in descriptions)
 
     @classmethod
-    def start(cls, specs: list[str]) -> RayPool:
+    def start(cls, specs: list[str], concurrency: int | None = None) -> RayPool:
         """One actor per spec, spread over the nodes of the cluster this process has joined
-        (`ray.init`). A model that fails to load raises here the error it raised in its actor."""
+        (`ray.init`); an HTTP model's actor keeps up to `concurrency` requests in flight. A model that fails
+        to load raises here the error it raised in its actor."""
         import ray
 
-        actor_class = ray.remote(ModelActor).options(max_concurrency=ACTOR_THREADS, scheduling_strategy="SPREAD")
-        actors = [actor_class.remote() for _ in specs]
-        loading = [actor.load.remote(spec) for actor, spec in zip(actors, specs)]  # all load at once
+        actor_class = ray.remote(ModelActor)
+        actors = [actor_class.options(max_concurrency=actor_threads(spec, concurrency), scheduling_strategy="SPREAD")
+                  .remote() for spec in specs]
+        loading = [actor.load.remote(spec, concurrency) for actor, spec in zip(actors, specs)]  # all load at once
         try:
             descriptions = [_get(loaded) for loaded in loading]
             # Option scoring (the exact estimator, P(True)) is forwarded only if every actor's model can
