@@ -1,92 +1,185 @@
-"""Benchmark: selfcorrect's engine against raw batched llama.cpp and against a naive transformers loop.
+"""Benchmark: selfcorrect's engine against llama.cpp's own limit on its workload, and against a naive
+transformers loop.
 
 Workload: the embedded SmolLM2-135M (or `--gguf PATH`) on GSM8K questions
 (`../shared/data/gsm8k_test.jsonl`, beside the repository), a first answer and one `reask` correction
-each, greedy. Three ways through it, in one run:
+each, greedy. In one run:
 
 - the engine: `selfcorrect.evaluate`, which also grades every reply and writes every turn to SQLite;
-- the ceiling: the same work through a bare loop of llama.cpp calls, 16 conversations at a time: each
-  turn prefills the prompt tokens the engine's turn added to its conversation (known in advance) and
-  decodes, 16 sequences per llama_decode, as many tokens as the engine's reply had; no scheduling,
-  sampling, grading or storing;
+- the limit: how fast llama.cpp itself can do the same work, from two rates measured on the engine's own
+  turns, in the engine's own llama.cpp context once the run is over:
+  - decode: 16 sequences (the engine's conversations in flight) decoding one token each in every
+    llama_decode call, each sequence given its conversation's next turn, or the next conversation, as soon
+    as a reply is done, so the batch never shrinks; every turn decodes as many tokens as the engine's reply
+    had, after its prompt, so at the KV lengths the engine's turns had; measured until every conversation
+    has been decoded in full, sequences starting the workload again meanwhile so that none idles;
+  - prefill: the tokens each turn adds to its conversation (the whole prompt for a first answer, the
+    correction message after the reply for the next), in big batches: 16 conversations at a time, the
+    first turns' new tokens of all 16 together, then their second turns', in llama_decode calls of up to
+    the engine's batch size, each after its conversation so far;
+  the limit is the time the workload's completion tokens take at the decode rate plus the time its new
+  prompt tokens take at the prefill rate, with no scheduling, grading or storing;
 - the naive loop: transformers' `model.generate`, one prompt at a time, as the paper's reference code does
   on a CPU, on `--naive` of the same turns' prompts spread over both rounds (it is slow), with torch's
   default settings in a process of its own.
 
-Rates are completion tokens per second; the ratios are what to compare across machines.
+Rates are completion tokens per second; the ratios are what to compare across machines, and the machine
+(CPU model, the instruction sets of the llama.cpp build) is printed with them.
 
     python bench/bench_engine.py [--items N] [--naive N] [--gguf PATH]
 
-The last lines have the form `name: value`, ending with `engine_vs_ceiling` and `engine_vs_naive`.
+The last lines have the form `name: value`, ending with `engine_vs_limit` and `engine_vs_naive`.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import os
 import tempfile
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench_sandbox import cpu_model
 from naive_hf import naive_generate_loop
 from selfcorrect import evaluate
+from selfcorrect.models.identity import llama_cpp_build
 from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
-WAVE = 16  # sequences per batch in the raw loop: the engine's conversations in flight
 
 
-def raw_batched_decode(backend, conversations: list[list[tuple[list[int], int]]]) -> float:
-    """Seconds for llama.cpp alone to run `conversations`, WAVE at a time: each is a list of turns (new prompt
-    tokens, reply length); a turn prefills its new tokens after what the sequence holds, then decodes as many
-    greedy tokens as the reply had, the wave's sequences one llama_decode per step."""
-    import llama_cpp
-    from llama_cpp._internals import LlamaBatch, LlamaContext
+@dataclass
+class Turn:
+    prompt: list[int]  # the whole conversation before the reply
+    start: int  # what its conversation holds before it: the earlier prompts and replies
+    reply: int  # tokens of the engine's reply
 
-    params = llama_cpp.llama_context_default_params()
-    # One llama_decode takes a whole wave's prompts; llama.cpp cuts it into micro-batches itself.
-    params.n_ctx, params.n_seq_max, params.n_batch, params.n_ubatch = WAVE * 4096, WAVE, WAVE * 4096, 1024
-    params.n_threads = params.n_threads_batch = os.cpu_count() or 1
-    params.kv_unified, params.flash_attn_type = False, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    context = LlamaContext(model=backend.llm._model, params=params, verbose=False)
-    batch = LlamaBatch(n_tokens=WAVE * 4096, embd=0, n_seq_max=1, verbose=False)
-    n_vocab = backend.llm.n_vocab()
+    @property
+    def new(self) -> list[int]:
+        """The prompt tokens the turn adds to its conversation (the whole prompt for a first answer)."""
+        return self.prompt[self.start:]
 
-    def next_tokens(rows: list[int]) -> list[int]:
-        return [int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, row), shape=(n_vocab,))))
-                for row in rows]
 
+def conversation_turns(backend: LlamaCppBackend, run) -> list[list[Turn]]:
+    """The run's conversations as the limit replays them: each turn's new prompt tokens come after what the
+    sequence holds (the earlier prompts and replies), and its reply is as long as the engine's."""
+    conversations: dict[str, list[Turn]] = {}
+    for turn in sorted(run.turns, key=lambda t: (t.item_id, t.round)):
+        turns = conversations.setdefault(turn.item_id, [])
+        prompt = backend._prompt_tokens(turn.messages[:-1])
+        held = turns[-1].start + len(turns[-1].new) + turns[-1].reply if turns else 0
+        # At least one new token: its logits give the reply's first token.
+        turns.append(Turn(prompt, min(held, len(prompt) - 1), turn.completion_tokens))
+    return list(conversations.values())
+
+
+def timed_decode(decoder, rows: list[tuple[int, int, int, bool]]) -> float:
+    """Seconds of one llama_decode, in `decoder`'s context, of (sequence, token, position, wants logits) rows."""
+    batch = decoder.batch.batch
+    batch.n_tokens = len(rows)
+    for i, (seq, token, position, logits) in enumerate(rows):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, position, 1, seq, logits
     started = time.perf_counter()
-    for first in range(0, len(conversations), WAVE):
-        wave = conversations[first: first + WAVE]
-        llama_cpp.llama_memory_clear(context.memory, True)
-        positions = [0] * len(wave)
-        for turn in range(max(len(c) for c in wave)):
-            seqs = [seq for seq, c in enumerate(wave) if turn < len(c)]
-            batch.reset()
-            b = batch.batch
-            for seq in seqs:
-                for k, token in enumerate(wave[seq][turn][0]):
-                    b.token[b.n_tokens], b.pos[b.n_tokens], b.seq_id[b.n_tokens][0] = token, positions[seq] + k, seq
-                    b.n_seq_id[b.n_tokens], b.logits[b.n_tokens] = 1, k == len(wave[seq][turn][0]) - 1
-                    b.n_tokens += 1
-                positions[seq] += len(wave[seq][turn][0])
-            llama_cpp.llama_decode(context.ctx, b)
-            tokens = dict(zip(seqs, next_tokens(list(np.cumsum([len(wave[seq][turn][0]) for seq in seqs]) - 1))))
-            left = {seq: wave[seq][turn][1] - 1 for seq in seqs}
-            while any(n > 0 for n in left.values()):
-                live = [seq for seq, n in left.items() if n > 0]
-                b.n_tokens = len(live)
-                for row, seq in enumerate(live):
-                    b.token[row], b.pos[row], b.seq_id[row][0], b.n_seq_id[row], b.logits[row] = tokens[seq], positions[seq], seq, 1, True
-                    positions[seq] += 1
-                    left[seq] -= 1
-                llama_cpp.llama_decode(context.ctx, b)
-                tokens.update(zip(live, next_tokens(list(range(len(live))))))
-    return time.perf_counter() - started
+    status = decoder.llama_cpp.llama_decode(decoder.context.ctx, batch)
+    elapsed = time.perf_counter() - started
+    if status != 0:
+        raise RuntimeError(f"llama_decode failed with status {status}")
+    return elapsed
+
+
+def decode_in_calls(decoder, rows: list[tuple[int, int, int, bool]]) -> float:
+    """Seconds of decoding `rows` in calls of up to `decoder`'s batch size."""
+    return sum(timed_decode(decoder, rows[cut: cut + decoder.n_batch]) for cut in range(0, len(rows), decoder.n_batch))
+
+
+def prefill_seconds(decoder, conversations: list[list[Turn]]) -> float:
+    """Seconds llama.cpp takes to prefill every turn's new prompt tokens in big batches: as many
+    conversations at a time as `decoder` has sequences, the new tokens of one turn of each in calls of up to
+    its batch size, at their positions; before a turn, its conversation's previous reply is put in the
+    sequence (untimed), so the new tokens attend to the whole conversation, as in the engine."""
+    llama_cpp, memory, width = decoder.llama_cpp, decoder.context.memory, len(decoder.slots)
+    seconds = 0.0
+    for first in range(0, len(conversations), width):
+        wave = conversations[first: first + width]
+        llama_cpp.llama_memory_clear(memory, True)
+        held = [0] * len(wave)
+        for round_ in range(max(len(turns) for turns in wave)):
+            turns = [(seq, turns[round_]) for seq, turns in enumerate(wave) if round_ < len(turns)]
+            replies, news = [], []
+            for seq, turn in turns:
+                llama_cpp.llama_memory_seq_rm(memory, seq, min(held[seq], turn.start), -1)
+                replies += [(seq, token, held[seq] + k, False) for k, token in enumerate(turn.prompt[held[seq]: turn.start])]
+                news += [(seq, token, turn.start + k, turn.start + k == len(turn.prompt) - 1) for k, token in enumerate(turn.new)]
+                held[seq] = len(turn.prompt)
+            decode_in_calls(decoder, replies)
+            seconds += decode_in_calls(decoder, news)
+    return seconds
+
+
+@dataclass
+class Decoding:
+    tokens: int = 0
+    seconds: float = 0.0
+    kv_sum: int = 0  # the KV length before every decoded token, summed: their mean is the context decoded at
+
+
+def measure_decoding(decoder, conversations: list[list[Turn]]) -> Decoding:
+    """llama.cpp decoding `conversations` with every sequence of `decoder`'s context in every call (see the
+    module docstring). A sequence whose conversation is done takes the next one, from the start of the
+    workload again once all have started, until every conversation has been decoded in full: so the batch
+    never shrinks and every turn of the workload is decoded at its positions (the repeats add shorter
+    ones). Only the decoding calls are timed; tokens are greedy, so the sequences hold what the engine's
+    did."""
+    if not any(turn.reply for turns in conversations for turn in turns):
+        raise RuntimeError("the workload has no completion tokens to decode")
+    llama_cpp, context = decoder.llama_cpp, decoder.context
+    width = len(decoder.slots)
+    order = itertools.cycle(range(len(conversations)))
+    unfinished = set(range(len(conversations)))
+    current: list[int | None] = [None] * width  # the conversation in each sequence
+    turns_left: list[deque[Turn]] = [deque() for _ in range(width)]
+    position, left, token = [0] * width, [0] * width, [0] * width
+    decoding = Decoding()
+    llama_cpp.llama_memory_clear(context.memory, True)
+
+    def greedy(row: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context.ctx, row),
+                                                   shape=(decoder.n_vocab,))))
+
+    def start_turn(seq: int) -> None:
+        """Prefill (untimed), in sequence `seq`, its conversation's next turn with a reply, else the next
+        conversation's."""
+        while True:
+            if not turns_left[seq]:
+                unfinished.discard(current[seq])
+                current[seq] = next(order)
+                turns_left[seq] = deque(conversations[current[seq]])
+            turn = turns_left[seq].popleft()
+            llama_cpp.llama_memory_seq_rm(context.memory, seq, turn.start, -1)
+            decode_in_calls(decoder, [(seq, tok, turn.start + k, turn.start + k == len(turn.prompt) - 1)
+                                      for k, tok in enumerate(turn.new)])
+            position[seq], left[seq], token[seq] = len(turn.prompt), turn.reply, greedy(-1)  # -1: the last logits
+            if turn.reply:
+                return
+
+    for seq in range(width):
+        start_turn(seq)
+    while unfinished:
+        decoding.seconds += timed_decode(decoder, [(seq, token[seq], position[seq], True) for seq in range(width)])
+        decoding.tokens += width
+        decoding.kv_sum += sum(position)
+        token[:] = [greedy(seq) for seq in range(width)]  # before a prefill overwrites the logits
+        for seq in range(width):
+            position[seq], left[seq] = position[seq] + 1, left[seq] - 1
+            if not left[seq]:
+                start_turn(seq)
+    return decoding
 
 
 def main() -> None:
@@ -108,15 +201,17 @@ def main() -> None:
     engine_tokens = sum(t.completion_tokens for t in run.turns)
     counters = backend.decoder.counters
 
-    # Each conversation's turns: the prompt tokens after what the sequence holds (the earlier prompt and all
-    # but the last token of the reply, which was sampled but not yet decoded), and the reply's length.
-    conversations: dict[str, list[tuple[list[int], int]]] = {}
-    for turn in sorted(run.turns, key=lambda t: (t.item_id, t.round)):
-        turns = conversations.setdefault(turn.item_id, [])
-        held = sum(len(new) + length - 1 for new, length in turns)
-        turns.append((backend._prompt_tokens(turn.messages[:-1])[held:], max(turn.completion_tokens, 1)))
-    raw_s = raw_batched_decode(backend, list(conversations.values()))
-    ceiling_tokens = sum(length for turns in conversations.values() for _, length in turns)
+    # The engine's own context (same parameters, its KV memory already allocated), idle now that every
+    # request of the run has been answered.
+    conversations = conversation_turns(backend, run)
+    new_prompt_tokens = sum(len(turn.new) for turns in conversations for turn in turns)
+    prefill_rate = new_prompt_tokens / prefill_seconds(backend.decoder, conversations)
+    decoding = measure_decoding(backend.decoder, conversations)
+    decode_rate = decoding.tokens / decoding.seconds
+    limit_s = engine_tokens / decode_rate + new_prompt_tokens / prefill_rate
+    # The KV length before each completion token of the workload (its position), summed.
+    workload_kv_sum = sum(turn.reply * len(turn.prompt) + turn.reply * (turn.reply - 1) // 2
+                          for turns in conversations for turn in turns)
 
     by_round = [[turn.messages[:-1] for turn in run.turns if turn.round == r] for r in (0, 1)]
     naive_prompts = by_round[0][: args.naive // 2] + by_round[1][: args.naive - args.naive // 2]
@@ -125,17 +220,26 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         naive_tokens, naive_s = pool.apply(naive_generate_loop, (gguf, naive_prompts, run.config["max_tokens"]))
 
-    engine_rate, raw_rate, naive_rate = engine_tokens / engine_s, ceiling_tokens / raw_s, naive_tokens / naive_s
-    print(f"workload: {args.items} GSM8K items x 2 rounds (reask), {gguf.name}, greedy, {os.cpu_count()} cores")
+    engine_rate, limit_rate, naive_rate = engine_tokens / engine_s, engine_tokens / limit_s, naive_tokens / naive_s
+    print(f"workload: {args.items} GSM8K items x 2 rounds (reask), {gguf.name}, greedy")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores")
+    print(f"llama.cpp build: {llama_cpp_build()}")
     print(f"turns: {len(run.turns)}")
     print(f"completion_tokens: {engine_tokens}")
+    print(f"prompt_tokens_new: {new_prompt_tokens}  (what the turns add to their conversations)")
     print(f"prompt_tokens_reused: {counters['prompt_tokens_reused']}")
     print(f"prompt_tokens_prefilled: {counters['prompt_tokens_prefilled']}")
     print(f"prompt_tokens_replayed: {counters['prompt_tokens_replayed']}")
-    print(f"engine_tokens_per_s: {engine_rate:.1f}")
-    print(f"ceiling_tokens_per_s: {raw_rate:.1f}")
+    print(f"decode_tokens_per_s: {decode_rate:.1f}  ({len(backend.decoder.slots)} sequences in every call, "
+          f"{decoding.tokens} tokens at a mean KV length of {decoding.kv_sum / decoding.tokens:.0f}; "
+          f"the workload's: {workload_kv_sum / engine_tokens:.0f})")
+    print(f"prefill_tokens_per_s: {prefill_rate:.1f}")
+    print(f"engine_seconds: {engine_s:.1f}")
+    print(f"limit_seconds: {limit_s:.1f}")
     print(f"naive_tokens_per_s: {naive_rate:.1f}  ({naive_tokens} tokens, {len(naive_prompts)} prompts)")
-    print(f"engine_vs_ceiling: {engine_rate / raw_rate:.3f}")
+    print(f"limit_tokens_per_s: {limit_rate:.1f}")
+    print(f"engine_tokens_per_s: {engine_rate:.1f}")
+    print(f"engine_vs_limit: {engine_rate / limit_rate:.3f}")
     print(f"engine_vs_naive: {engine_rate / naive_rate:.1f}")
 
 
