@@ -186,3 +186,38 @@ def test_the_papers_protocol_through_the_server(server, tmp_path):
     assert "gives no option probabilities (the server does not continue a started assistant reply" in grid.stderr
     (row,) = json.loads(grid.stdout)
     assert (row["task"], row["estimator"], row["items"]) == ("boolq", "sampling", 2)
+
+
+def test_server_default_temperature_sends_no_temperature(tmp_path):
+    """At `--temperature server` the request names no temperature (the server's defaults apply); at a number
+    it names that number. What the backend sends is read on the server side."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from selfcorrect.models.base import SERVER_DEFAULT
+
+    bodies = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            reply = json.dumps({"id": "1", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "4"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Recorder) as recorder:
+        threading.Thread(target=recorder.serve_forever, daemon=True).start()
+        backend = OpenAIBackend("m", f"http://127.0.0.1:{recorder.server_address[1]}/v1")
+        question = [{"role": "user", "content": "2+2?"}]
+        assert backend.complete(question, 8, SERVER_DEFAULT, seed=1).text == "4"
+        backend.complete(question, 8, 0.7, seed=1)
+        recorder.shutdown()
+    assert "temperature" not in bodies[0] and bodies[0]["seed"] == 1
+    assert bodies[1]["temperature"] == 0.7

@@ -20,10 +20,11 @@ from . import metrics
 from .cache import CachedBackend
 from .engine import run_cells
 from .errors import UserError
-from .exact import can_score_options, item_probabilities, run_scoring
+from .exact import item_probabilities, option_scoring_problem, run_scoring
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import MODES, IsolationUnavailable, using
 from .models import Backend, check_model_spec, load_model, trained_questions
+from .models.base import SERVER_DEFAULT
 from .models.openai_http import check_rates
 from .prompt_version import prompt_version
 from .sandbox import isolation_for
@@ -282,7 +283,8 @@ ESTIMATORS = ("auto", "exact", "sampling")
 
 
 def choose_estimator(
-    requested: str, task, strategy, backend: Backend, model: str, rounds: int, samples: int, temperature: float = 0.0
+    requested: str, task, strategy, backend: Backend, model: str, rounds: int, samples: int,
+    temperature: float | str = 0.0,
 ) -> str:
     """The estimator a run uses; asking for "exact" where it cannot work is an error, "auto" falls back."""
     reasons = []
@@ -290,14 +292,15 @@ def choose_estimator(
         reasons.append(f"strategy '{strategy.name}' picks among sampled answers")
     if task.labels is None:
         reasons.append(f"task '{task.name}' has free-form answers, not option labels")
-    if not can_score_options(backend):
-        reasons.append(f"model {model} cannot score option labels")
     if rounds != 1:
         reasons.append("it covers one correction round (--rounds 1)")
     if samples != 1:
         reasons.append("it draws no samples (drop --samples)")
     if temperature != 0:
-        reasons.append(f"it samples nothing, so --temperature {temperature:g} would be ignored (use --temperature 0)")
+        reasons.append(f"it samples nothing, so --temperature {temperature} would be ignored (use --temperature 0)")
+    # Last, because a server is asked whether it can score (a request or three), worth it only when the rest allows.
+    if requested != "sampling" and not reasons and (problem := option_scoring_problem(backend)):
+        reasons.append(f"model {model}: {problem}")
     if requested == "exact" and reasons:
         raise UserError(f"--estimator exact: not possible here: {'; '.join(reasons)}; use --estimator sampling")
     if requested == "sampling" or reasons:
@@ -330,12 +333,18 @@ def run_id_for(config: dict) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_numbers(rounds: int, samples: int, temperature: float, limit: int | None, max_tokens: int | None) -> None:
+def _check_numbers(
+    rounds: int, samples: int, temperature: float | str, limit: int | None, max_tokens: int | None, model: str
+) -> None:
     if rounds < 0:
         raise UserError(f"--rounds {rounds}: must be 0 or more (the number of correction turns after the first)")
     if samples < 1:
         raise UserError(f"--samples {samples}: must be at least 1")
-    if not 0.0 <= temperature <= 2.0:
+    if temperature == SERVER_DEFAULT:
+        if not model.startswith("openai:"):
+            raise UserError(f"--temperature {SERVER_DEFAULT}: only openai: models have sampling defaults of their own; "
+                            f"give {model} a number between 0 and 2")
+    elif not 0.0 <= temperature <= 2.0:
         raise UserError(f"--temperature {temperature}: must be between 0 and 2")
     if samples > 1 and temperature == 0:
         raise UserError(
@@ -382,7 +391,7 @@ def evaluate(
     strategy: str = "reask",
     rounds: int = 1,
     samples: int = 1,
-    temperature: float = 0.0,
+    temperature: float | str = 0.0,
     limit: int | None = None,
     seed: int = 0,
     data: str | Path | None = None,
@@ -414,7 +423,8 @@ def evaluate(
     Everything is validated before the store is opened, so bad input leaves it untouched. `backend`
     passes an already loaded model (it must be the one `model` names). `estimator` is "exact" (option
     log-probabilities, multiple choice only), "sampling", or "auto" (exact where the task and model allow
-    it and one sample per item was asked for). `on_start(run_id, total, done)` and `on_turn()` report
+    it and one sample per item was asked for). `temperature` is a number, or "server" (`SERVER_DEFAULT`) for an
+    openai: model: the request leaves sampling to the server's defaults. `on_start(run_id, total, done)` and `on_turn()` report
     progress (one tick per turn, or per scoring pass of the exact estimator). `icl_confident` and
     `icl_critical` put that many in-context examples of kept and of fixed answers before each correction
     prompt; `budget` is the tokens per correction round that the compute-matched baselines may spend.
@@ -432,7 +442,7 @@ def evaluate(
     One process at a time runs a given run (`Store.lock_run`): while another does, this raises UserError
     naming it. Ctrl-C ends the call within seconds with the finished turns stored (see `run_cells`).
     """
-    _check_numbers(rounds, samples, temperature, limit, max_tokens)
+    _check_numbers(rounds, samples, temperature, limit, max_tokens, model)
     check_grader_timeout(grader_timeout)
     check_isolation_mode(isolation)
     check_rates(concurrency, rpm, tpm)

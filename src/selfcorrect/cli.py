@@ -29,6 +29,7 @@ from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import using
 from .html_report import render_html
 from .models import MODEL_SPECS, can_score_options, check_model_spec
+from .models.base import SERVER_DEFAULT
 from .protocols import protocol_settings
 from .report import grader_note, print_comparison, print_improvement, print_report, print_reproduction, print_table
 from .store import Store, default_db_path
@@ -266,6 +267,17 @@ def _progress(db: Optional[Path], every: float):
         yield lines.start, lines.advance
 
 
+def parse_temperature(text: str | None) -> float | str | None:
+    """--temperature: a number, or "server" to leave sampling to an OpenAI-compatible server's defaults."""
+    if text is None or text == SERVER_DEFAULT:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--temperature {text}: give a number between 0 and 2, or {SERVER_DEFAULT} (an openai: "
+                        "model's own sampling defaults)") from None
+
+
 def _given(flag, preset, default):
     """A flag's value: as given, else the protocol's, else its default."""
     return flag if flag is not None else preset if preset is not None else default
@@ -279,7 +291,9 @@ def run(
     strategy: str = typer.Option("reask", help="correction strategy; `selfcorrect strategies` lists them"),
     rounds: int = typer.Option(1, help="correction rounds after the first answer"),
     samples: Optional[int] = typer.Option(None, help="first answers per item (the sampling estimator; default 1)"),
-    temperature: Optional[float] = typer.Option(None, help="sampling temperature (default 0: greedy)"),
+    temperature: Optional[str] = typer.Option(
+        None, help="sampling temperature (default 0: greedy), or server: an openai: model's own sampling defaults"
+    ),
     limit: Optional[int] = typer.Option(None, help="use only the first N items"),
     seed: int = typer.Option(0, help="seed for sampling and bootstrap"),
     data: Optional[Path] = typer.Option(None, help=DATA_HELP),
@@ -360,7 +374,7 @@ def run(
         result = evaluate(
             task=task, model=model, strategy=strategy, rounds=rounds, limit=limit, seed=seed, data=data,
             task_options=options, samples=_given(samples, preset.get("samples"), 1),
-            temperature=_given(temperature, preset.get("temperature"), 0.0),
+            temperature=_given(parse_temperature(temperature), preset.get("temperature"), 0.0),
             max_tokens=_given(max_tokens, preset.get("max_tokens"), None),
             estimator=_given(estimator, preset.get("estimator"), "auto"), cache=not no_cache,
             critic_model=critic_model, icl_confident=icl_confident,
@@ -782,7 +796,18 @@ def export(
         raise UserError(f"--output {output}: is a directory; give the path of the file to write")
     if output is not None and not output.parent.is_dir():
         raise UserError(f"--output {output}: no such directory {output.parent}; create it first")
+    if format == "inspect" and output is None:
+        raise UserError("--format inspect: give --output FILE (.eval, or .json for JSON); an Inspect log is a file")
     result = load_run(run_id, db)
+    if format == "inspect":  # inspect_ai's own log types and writer (selfcorrect.inspect_ext.log_export)
+        try:
+            from .inspect_ext.log_export import write_inspect_log
+        except ModuleNotFoundError as missing:
+            if not (missing.name or "").startswith("inspect_ai"):
+                raise
+            raise UserError("--format inspect: needs inspect_ai; pip install 'selfcorrect[inspect]'") from None
+        write_inspect_log(result, output)
+        return
     if format == "yang2025":  # the log format of the paper's own scripts (selfcorrect.paper_logs)
         from .paper_logs import logits_log, sampling_log
 
@@ -809,18 +834,7 @@ def export(
         with output.open("w", encoding="utf-8", newline="") as file:
             file.write(handle.getvalue())
     except OSError as error:
-    if format == "inspect" and output is None:
-        raise UserError("--format inspect: give --output FILE (.eval, or .json for JSON); an Inspect log is a file")
         raise UserError(f"--output {output}: cannot write it ({error.strerror or error})") from None
-    if format == "inspect":  # inspect_ai's own log types and writer (selfcorrect.inspect_ext.log_export)
-        try:
-            from .inspect_ext.log_export import write_inspect_log
-        except ModuleNotFoundError as missing:
-            if not (missing.name or "").startswith("inspect_ai"):
-                raise
-            raise UserError("--format inspect: needs inspect_ai; pip install 'selfcorrect[inspect]'") from None
-        write_inspect_log(result, output)
-        return
 
 
 def main() -> None:
