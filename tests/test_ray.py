@@ -159,12 +159,12 @@ def test_model_failing_to_load_in_an_actor_is_one_line(cluster, tmp_path):
 @pytest.mark.slow
 def test_servers_of_one_model_make_a_pool_named_by_all_of_them_and_different_models_are_refused(cluster):
     first, second = (f"openai:m@http://127.0.0.1:{port}/v1" for port in (closed_port(), closed_port() + 1))
-    pool = RayPool.start([first, second])
+    pool = RayPool.start([first, second], concurrency=24)
     try:
         # Neither server's identity: its replies must not merge with a run on one of them.
         assert pool.identity not in (first, second)
         assert first in pool.identity and second in pool.identity
-        assert pool.max_in_flight == 16  # eight requests per HTTP client
+        assert pool.max_in_flight == 48  # --concurrency requests per HTTP client
     finally:
         pool.close()
     with pytest.raises(UserError, match="different models"):

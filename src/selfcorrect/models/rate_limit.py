@@ -3,7 +3,7 @@ token-bucket ceilings on requests and tokens per minute, with a meter of what ha
 
 `AdaptiveLimit` lets at most `limit` requests in flight. The limit starts at the ceiling the user chose
 (`--concurrency`), is multiplied by DECREASE (floor 1) when the server says it is overloaded (HTTP 429 or
-503), and grows by 1 after each `limit` successes in a row of overload, up to the ceiling again: additive
+503), and grows by 1 after each `limit` successes since it last changed, up to the ceiling again: additive
 increase, multiplicative decrease, as TCP does. A burst of requests sent under the old limit fails
 together; only the first of them lowers the limit (each request carries the number of decreases made
 before it was sent, and an overload reported by a request sent before the latest decrease is not counted
