@@ -44,23 +44,25 @@ class FakeClock:
 
 
 def test_the_limit_halves_once_per_overloaded_moment_and_grows_back_one_per_limits_worth_of_successes():
-    limit = AdaptiveLimit(8)
-    burst = [limit.acquire() for _ in range(8)]
+    limit = AdaptiveLimit(16)
+    burst = [limit.acquire() for _ in range(8)]  # the server took fewer than the limit allows
     with limit.metered() as meter:
         for ticket in burst:  # the whole burst was sent under the old limit and fails together
             limit.overloaded(ticket, 429, None)
             limit.release()
-        assert limit.limit == 4
-        limit.overloaded(limit.acquire(), 503, None)  # sent after the decrease: counts again
-        limit.release()
+        assert limit.limit == 4  # half of the 8 in flight, not of the limit of 16
+        again = [limit.acquire() for _ in range(4)]
+        limit.overloaded(again[0], 503, None)  # sent after the decrease: counts again
+        for _ in again:
+            limit.release()
     assert limit.limit == 2
-    assert (meter.requests, meter.rate_limited, meter.unavailable, meter.lowest_limit) == (1, 8, 1, 2)
+    assert (meter.requests, meter.rate_limited, meter.unavailable, meter.lowest_limit) == (4, 8, 1, 2)
     grown = []
-    for _ in range(2 + 3 + 4 + 5 + 6 + 7 + 20):
+    for _ in range(sum(range(2, 16)) + 20):
         limit.succeeded()
         grown.append(limit.limit)
     assert grown[1] == 3 and grown[2 + 3 - 1] == 4 and grown[2 + 3 + 4 - 1] == 5  # +1 after `limit` successes
-    assert max(grown) == 8 == grown[-1]  # never above the ceiling
+    assert max(grown) == 16 == grown[-1]  # never above the ceiling
 
     fixed = AdaptiveLimit(8, adaptive=False)
     fixed.overloaded(fixed.acquire(), 429, None)

@@ -2,9 +2,11 @@
 token-bucket ceilings on requests and tokens per minute, with a meter of what happened.
 
 `AdaptiveLimit` lets at most `limit` requests in flight. The limit starts at the ceiling the user chose
-(`--concurrency`), is multiplied by DECREASE (floor 1) when the server says it is overloaded (HTTP 429 or
-503), and grows by 1 after each `limit` successes since it last changed, up to the ceiling again: additive
-increase, multiplicative decrease, as TCP does. A burst of requests sent under the old limit fails
+(`--concurrency`). When the server says it is overloaded (HTTP 429 or 503) it becomes DECREASE times the
+requests in flight at that moment (or times the limit, if fewer were in flight; floor 1), as TCP halves its
+flight size rather than its window: a server that takes 32 at once refuses the 33rd, and the limit drops to
+16 at once, not from 256 to 128 to 64 with a burst of refusals at each step. After each `limit` successes
+since it last changed it grows by 1, up to the ceiling again: additive increase, multiplicative decrease. A burst of requests sent under the old limit fails
 together; only the first of them lowers the limit (each request carries the number of decreases made
 before it was sent, and an overload reported by a request sent before the latest decrease is not counted
 again), so one overloaded moment halves the limit once, not down to 1. When the server asks for a pause
@@ -96,7 +98,7 @@ class AdaptiveLimit:
             if pause_s:
                 self.paused_until = max(self.paused_until, self.clock() + pause_s)
             if self.adaptive and ticket == self.decreases:
-                self.limit = max(1.0, self.limit * DECREASE)
+                self.limit = max(1.0, min(self.limit, self.in_flight) * DECREASE)
                 self.successes = 0
                 self.decreases += 1
                 for meter in self.meters:
