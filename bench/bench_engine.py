@@ -57,7 +57,7 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.js
 @dataclass
 class Turn:
     prompt: list[int]  # the whole conversation before the reply
-    start: int  # what its conversation holds before it: the earlier prompts and replies
+    start: int  # the position of its first new token: the earlier prompts and replies come before it
     reply: int  # tokens of the engine's reply
 
     @property
@@ -84,7 +84,8 @@ def timed_decode(decoder, rows: list[tuple[int, int, int, bool]]) -> float:
     batch = decoder.batch.batch
     batch.n_tokens = len(rows)
     for i, (seq, token, position, logits) in enumerate(rows):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = token, position, 1, seq, logits
+        batch.token[i], batch.pos[i], batch.seq_id[i][0], batch.n_seq_id[i] = token, position, seq, 1
+        batch.logits[i] = logits
     started = time.perf_counter()
     status = decoder.llama_cpp.llama_decode(decoder.context.ctx, batch)
     elapsed = time.perf_counter() - started
@@ -110,12 +111,16 @@ def prefill_seconds(decoder, conversations: list[list[Turn]]) -> float:
         llama_cpp.llama_memory_clear(memory, True)
         held = [0] * len(wave)
         for round_ in range(max(len(turns) for turns in wave)):
-            turns = [(seq, turns[round_]) for seq, turns in enumerate(wave) if round_ < len(turns)]
             replies, news = [], []
-            for seq, turn in turns:
+            for seq, turns in enumerate(wave):
+                if round_ >= len(turns):
+                    continue
+                turn = turns[round_]
                 llama_cpp.llama_memory_seq_rm(memory, seq, min(held[seq], turn.start), -1)
-                replies += [(seq, token, held[seq] + k, False) for k, token in enumerate(turn.prompt[held[seq]: turn.start])]
-                news += [(seq, token, turn.start + k, turn.start + k == len(turn.prompt) - 1) for k, token in enumerate(turn.new)]
+                replies += [(seq, token, position, False)
+                            for position, token in enumerate(turn.prompt[held[seq]: turn.start], held[seq])]
+                news += [(seq, token, position, position == len(turn.prompt) - 1)
+                         for position, token in enumerate(turn.new, turn.start)]
                 held[seq] = len(turn.prompt)
             decode_in_calls(decoder, replies)
             seconds += decode_in_calls(decoder, news)
@@ -162,8 +167,8 @@ def measure_decoding(decoder, conversations: list[list[Turn]]) -> Decoding:
                 turns_left[seq] = deque(conversations[current[seq]])
             turn = turns_left[seq].popleft()
             llama_cpp.llama_memory_seq_rm(context.memory, seq, turn.start, -1)
-            decode_in_calls(decoder, [(seq, tok, turn.start + k, turn.start + k == len(turn.prompt) - 1)
-                                      for k, tok in enumerate(turn.new)])
+            decode_in_calls(decoder, [(seq, tok, pos, pos == len(turn.prompt) - 1)
+                                      for pos, tok in enumerate(turn.new, turn.start)])
             position[seq], left[seq], token[seq] = len(turn.prompt), turn.reply, greedy(-1)  # -1: the last logits
             if turn.reply:
                 return
@@ -201,10 +206,10 @@ def main() -> None:
     engine_tokens = sum(t.completion_tokens for t in run.turns)
     counters = backend.decoder.counters
 
-    # The engine's own context (same parameters, its KV memory already allocated), idle now that every
-    # request of the run has been answered.
     conversations = conversation_turns(backend, run)
     new_prompt_tokens = sum(len(turn.new) for turns in conversations for turn in turns)
+    # In the engine's own context (same parameters, its KV memory already allocated), idle now that every
+    # request of the run has been answered.
     prefill_rate = new_prompt_tokens / prefill_seconds(backend.decoder, conversations)
     decoding = measure_decoding(backend.decoder, conversations)
     decode_rate = decoding.tokens / decoding.seconds
