@@ -14,9 +14,10 @@ each, greedy. In one run:
     had, after its prompt, so at the KV lengths the engine's turns had; measured until every conversation
     has been decoded in full, sequences starting the workload again meanwhile so that none idles;
   - prefill: the tokens each turn adds to its conversation (the whole prompt for a first answer, the
-    correction message after the reply for the next), in big batches: 16 conversations at a time, the
-    first turns' new tokens of all 16 together, then their second turns', in llama_decode calls of up to
-    the engine's batch size, each after its conversation so far;
+    correction message after the reply for the next), each after its conversation so far, in llama_decode
+    calls of up to the engine's batch size, measured two ways, the faster counting: in big batches (16
+    conversations at a time, the first turns' new tokens of all 16 together, then their second turns'),
+    and one turn at a time, as the engine prefills;
   the limit is the time the workload's completion tokens take at the decode rate plus the time its new
   prompt tokens take at the prefill rate, with no scheduling, grading or storing;
 - the naive loop: transformers' `model.generate`, one prompt at a time, as the paper's reference code does
@@ -99,12 +100,12 @@ def decode_in_calls(decoder, rows: list[tuple[int, int, int, bool]]) -> float:
     return sum(timed_decode(decoder, rows[cut: cut + decoder.n_batch]) for cut in range(0, len(rows), decoder.n_batch))
 
 
-def prefill_seconds(decoder, conversations: list[list[Turn]]) -> float:
-    """Seconds llama.cpp takes to prefill every turn's new prompt tokens in big batches: as many
-    conversations at a time as `decoder` has sequences, the new tokens of one turn of each in calls of up to
-    its batch size, at their positions; before a turn, its conversation's previous reply is put in the
-    sequence (untimed), so the new tokens attend to the whole conversation, as in the engine."""
-    llama_cpp, memory, width = decoder.llama_cpp, decoder.context.memory, len(decoder.slots)
+def prefill_seconds(decoder, conversations: list[list[Turn]], width: int) -> float:
+    """Seconds llama.cpp takes to prefill every turn's new prompt tokens: `width` conversations at a time,
+    the new tokens of one turn of each together in calls of up to `decoder`'s batch size, at their
+    positions; before a turn, its conversation's previous reply is put in the sequence (untimed), so the new
+    tokens attend to the whole conversation, as in the engine."""
+    llama_cpp, memory = decoder.llama_cpp, decoder.context.memory
     seconds = 0.0
     for first in range(0, len(conversations), width):
         wave = conversations[first: first + width]
@@ -210,7 +211,10 @@ def main() -> None:
     new_prompt_tokens = sum(len(turn.new) for turns in conversations for turn in turns)
     # In the engine's own context (same parameters, its KV memory already allocated), idle now that every
     # request of the run has been answered.
-    prefill_rate = new_prompt_tokens / prefill_seconds(backend.decoder, conversations)
+    # Big batches of 16 conversations, or each turn alone as the engine prefills: the limit takes the faster.
+    prefill_rates = {width: new_prompt_tokens / prefill_seconds(backend.decoder, conversations, width)
+                     for width in (len(backend.decoder.slots), 1)}
+    prefill_rate = max(prefill_rates.values())
     decoding = measure_decoding(backend.decoder, conversations)
     decode_rate = decoding.tokens / decoding.seconds
     limit_s = engine_tokens / decode_rate + new_prompt_tokens / prefill_rate
@@ -238,7 +242,8 @@ def main() -> None:
     print(f"decode_tokens_per_s: {decode_rate:.1f}  ({len(backend.decoder.slots)} sequences in every call, "
           f"{decoding.tokens} tokens at a mean KV length of {decoding.kv_sum / decoding.tokens:.0f}; "
           f"the workload's: {workload_kv_sum / engine_tokens:.0f})")
-    print(f"prefill_tokens_per_s: {prefill_rate:.1f}")
+    print(f"prefill_tokens_per_s: {prefill_rate:.1f}  ({len(backend.decoder.slots)} conversations together: "
+          f"{prefill_rates[len(backend.decoder.slots)]:.1f}, one turn at a time: {prefill_rates[1]:.1f})")
     print(f"engine_seconds: {engine_s:.1f}")
     print(f"limit_seconds: {limit_s:.1f}")
     print(f"naive_tokens_per_s: {naive_rate:.1f}  ({naive_tokens} tokens, {len(naive_prompts)} prompts)")
