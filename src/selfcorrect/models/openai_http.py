@@ -236,8 +236,9 @@ class OpenAIBackend:
         problem = self.option_scoring_problem()
         if problem is not None:
             raise BackendError(f"{self.identity}: cannot score options: {problem}")
+        reply = self._request(model=self.model, **scoring_request(messages, answer_prefix))  # its errors name us
         try:
-            return label_probs(self._request(model=self.model, **scoring_request(messages, answer_prefix)), labels)
+            return label_probs(reply, labels)
         except BackendError as error:
             raise BackendError(f"{self.identity}: {error}") from None
 
