@@ -2,16 +2,19 @@
 a fixed latency plus a little jitter, any number in parallel (asyncio, so the server itself is not the
 bottleneck; plain asyncio streams rather than uvicorn, whose h11 protocol added 40 ms to every request on a
 kept-alive connection here), optionally with a capacity: a request that arrives while `capacity` others
-are being answered gets HTTP 429 with Retry-After at once.
+are being answered gets HTTP 429 with Retry-After at once. With `hold`, replies wait for `POST /release` (at
+most the latency): a test sees, through /stats, every request it sent waiting at the server at once, and
+measures its own side at that moment, however slowly a busy machine sends them.
 
 The reply is short and of a fixed form, "The answer is D.", D a digit drawn from a hash of the conversation
 and the seed, so the same request always gets the same reply. Usage counts are given as a server would:
 the prompt's characters / 4 and the reply's 6 tokens.
 
 `GET /stats` tells what the server saw: for every chat completion request, when it arrived (seconds on the
-server's monotonic clock), the status it got, and a hash of its body; and the most answered at once.
+server's monotonic clock), the status it got, and a hash of its body; the most answered at once, and how many
+are being answered now.
 
-    python bench/mock_server.py [--latency S] [--jitter S] [--capacity N] [--retry-after S]
+    python bench/mock_server.py [--latency S] [--jitter S] [--capacity N] [--retry-after S] [--hold]
 
 prints `port: N` once it listens on 127.0.0.1 and serves until killed. From Python, `MockServer(...)` runs
 it in a child process (so that its work does not share a GIL with the client measured) for a `with` block.
@@ -36,8 +39,9 @@ REPLY_TOKENS = 6
 class Mock:
     """The server's state and its answers."""
 
-    def __init__(self, latency: float, jitter: float, capacity: int | None, retry_after: float):
+    def __init__(self, latency: float, jitter: float, capacity: int | None, retry_after: float, hold: bool = False):
         self.latency, self.jitter, self.capacity, self.retry_after = latency, jitter, capacity, retry_after
+        self.hold, self.released = hold, asyncio.Event()
         self.seen: list[dict] = []
         self.busy = self.most_busy = 0
 
@@ -54,7 +58,7 @@ class Mock:
         self.busy += 1
         self.most_busy = max(self.most_busy, self.busy)
         try:
-            await asyncio.sleep(self.latency + random.uniform(0, self.jitter))
+            await self.wait()
         finally:
             self.busy -= 1
         asked = json.loads(body)
@@ -68,13 +72,26 @@ class Mock:
                       "total_tokens": prompt_tokens + REPLY_TOKENS},
         }
 
+    async def wait(self) -> None:
+        """The latency (and jitter) of one reply; with `hold`, until released, at most the latency."""
+        if not self.hold:
+            await asyncio.sleep(self.latency + random.uniform(0, self.jitter))
+            return
+        try:
+            await asyncio.wait_for(self.released.wait(), self.latency)
+        except asyncio.TimeoutError:
+            pass
+
     async def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict, dict]:
         if method == "POST" and path == "/v1/chat/completions":
             return await self.completion(body)
         if path == "/v1/models":
             return 200, {}, {"object": "list", "data": [{"id": "mock", "object": "model"}]}
         if path == "/stats":
-            return 200, {}, {"requests": self.seen, "most_at_once": self.most_busy}
+            return 200, {}, {"requests": self.seen, "most_at_once": self.most_busy, "at_once": self.busy}
+        if method == "POST" and path == "/release":
+            self.released.set()
+            return 200, {}, {}
         return 404, {}, {"error": {"message": f"no {method} {path} here"}}
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,9 +118,9 @@ class Mock:
 STATUS_TEXT = {200: "OK", 404: "Not Found", 429: "Too Many Requests"}
 
 
-def serve(latency: float, jitter: float, capacity: int | None, retry_after: float) -> None:
+def serve(latency: float, jitter: float, capacity: int | None, retry_after: float, hold: bool) -> None:
     async def run() -> None:
-        mock = Mock(latency, jitter, capacity, retry_after)
+        mock = Mock(latency, jitter, capacity, retry_after, hold)
         server = await asyncio.start_server(mock.connection, "127.0.0.1", 0, backlog=4096)
         print(f"port: {server.sockets[0].getsockname()[1]}", flush=True)
         await server.serve_forever()
@@ -113,12 +130,14 @@ def serve(latency: float, jitter: float, capacity: int | None, retry_after: floa
 
 class MockServer:
     """`with MockServer(latency=1.0, capacity=32) as server:` serves at `server.url` (without /v1) in a
-    child process until the block ends; `server.stats()` is its `GET /stats`."""
+    child process until the block ends; `server.stats()` is its `GET /stats`, `server.release()` answers the
+    replies held (`hold=True`)."""
 
     def __init__(self, latency: float = 1.0, jitter: float = 0.05, capacity: int | None = None,
-                 retry_after: float = 1.0):
+                 retry_after: float = 1.0, hold: bool = False):
         self.argv = [sys.executable, __file__, "--latency", str(latency), "--jitter", str(jitter),
-                     "--retry-after", str(retry_after)] + (["--capacity", str(capacity)] if capacity else [])
+                     "--retry-after", str(retry_after)] + (["--capacity", str(capacity)] if capacity else []) + (
+                     ["--hold"] if hold else [])
 
     def __enter__(self) -> "MockServer":
         self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
@@ -132,6 +151,9 @@ class MockServer:
     def stats(self) -> dict:
         with urllib.request.urlopen(f"{self.url}/stats", timeout=30) as answer:
             return json.load(answer)
+
+    def release(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{self.url}/release", method="POST"), timeout=30).close()
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
@@ -149,8 +171,9 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.05, help="up to this many seconds more, at random")
     parser.add_argument("--capacity", type=int, default=None, help="requests answered at once; more get 429")
     parser.add_argument("--retry-after", type=float, default=1.0, help="the pause a 429 asks for, in seconds")
+    parser.add_argument("--hold", action="store_true", help="hold replies until POST /release (at most --latency)")
     args = parser.parse_args()
-    serve(args.latency, args.jitter, args.capacity, args.retry_after)
+    serve(args.latency, args.jitter, args.capacity, args.retry_after, args.hold)
 
 
 if __name__ == "__main__":

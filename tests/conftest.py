@@ -1,9 +1,11 @@
-"""Shared fixtures: paths to the shared data, the real embedded model (loaded once), a CLI runner,
-and a scripted backend for unit tests of the engine's bookkeeping."""
+"""Shared fixtures: paths to the shared data, the real embedded model (loaded once), the command line in this
+process (`cli`) and in a process of its own (`run_cli`), and a scripted backend for unit tests of the engine's
+bookkeeping."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -12,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -27,12 +30,28 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def embedded():
-    """The real embedded SmolLM2 backend, loaded once for the whole session."""
+@functools.cache
+def embedded_backend():
+    """The real embedded SmolLM2 backend, loaded once for the whole session: each load holds a llama.cpp
+    context of 16 slots (over a GB) for as long as the process lives."""
     from selfcorrect.models import load_model
 
     return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    return embedded_backend()
+
+
+@pytest.fixture(scope="session")
+def hf_embedded():
+    """The embedded GGUF on transformers (`hf:FILE.gguf`, dequantised to float32), loaded once for the session."""
+    pytest.importorskip("torch", reason="the hf extra is not installed (pip install torch==2.13.0 'selfcorrect[hf]')")
+    from selfcorrect.models import load_model
+    from selfcorrect.models.llamacpp import embedded_model_path
+
+    return load_model(f"hf:{embedded_model_path()}")
 
 
 # .ci/run sets this: there, bubblewrap is installed and a test that needs it must fail rather than skip.
@@ -78,11 +97,43 @@ def sandbox_processes(bubblewrap: bool = True, descendants_of: int | None = None
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m selfcorrect ARGS` in a subprocess, as a user would from a shell."""
+    """Run `python -m selfcorrect ARGS` in a subprocess, as a user would from a shell: for what only a process of
+    its own shows (the interpreter's exit code and streams, signals, the package's import). Most tests use `cli`."""
     return subprocess.run(
         [sys.executable, "-m", "selfcorrect", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def _sharing_the_embedded(spec: str, **limits):
+    """`load_model`, with the session's embedded model for `embedded` (no HTTP limits asked)."""
+    from selfcorrect.models import load_model
+
+    if spec == "embedded" and all(value is None for value in limits.values()):
+        return embedded_backend()
+    return load_model(spec, **limits)
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `selfcorrect ARGS` in this process (Typer's CliRunner), stdout and stderr captured apart, under `env`
+    added to the environment: the same commands, checks and output as in a process of its own, without starting
+    Python and importing the package for each call (a second or more on these machines). The embedded model is
+    the session's (`embedded_backend`) instead of a load per command, unless a test replaced the loader itself.
+    An error the command does not turn into its one line is raised here, with its traceback, and fails the test."""
+    from typer.testing import CliRunner
+
+    import selfcorrect.api
+    import selfcorrect.reproduce
+    from selfcorrect.cli import app
+    from selfcorrect.models import load_model
+
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.dict(os.environ, env or {}))
+        for module in (selfcorrect.api, selfcorrect.reproduce):
+            if module.load_model is load_model:
+                patches.enter_context(mock.patch.object(module, "load_model", _sharing_the_embedded))
+        result = CliRunner().invoke(app, list(args), prog_name="selfcorrect", catch_exceptions=False)
+    return subprocess.CompletedProcess(["selfcorrect", *args], result.exit_code, result.stdout, result.stderr)
 
 
 class ScriptedBackend:
@@ -169,3 +220,23 @@ def serving(argv: list[str], port: int, log: Path, api_key: str = "none"):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+SERVED_AS = "smollm2"  # the model's name at the llama.cpp server
+API_KEY = "test-key-7f3a"
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """URL of a llama.cpp server (without /v1) that serves the embedded model as SERVED_AS to API_KEY, started
+    once for every test that talks to it."""
+    from selfcorrect.models.llamacpp import embedded_model_path
+
+    port = free_port()
+    # One decoding thread: on a 2-core machine shared with other work, two spinning llama.cpp threads
+    # slowed to 0.35 tokens/s when the cores were busy, one thread kept about 7.
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()), "--model_alias",
+            SERVED_AS, "--api_key", API_KEY, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
+            "--n_threads", "1"]
+    with serving(argv, port, tmp_path_factory.mktemp("server") / "server.log", API_KEY) as url:
+        yield url

@@ -9,8 +9,6 @@ import gzip
 import hashlib
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,8 @@ from selfcorrect.models.base import BackendError
 from selfcorrect.tasks import load_task
 from selfcorrect.tasks.code import grade_code_with_tests
 
-from conftest import SHARED_DATA, ScriptedBackend, run_cli
+from conftest import SHARED_DATA, ScriptedBackend, cli, run_cli
 
-TESTS = Path(__file__).resolve().parent
 HUMANEVAL_RECORD = {"task_id": "t/0", "prompt": "def f():\n", "test": "def check(f):\n    assert f() == 1\n",
                     "entry_point": "f"}
 
@@ -96,21 +93,34 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, message", CLI_CASES)
-def test_cli_bad_input_is_one_line_and_leaves_the_store_alone(tmp_path, store, args, message):
+def _refused(invoke, tmp_path, store, args, message) -> None:
+    """`invoke` (cli or run_cli) refuses the case in one line, exit code 2, with nothing written anywhere."""
     db, run_id = store
     _write_files(tmp_path)
     files = lambda: sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(db.name))
     listing = files()
     before = _digest(db)
     fill = lambda text: text.replace("{tmp}", str(tmp_path)).replace("{run}", run_id)
-    done = run_cli(*map(fill, args), "--db", str(db))
+    done = invoke(*map(fill, args), "--db", str(db))
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fill(message) in lines[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert _digest(db) == before
     assert files() == listing  # nothing written beside the data either
+
+
+@pytest.mark.parametrize("args, message", CLI_CASES)
+def test_cli_bad_input_is_one_line_and_leaves_the_store_alone(tmp_path, store, args, message):
+    _refused(cli, tmp_path, store, args, message)
+
+
+@pytest.mark.parametrize("args, message", [case for case in CLI_CASES
+                                           if case.id in ("latin1-jsonl", "gz-truncated", "samples-at-t0")])
+def test_the_one_line_contract_in_a_process_of_its_own(tmp_path, store, args, message):
+    """A few of the cases as a user meets them from a shell: the interpreter's exit code and streams, nothing
+    else printed (no warning or traceback from the package's import or its exit)."""
+    _refused(run_cli, tmp_path, store, args, message)
 
 
 def test_line_of_a_bad_byte_deep_in_a_csv(tmp_path):
@@ -175,29 +185,23 @@ def test_backend_error_in_the_exact_estimator_keeps_the_passes_and_a_rerun_resum
     assert resumed.run_id == whole.run_id and resumed.report()["acc"] == whole.report()["acc"]
 
 
-def test_backend_error_in_the_exact_estimator_through_the_cli(tmp_path):
-    """The real CLI in a subprocess, with its model loader made to return a backend that dies after 4 passes
-    (no model spec gives a scoring backend that can be made to fail on purpose)."""
+def test_backend_error_in_the_exact_estimator_through_the_cli(tmp_path, monkeypatch):
+    """The CLI with its model loader made to return a backend that dies after 4 passes (no model spec gives a
+    scoring backend that can be made to fail on purpose)."""
+    import selfcorrect.api
+
     db = tmp_path / "r.sqlite"
     args = ["run", "--task", "mcq", "--data", str(SHARED_DATA / "commonsense_qa.jsonl"), "--limit", "2",
             "--db", str(db)]
-    program = (
-        f"import sys; sys.path[:0] = [{str(TESTS)!r}]\n"
-        "import selfcorrect.api\n"
-        "from test_bad_input import DyingScorer\n"
-        "selfcorrect.api.load_model = lambda spec: DyingScorer(after=int(sys.argv[1]) or None)\n"
-        "from selfcorrect.cli import app\n"
-        "app(sys.argv[2:], prog_name='selfcorrect')\n"
-    )
-    cli = lambda after, *extra: subprocess.run([sys.executable, "-c", program, str(after), *args, *extra],
-                                               capture_output=True, text=True, timeout=300)
-    done = cli(4)
+    monkeypatch.setattr(selfcorrect.api, "load_model", lambda spec: DyingScorer(after=4))
+    done = cli(*args)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: scripted:v1: the server went away"), done.stderr[-3000:]
-    assert "run the same command again" in lines[0] and "Traceback" not in done.stderr
+    assert "run the same command again" in lines[0] and done.stdout == ""
     assert _stored_passes(db) == 4
-    again = cli(0, "--json")
+    monkeypatch.setattr(selfcorrect.api, "load_model", lambda spec: DyingScorer())
+    again = cli(*args, "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     report = json.loads(again.stdout)
     assert report["estimator"] == "exact" and report["generated"] == 2 * 6 - 4 and report["complete"]
@@ -229,7 +233,7 @@ def test_several_samples_at_temperature_zero_are_refused(tmp_path):
 def test_a_reply_to_grade_that_is_not_utf8_is_one_line(tmp_path):
     reply = tmp_path / "reply.txt"
     reply.write_bytes(b"The answer is 14, caf\xe9.")
-    done = run_cli("grade", "--task", "arithmetic", "--item", "arith-0", "--response", str(reply))
+    done = cli("grade", "--task", "arithmetic", "--item", "arith-0", "--response", str(reply))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"error: --response {reply}: not UTF-8 text (byte 21 is 0xe9); save the reply as UTF-8"
 

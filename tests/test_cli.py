@@ -1,4 +1,5 @@
-"""The command line on the real embedded model: run, report, runs, export, tasks, and bad input."""
+"""The command line on the real embedded model: run, report, runs, export, tasks, and bad input. Commands run in
+this process (`cli`); the default job runs in a process of its own."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from selfcorrect import evaluate, load_run
 from selfcorrect.tasks import TASKS, load_task
 
 from conftest import SHARED_DATA as SHARED
-from conftest import ScriptedBackend, check_turns, run_cli
+from conftest import ScriptedBackend, check_turns, cli, run_cli
 
 
 @pytest.fixture(scope="module")
 def arithmetic_run(tmp_path_factory):
     """One real run through the CLI, shared by the tests that read it back."""
     db = tmp_path_factory.mktemp("cli") / "runs.sqlite"
-    done = run_cli("run", "--limit", "8", "--rounds", "2", "--strategy", "critique", "--db", str(db), "--json")
+    done = cli("run", "--limit", "8", "--rounds", "2", "--strategy", "critique", "--db", str(db), "--json")
     assert done.returncode == 0, done.stderr
     return db, json.loads(done.stdout)
 
@@ -59,12 +60,12 @@ def test_run_json_has_the_promised_fields(arithmetic_run):
 
 def test_report_and_resume_reproduce_the_run(arithmetic_run):
     db, report = arithmetic_run
-    again = run_cli("report", report["run_id"][:8], "--db", str(db), "--json")
+    again = cli("report", report["run_id"][:8], "--db", str(db), "--json")
     assert again.returncode == 0, again.stderr
     shown = json.loads(again.stdout)
     for key in ("run_id", "n_items", "acc", "cl", "cs", "rss", "acc_inf", "transitions", "ci"):
         assert shown[key] == report[key]
-    rerun = run_cli("run", "--limit", "8", "--rounds", "2", "--strategy", "critique", "--db", str(db), "--json")
+    rerun = cli("run", "--limit", "8", "--rounds", "2", "--strategy", "critique", "--db", str(db), "--json")
     assert rerun.returncode == 0, rerun.stderr
     resumed = json.loads(rerun.stdout)
     assert resumed["run_id"] == report["run_id"] and resumed["generated"] == 0
@@ -72,7 +73,7 @@ def test_report_and_resume_reproduce_the_run(arithmetic_run):
 
 def test_export_jsonl_one_line_per_turn_with_stored_grades(arithmetic_run):
     db, report = arithmetic_run
-    done = run_cli("export", report["run_id"], "--format", "jsonl", "--db", str(db))
+    done = cli("export", report["run_id"], "--format", "jsonl", "--db", str(db))
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(lines) == 8 * 3
@@ -86,13 +87,13 @@ def test_export_jsonl_one_line_per_turn_with_stored_grades(arithmetic_run):
         assert (grade.answer, grade.correct, grade.reason) == (line["answer"], line["correct"], line["reason"])
         if line["round"] > 0:
             assert len(line["feedback"]) == 1  # critique: the review reply
-    csv_out = run_cli("export", report["run_id"], "--format", "csv", "--db", str(db))
+    csv_out = cli("export", report["run_id"], "--format", "csv", "--db", str(db))
     assert csv_out.returncode == 0 and len(csv_out.stdout.splitlines()) >= 1 + 8 * 3
 
 
 def test_runs_lists_the_run(arithmetic_run):
     db, report = arithmetic_run
-    done = run_cli("runs", "--db", str(db), "--json")
+    done = cli("runs", "--db", str(db), "--json")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     assert [(r["run_id"], r["n_items"], r["n_turns"]) for r in rows] == [(report["run_id"], 8, 24)]
@@ -100,13 +101,14 @@ def test_runs_lists_the_run(arithmetic_run):
 
 @pytest.mark.slow
 def test_default_run_says_where_results_went(tmp_path):
-    """`selfcorrect run` with no flags: the documented default job (100 arithmetic items, one reask)."""
+    """`selfcorrect run` with no flags: the documented default job (100 arithmetic items, one reask), in a process
+    of its own as a user starts it (the model loaded by the command itself)."""
     db = tmp_path / "default.sqlite"
     done = run_cli("run", env={"SELFCORRECT_DB": str(db)})
     assert done.returncode == 0, done.stderr
     assert str(db) in " ".join(done.stdout.split())
     assert "first answer" in done.stdout and "CL" in done.stdout
-    report = json.loads(run_cli("runs", "--json", env={"SELFCORRECT_DB": str(db)}).stdout)[0]
+    report = json.loads(cli("runs", "--json", env={"SELFCORRECT_DB": str(db)}).stdout)[0]
     assert report["n_items"] == 100 and report["n_turns"] == 200
     run = load_run(report["run_id"], db)  # the default job: arithmetic, reask, greedy
     assert (run.config["task"]["task"], run.config["strategy"], run.config["temperature"]) == ("arithmetic", "reask", 0.0)
@@ -124,7 +126,7 @@ def test_data_tasks_run_end_to_end(tmp_path, shared_data, args, records):
     """Each data task through the CLI: the items asked, each turn graded as the task grades its reply, the
     reask continuing the conversation; the first-answer accuracy is that of the stored turns."""
     args = [a.replace("{shared}", str(shared_data)) for a in args]
-    done = run_cli("run", *args, "--db", str(tmp_path / "r.sqlite"), "--json")
+    done = cli("run", *args, "--db", str(tmp_path / "r.sqlite"), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["n_items"] == records and len(report["acc"]) == 2
@@ -149,12 +151,12 @@ def test_sampling_is_seeded_and_samples_differ(tmp_path):
     """K samples at T > 0: the samples of an item differ, and the same seed gives the same replies."""
     args = ["run", "--task", "mcq", "--data", str(SHARED / "boolq.jsonl"), "--limit", "3", "--samples", "4",
             "--temperature", "1.0", "--rounds", "1", "--json"]
-    first = run_cli(*args, "--db", str(tmp_path / "a.sqlite"))
-    second = run_cli(*args, "--db", str(tmp_path / "b.sqlite"))
+    first = cli(*args, "--db", str(tmp_path / "a.sqlite"))
+    second = cli(*args, "--db", str(tmp_path / "b.sqlite"))
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     report = json.loads(first.stdout)
     exported = [
-        [json.loads(line)["response"] for line in run_cli("export", report["run_id"], "--db", str(tmp_path / db)).stdout.splitlines()]
+        [json.loads(line)["response"] for line in cli("export", report["run_id"], "--db", str(tmp_path / db)).stdout.splitlines()]
         for db in ("a.sqlite", "b.sqlite")
     ]
     assert len(exported[0]) == 3 * 4 * 2
@@ -164,8 +166,8 @@ def test_sampling_is_seeded_and_samples_differ(tmp_path):
 
 
 def test_critic_strategy_with_the_embedded_model_as_critic(tmp_path):
-    done = run_cli("run", "--strategy", "critic", "--critic-model", "embedded", "--limit", "2", "--db",
-                   str(tmp_path / "r.sqlite"), "--json")
+    done = cli("run", "--strategy", "critic", "--critic-model", "embedded", "--limit", "2", "--db",
+               str(tmp_path / "r.sqlite"), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["n_items"] == 2 and report["config"]["critic"].startswith("llamacpp:SmolLM2")
@@ -179,7 +181,7 @@ def test_critic_strategy_with_the_embedded_model_as_critic(tmp_path):
 
 
 def test_tasks_lists_every_task():
-    done = run_cli("tasks", "--json")
+    done = cli("tasks", "--json")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     # The CLI knows selfcorrect's own tasks; this process also has those a test module registered.
@@ -187,7 +189,7 @@ def test_tasks_lists_every_task():
     assert [row["task"] for row in rows] == sorted(builtin)
     assert {row["task"]: row["grader"] for row in rows} == {name: entry.grader for name, entry in builtin.items()}
     assert {row["task"] for row in rows if row["exact_estimator"]} == {"mcq"}  # on the embedded model
-    shown = run_cli("tasks")
+    shown = cli("tasks")
     assert shown.returncode == 0 and all(f"{name}:" in shown.stdout for name in builtin)
 
 
@@ -229,7 +231,7 @@ def test_bad_input_one_line_exit_2_store_untouched(tmp_path, populated_store, ar
     (tmp_path / "empty.jsonl").write_text("\n")
     before = _digest(populated_store)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    done = run_cli(*args, "--db", str(populated_store))
+    done = cli(*args, "--db", str(populated_store))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
@@ -239,6 +241,6 @@ def test_bad_input_one_line_exit_2_store_untouched(tmp_path, populated_store, ar
 
 def test_report_on_a_missing_store_does_not_create_it(tmp_path):
     db = tmp_path / "never.sqlite"
-    done = run_cli("report", "abc", "--db", str(db))
+    done = cli("report", "abc", "--db", str(db))
     assert done.returncode == 2 and "no run store there yet" in done.stderr
     assert not db.exists()

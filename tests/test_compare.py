@@ -12,7 +12,7 @@ from selfcorrect import evaluate, load_run
 from selfcorrect.compare import compare_runs
 from selfcorrect.errors import UserError
 
-from conftest import ScriptedBackend, run_cli
+from conftest import ScriptedBackend, cli
 
 
 def _fixed(right_items: set[int]):
@@ -54,7 +54,7 @@ def test_differences_and_mcnemar_by_hand(tmp_path):
     assert pair["diff"] == pytest.approx(0.2)
     assert pair["mcnemar_p"] == pytest.approx(2 * (1 + 6 + 15) / 64)  # 2 * P(X <= 2), X ~ Bin(6, 1/2)
     low, high = pair["diff_ci"]
-    assert low <= 0.2 <= high
+    assert low <= 0.2 <= high  # a seeded bootstrap of fixed outcomes: the same interval on every machine
     assert row_a["tokens_per_item"] > 0 and row_a["acc_per_1k_tokens"] == pytest.approx(
         0.6 / (row_a["tokens_per_item"] / 1000))
 
@@ -82,10 +82,10 @@ def test_compare_cli_on_real_runs(tmp_path):
     db = str(tmp_path / "r.sqlite")
     ids = []
     for strategy in ("reask", "critical", "oracle-stop"):
-        done = run_cli("run", "--strategy", strategy, "--limit", "6", "--db", db, "--json")
+        done = cli("run", "--strategy", strategy, "--limit", "6", "--db", db, "--json")
         assert done.returncode == 0, done.stderr
         ids.append(json.loads(done.stdout)["run_id"])
-    shown = run_cli("compare", *ids, "--db", db, "--json")
+    shown = cli("compare", *ids, "--db", db, "--json")
     assert shown.returncode == 0, shown.stderr
     result = json.loads(shown.stdout)
     assert result["n_items"] == 6 and result["left_out"] == {run_id: 0 for run_id in ids}
@@ -112,9 +112,9 @@ def test_compare_cli_on_real_runs(tmp_path):
         assert pair["mcnemar_p"] == pytest.approx(expected)
     assert [row["upper_bound"] for row in result["runs"]] == [False, False, True]
     assert result["runs"][2]["transitions"]["c->w"] == 0  # oracle-stop never changes a right answer
-    table = run_cli("compare", *ids, "--db", db)
+    table = cli("compare", *ids, "--db", db)
     assert "oracle-stop*" in table.stdout and "UPPER BOUND" in table.stdout
-    bad = run_cli("compare", ids[0], "--db", db)
+    bad = cli("compare", ids[0], "--db", db)
     assert bad.returncode == 2 and "at least two runs" in bad.stderr
 
 
@@ -127,7 +127,7 @@ def test_runs_of_other_task_options_are_not_paired(tmp_path):
     with pytest.raises(UserError, match=r"hold different items under the id 'arith-0'.*\"digits\": \"2\""):
         compare_runs([a, b])
     before = (tmp_path / "r.sqlite").read_bytes()
-    shown = run_cli("compare", a.run_id, b.run_id, "--db", str(db))
+    shown = cli("compare", a.run_id, b.run_id, "--db", str(db))
     assert shown.returncode == 2 and shown.stdout == ""
     assert shown.stderr.count("\n") == 1 and "different items under the id" in shown.stderr
     assert (tmp_path / "r.sqlite").read_bytes() == before

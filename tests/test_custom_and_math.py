@@ -12,7 +12,7 @@ from selfcorrect import evaluate, load_run
 from selfcorrect.errors import UserError
 from selfcorrect.tasks import load_task
 
-from conftest import ScriptedBackend, check_turns, run_cli
+from conftest import ScriptedBackend, check_turns, cli
 
 MATH = Path(__file__).parent / "fixtures" / "math_problems.jsonl"
 ROWS = [
@@ -126,13 +126,13 @@ def test_math_runs_end_to_end_on_the_embedded_model(tmp_path, embedded):
 def test_grade_command(tmp_path):
     reply = tmp_path / "reply.txt"
     reply.write_text("Adding: 1/2 + 1/4 = \\boxed{\\frac{3}{4}}")
-    done = run_cli("grade", "--task", "math", "--data", str(MATH), "--item", "frac", "--response", str(reply))
+    done = cli("grade", "--task", "math", "--data", str(MATH), "--item", "frac", "--response", str(reply))
     assert done.returncode == 0, done.stderr
     verdict = json.loads(done.stdout)
     assert verdict["correct"] is True and verdict["answer"] == "\\frac{3}{4}" and "equivalent" in verdict["reason"]
-    wrong = json.loads(run_cli("grade", "--task", "arithmetic", "--item", "arith-0", "--response", str(reply)).stdout)
+    wrong = json.loads(cli("grade", "--task", "arithmetic", "--item", "arith-0", "--response", str(reply)).stdout)
     assert wrong["correct"] is False and wrong["answer"] == "4"  # the last number in the box
-    missing = run_cli("grade", "--task", "math", "--data", str(MATH), "--item", "zzz", "--response", str(reply))
+    missing = cli("grade", "--task", "math", "--data", str(MATH), "--item", "zzz", "--response", str(reply))
     assert missing.returncode == 2 and "--item zzz: no such item" in missing.stderr
 
 
@@ -240,8 +240,8 @@ def test_custom_csv_without_grader_runs_end_to_end_on_the_embedded_model(tmp_pat
     data = tmp_path / "quiz.csv"
     data.write_text("q,a\nWhat is 2 + 2?,4\nWhat is 3 + 3?,6\n")
     db = tmp_path / "r.sqlite"
-    done = run_cli("run", "--task", "custom", "--data", str(data), "--field", "question=q,answer=a", "--limit", "2",
-                   "--db", str(db), "--json")
+    done = cli("run", "--task", "custom", "--data", str(data), "--field", "question=q,answer=a", "--limit", "2",
+               "--db", str(db), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert (report["config"]["task"]["grader"], report["config"]["task"]["grader_inferred"]) == ("number", True)

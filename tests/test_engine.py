@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 
 import pytest
 
@@ -123,18 +124,24 @@ def test_cache_key_names_everything_that_determines_a_reply():
 
 
 class ConcurrentScriptedBackend(ScriptedBackend):
-    """A scripted model that serves several conversations at once and remembers how many overlapped."""
+    """A scripted model that serves several conversations at once and remembers how many overlapped. Its
+    replies wait until two requests are in flight together, so an engine that keeps several conversations
+    in flight shows it whatever the machine's speed (one that does not waits 30 s once, then fails)."""
 
     def __init__(self, max_in_flight: int):
         super().__init__()
         self.max_in_flight, self.in_flight, self.most_in_flight = max_in_flight, 0, 0
-        self.lock = __import__("threading").Lock()
+        self.lock = threading.Lock()
+        self.overlapped = threading.Event()
 
     def complete(self, messages, max_tokens, temperature, seed):
         with self.lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        __import__("time").sleep(0.002)  # long enough for other workers to send theirs
+            if self.in_flight > 1:
+                self.overlapped.set()
+        if not self.overlapped.wait(30):
+            self.overlapped.set()
         try:
             return super().complete(messages, max_tokens, temperature, seed)
         finally:

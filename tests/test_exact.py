@@ -14,7 +14,7 @@ from selfcorrect.exact import ANSWER_PREFIX, item_probabilities
 from selfcorrect.store import OptionScore
 from selfcorrect.tasks import load_task
 
-from conftest import ScriptedBackend, run_cli
+from conftest import ScriptedBackend, cli
 
 
 def _score(given, probs, labels=("A", "B", "C")):
@@ -130,13 +130,16 @@ def test_exact_agrees_with_sampling_on_the_embedded_model(tmp_path, shared_data,
     b = np.zeros((n_items, n_samples), dtype=bool)
     for i, item in enumerate(task.items[:n_items]):
         labels, question = task.labels(item), task.prompt(item)
-        for j in range(n_samples):
-            first = _sample_label(embedded, [{"role": "user", "content": question}], labels, seed=2 * (i * n_samples + j))
+        # An item's first answers, then its second answers in the order of the first: llama.cpp keeps the KV cache
+        # of the prompt it computed last, so each distinct prompt is computed once, not once per draw.
+        firsts = [_sample_label(embedded, [{"role": "user", "content": question}], labels, seed=2 * (i * n_samples + j))
+                  for j in range(n_samples)]
+        for j in sorted(range(n_samples), key=lambda j: firsts[j]):
             context = [{"role": "user", "content": question},
-                       {"role": "assistant", "content": f"{ANSWER_PREFIX} {first}."},
+                       {"role": "assistant", "content": f"{ANSWER_PREFIX} {firsts[j]}."},
                        {"role": "user", "content": question}]  # reask
             second = _sample_label(embedded, context, labels, seed=2 * (i * n_samples + j) + 1)
-            a[i, j], b[i, j] = first == item.target, second == item.target
+            a[i, j], b[i, j] = firsts[j] == item.target, second == item.target
     sampled = metrics.pair_metrics(a, b, n_boot=2000, seed=0)
     for name in ("acc1", "acc2", "cl", "cs"):
         low, high = sampled["ci"][name]
@@ -148,15 +151,15 @@ def test_exact_agrees_with_sampling_on_the_embedded_model(tmp_path, shared_data,
 
 def test_cli_report_and_export_name_the_estimator(tmp_path, shared_data):
     db = str(tmp_path / "r.sqlite")
-    done = run_cli("run", "--task", "mcq", "--data", str(shared_data / "boolq.jsonl"), "--limit", "3", "--db", db, "--json")
+    done = cli("run", "--task", "mcq", "--data", str(shared_data / "boolq.jsonl"), "--limit", "3", "--db", db, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["estimator"] == "exact" and report["n_items"] == 3
-    shown = run_cli("report", report["run_id"], "--db", db)
+    shown = cli("report", report["run_id"], "--db", db)
     assert "estimator: exact" in shown.stdout
-    lines = run_cli("export", report["run_id"], "--db", db).stdout.splitlines()
+    lines = cli("export", report["run_id"], "--db", db).stdout.splitlines()
     assert len(lines) == 3 * 3  # first pass + one per label (yes, no)
     record = json.loads(lines[0])
     assert record["labels"] == ["yes", "no"] and sum(record["probs"]) == pytest.approx(1.0)
-    bad = run_cli("run", "--estimator", "exact", "--db", db)
+    bad = cli("run", "--estimator", "exact", "--db", db)
     assert bad.returncode == 2 and "--estimator exact: not possible here" in bad.stderr

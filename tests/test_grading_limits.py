@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, ScriptedBackend, run_cli
+from conftest import SHARED_DATA, ScriptedBackend, cli
 from grading_plugin import HANG, RAISE, grade_or_hang
 from selfcorrect.api import evaluate, load_run
 from selfcorrect.grader_pool import GraderPool
@@ -67,13 +67,15 @@ def test_a_hanging_grade_is_a_timeout_the_run_completes_and_the_child_is_gone(tm
     turns = {(turn.item_id, turn.round): turn for turn in run.turns}
     hung = turns[("sum-1", 0)]
     assert (hung.answer, hung.correct, hung.reason, hung.extra) == (None, False, "grader timeout", {"grader_timeout": True})
-    assert 1.0 <= hung.latency_s < 3.0, hung.latency_s  # the limit, not forever
+    # The limit, not forever: a time limit, so time is checked, loosely above (a busy machine is slow to kill
+    # and start a grading child), and the run above ended, which is what matters.
+    assert 1.0 <= hung.latency_s < 30.0, hung.latency_s
     assert all(turn.correct for key, turn in turns.items() if key != ("sum-1", 0))
     assert {turn.grader_version for turn in run.turns} == {grader_version()}
     # The child that hung was killed, and the run closed the others.
     assert not Path(f"/proc/{int(pid_file.read_text())}").exists()
     assert _grading_children() == []
-    shown = run_cli("report", run.run_id, "--db", str(db))
+    shown = cli("report", run.run_id, "--db", str(db))
     assert shown.returncode == 0 and "1 grade timed out" in shown.stdout, shown.stdout + shown.stderr
 
 
@@ -135,13 +137,16 @@ def test_selfcorrect_grade_bounds_math_verify_too(tmp_path):
     reply = tmp_path / "reply.txt"
     reply.write_text(TOWER)
     started = time.monotonic()
-    done = run_cli("grade", "--task", "custom", "--data", str(_maths_data(tmp_path)), "--grader", "math",
-                   "--item", "tower", "--response", str(reply), "--grader-timeout", "5", timeout=120)
+    done = cli("grade", "--task", "custom", "--data", str(_maths_data(tmp_path)), "--grader", "math",
+               "--item", "tower", "--response", str(reply), "--grader-timeout", "5")
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-2000:]
     verdict = json.loads(done.stdout)
     # Not "not equivalent": math-verify's own limit used to cut the check short and call that a verdict.
     assert (verdict["correct"], verdict["reason"], verdict["extra"]) == (False, "grader timeout", {"grader_timeout": True})
+    # The behaviour is a time limit, so time is what is checked: the grade took the 5 s asked for (a verdict
+    # sooner would not have been the limit's), and ended long before the tower's parse would (never): 60 s leaves
+    # a loaded 2-core machine 55 s to start and kill the grading child.
     assert 5 <= elapsed < 60
 
 
@@ -153,10 +158,10 @@ def test_regrade_puts_back_todays_verdicts_and_counts_the_changes(tmp_path):
         connection.execute("UPDATE turns SET correct = 1 - correct, reason = 'an older grader', "
                            "grader_version = 'a0a0a0a0a0a0' WHERE item_id = 'arith-0'")
         connection.execute("UPDATE turns SET grader_version = NULL WHERE item_id = 'arith-1' AND round = 0")
-    shown = run_cli("report", run.run_id, "--db", str(db))
+    shown = cli("report", run.run_id, "--db", str(db))
     assert f"selfcorrect regrade {run.run_id}" in shown.stdout, shown.stdout + shown.stderr
 
-    done = run_cli("regrade", run.run_id[:8], "--db", str(db), "--json")
+    done = cli("regrade", run.run_id[:8], "--db", str(db), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)
     assert (summary["regraded"], summary["skipped"], summary["changed"]) == (3, 3, 2)
@@ -165,7 +170,7 @@ def test_regrade_puts_back_todays_verdicts_and_counts_the_changes(tmp_path):
     grading = load_run(run.run_id, db).report()["grading"]
     assert (grading["versions"], grading["outdated"], grading["unversioned"]) == ({grader_version(): 6}, 0, 0)
 
-    again = run_cli("regrade", run.run_id, "--all", "--db", str(db))
+    again = cli("regrade", run.run_id, "--all", "--db", str(db))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "regraded 6 turn(s)" in again.stdout and "0 verdict(s) changed" in again.stdout, again.stdout
     assert _verdicts(db) == today
@@ -181,7 +186,7 @@ def test_regrade_refuses_a_run_whose_data_file_changed(tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     before = _verdicts(db)
 
-    done = run_cli("regrade", run.run_id, "--db", str(db))
+    done = cli("regrade", run.run_id, "--db", str(db))
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(data) in lines[0] and "changed" in lines[0], done.stderr
@@ -193,23 +198,23 @@ def test_regrade_of_a_run_stored_before_task_specs_were_kept_needs_its_task(tmp_
     with sqlite3.connect(db) as connection:  # a store made by selfcorrect 0.1.0
         connection.executescript((FIXTURES / "store_0.1.0.sql").read_text())
     before = _verdicts(db)
-    shown = run_cli("report", "ceb590", "--db", str(db))
+    shown = cli("report", "ceb590", "--db", str(db))
     assert "6 verdict(s) from before grader versions were kept" in shown.stdout, shown.stdout + shown.stderr
 
-    done = run_cli("regrade", "ceb590", "--db", str(db))
+    done = cli("regrade", "ceb590", "--db", str(db))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "stored before" in lines[0] and "--task" in lines[0], done.stderr
     assert "Traceback" not in done.stderr and _verdicts(db) == before
     # Told how the run was made, regrade reloads its task, checks its items and grades them with today's graders.
-    wrong = run_cli("regrade", "ceb590", "--task", "arithmetic", "--task-opt", "digits=2", "--db", str(db))
+    wrong = cli("regrade", "ceb590", "--task", "arithmetic", "--task-opt", "digits=2", "--db", str(db))
     assert wrong.returncode == 2 and "digits" in wrong.stderr and _verdicts(db) == before
-    done = run_cli("regrade", "ceb590", "--task", "arithmetic", "--db", str(db), "--json")
+    done = cli("regrade", "ceb590", "--task", "arithmetic", "--db", str(db), "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert (summary["regraded"], summary["skipped"]) == (6, 0)
     assert summary["changed"] == sum(old[4] != new[4] for old, new in zip(before, _verdicts(db)))  # correct
-    assert "before grader versions were kept" not in run_cli("report", "ceb590", "--db", str(db)).stdout
+    assert "before grader versions were kept" not in cli("report", "ceb590", "--db", str(db)).stdout
 
 
 class UniformScorer(ScriptedBackend):
@@ -222,7 +227,7 @@ class UniformScorer(ScriptedBackend):
 def test_regrade_of_an_exact_estimator_run_says_there_is_nothing_to_grade(tmp_path):
     db = tmp_path / "runs.sqlite"
     run = evaluate(task="mcq", data=SHARED_DATA / "boolq.jsonl", limit=1, estimator="exact", backend=UniformScorer(), db=db)
-    done = run_cli("regrade", run.run_id, "--db", str(db))
+    done = cli("regrade", run.run_id, "--db", str(db))
     assert done.returncode == 0 and "nothing to regrade" in done.stdout, done.stdout + done.stderr
 
 
@@ -230,7 +235,7 @@ def test_regrade_of_an_exact_estimator_run_says_there_is_nothing_to_grade(tmp_pa
                                                                      "--response", "-")])
 def test_a_grader_timeout_that_is_not_positive_is_refused(tmp_path, command):
     db = tmp_path / "runs.sqlite"
-    done = run_cli(*command, "--grader-timeout", "0", *(("--db", str(db)) if command[0] != "grade" else ()))
+    done = cli(*command, "--grader-timeout", "0", *(("--db", str(db)) if command[0] != "grade" else ()))
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --grader-timeout 0: must be more than 0 and at most 86400 seconds"
     assert not db.exists()

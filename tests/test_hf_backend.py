@@ -28,9 +28,8 @@ def hf_spec() -> str:
 
 
 @pytest.fixture(scope="module")
-def hf(hf_spec):
-    pytest.importorskip("torch", reason="the hf extra is not installed (pip install torch==2.13.0 'selfcorrect[hf]')")
-    return load_model(hf_spec)
+def hf(hf_embedded):
+    return hf_embedded
 
 
 def _ask(text: str) -> list[dict]:

@@ -14,7 +14,7 @@ from selenium.webdriver.common.by import By
 from selfcorrect import evaluate, load_run
 from selfcorrect.html_report import render_html
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]  # its fixtures run real runs and start Chromium: ~60 s
 
@@ -55,7 +55,7 @@ def chromium(tmp_path_factory):
 def expected_flips(db, run_id: str) -> dict[tuple, tuple[str, str]]:
     """From the exported turns, independently of the report: (run, item, sample, round) of every turn whose
     grade differs from the same conversation's previous turn -> (change, reply after)."""
-    exported = run_cli("export", run_id, "--format", "jsonl", "--db", str(db))
+    exported = cli("export", run_id, "--format", "jsonl", "--db", str(db))
     assert exported.returncode == 0, exported.stderr
     turns = {(t["item_id"], t["sample"], t["round"]): t for t in map(json.loads, exported.stdout.splitlines())}
     flips = {}
@@ -74,7 +74,7 @@ def legend_texts(driver, div_id: str) -> list[str]:
 def test_html_report_of_real_runs_renders_in_chromium(stored, chromium, tmp_path):
     db, sampled, exact_id = stored
     page = tmp_path / "report.html"
-    written = run_cli("report", *sampled.values(), exact_id, "--db", str(db), "--html", str(page))
+    written = cli("report", *sampled.values(), exact_id, "--db", str(db), "--html", str(page))
     assert written.returncode == 0, written.stderr
     assert str(page) in written.stdout
 
@@ -142,12 +142,12 @@ def test_markup_in_replies_and_questions_is_shown_not_run(stored, chromium, tmp_
 
 def test_report_of_several_runs_as_json_and_bad_html_path(stored, tmp_path):
     db, sampled, _ = stored
-    listed = run_cli("report", *sampled.values(), "--db", str(db), "--json")
+    listed = cli("report", *sampled.values(), "--db", str(db), "--json")
     assert listed.returncode == 0, listed.stderr
     assert [report["run_id"] for report in json.loads(listed.stdout)] == list(sampled.values())
 
     missing = tmp_path / "no_such_dir" / "report.html"
-    refused = run_cli("report", sampled["reask"], "--db", str(db), "--html", str(missing))
+    refused = cli("report", sampled["reask"], "--db", str(db), "--html", str(missing))
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "--html" in refused.stderr
     assert not missing.parent.exists()

@@ -20,8 +20,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.models.openai_http import OpenAIBackend, pause_asked
 from selfcorrect.models.rate_limit import AdaptiveLimit, RateCeiling
 
-from conftest import run_cli
-from test_openai_backend import API_KEY, SERVED_AS, server  # noqa: F401 (server: the llama.cpp server fixture)
+from conftest import API_KEY, SERVED_AS, cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from mock_server import MockServer  # noqa: E402
@@ -70,20 +69,36 @@ def test_the_limit_halves_once_per_overloaded_moment_and_grows_back_one_per_limi
 
 
 def test_a_pause_holds_every_request_and_the_limit_holds_the_rest():
-    limit = AdaptiveLimit(2)
+    clock = FakeClock()
+    limit = AdaptiveLimit(2, clock=clock)
     ticket = limit.acquire()
     limit.overloaded(ticket, 429, PAUSE_S)  # the limit is now 1, with this request still in flight
     limit.release()
-    started = time.monotonic()
-    limit.acquire()
-    assert time.monotonic() - started >= PAUSE_S * 0.95
-    second = []
-    waiter = threading.Thread(target=lambda: second.append(limit.acquire()))
-    waiter.start()
-    waiter.join(0.2)
-    assert not second, "a second request went out beyond the limit of 1"
+
+    def wake_after(seconds: float) -> None:  # the clock moves, and whoever waits on the limit looks again
+        with limit.changed:
+            clock.sleep(seconds)
+            limit.changed.notify_all()
+
+    first, second = [], []
+    waiting = threading.Thread(target=lambda: first.append(limit.acquire()))
+    waiting.start()
+    # Until the clock passes the pause nothing may start, however long this machine takes: the thread can only
+    # leave acquire() by the clock, which stands still. (A join that returns early would only weaken the check.)
+    waiting.join(0.2)
+    assert waiting.is_alive() and not first, "a request started during the pause"
+    wake_after(PAUSE_S * 0.9)
+    waiting.join(0.2)
+    assert waiting.is_alive() and not first, "a request started before the pause was over"
+    wake_after(PAUSE_S * 0.1)
+    waiting.join(30)
+    assert first
+    beyond = threading.Thread(target=lambda: second.append(limit.acquire()))
+    beyond.start()
+    beyond.join(0.2)
+    assert beyond.is_alive() and not second, "a second request went out beyond the limit of 1"
     limit.release()
-    waiter.join(5)
+    beyond.join(30)
     assert second
 
 
@@ -105,8 +120,10 @@ def test_the_token_bucket_spreads_requests_over_the_minute():
 def test_the_pause_a_server_asks_for():
     assert pause_asked({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert pause_asked({"retry-after": "2"}) == 2.0
-    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 28 <= pause_asked({"retry-after": date}) <= 31
+    # An HTTP date an hour ahead: read against the clock when parsed, so the bounds leave this test a minute
+    # between writing the date and reading it (and a second lost to the date's whole seconds).
+    date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 3600))
+    assert 3600 - 60 <= pause_asked({"retry-after": date}) <= 3600
     assert pause_asked({"retry-after": "soon"}) is None and pause_asked({}) is None
 
 
@@ -156,7 +173,9 @@ def test_the_rpm_ceiling_holds_at_the_server(tmp_path):
         for last in range(first + 1, len(arrivals)):
             # One request of slack: two sent in turn may reach the server together.
             assert last - first + 1 <= burst + rate * (arrivals[last] - arrivals[first]) + 1, (first, last)
-    assert (len(arrivals) - burst) / (arrivals[-1] - arrivals[0]) >= rate * 0.7  # held to the ceiling, not far below
+    # Held to the ceiling, not far below it. The behaviour is a rate, so time is what is checked, and only loosely:
+    # a client starved of the CPU falls below any rate, and this one needs little (24 requests in 5 s).
+    assert (len(arrivals) - burst) / (arrivals[-1] - arrivals[0]) >= rate * 0.5
 
 
 def test_512_in_flight_take_one_thread_each_and_little_memory(tmp_path):
@@ -164,42 +183,37 @@ def test_512_in_flight_take_one_thread_each_and_little_memory(tmp_path):
         status = Path("/proc/self/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
 
-    threads, memory = [], []
-    running = threading.Event()
-
-    def sample() -> None:  # in a thread of its own, counted below
-        while running.is_set():
-            threads.append(threading.active_count() - 1)
-            memory.append(rss_mb())
-            time.sleep(0.05)
-
     before_threads, before_mb = threading.active_count(), rss_mb()
-    running.set()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:  # a latency long enough for all 512 requests to be sent before the first is answered, on a busy machine
-        with MockServer(latency=4.0, jitter=0.0) as server:
-            run = _run(server, tmp_path / "r.sqlite", task_options={"n": "512", "digits": "3"}, rounds=0,
-                       concurrency=512)
-            most_at_once = server.stats()["most_at_once"]
-    finally:
-        running.clear()
-        sampler.join()
+    finished = {}
+    # The server holds every reply until released (at most 10 min), so the moment all 512 wait there comes
+    # however slowly this machine sends them, and both sides are measured at that moment.
+    with MockServer(latency=600, jitter=0.0, hold=True) as server:
+        run_in_thread = threading.Thread(target=lambda: finished.update(run=_run(
+            server, tmp_path / "r.sqlite", task_options={"n": "512", "digits": "3"}, rounds=0, concurrency=512)))
+        run_in_thread.start()
+        try:
+            while server.stats()["at_once"] < 512:
+                assert run_in_thread.is_alive(), "the run ended before 512 requests were in flight"
+                run_in_thread.join(0.05)
+            threads, memory = threading.active_count() - before_threads, rss_mb() - before_mb
+        finally:
+            server.release()
+            run_in_thread.join()
+    run = finished["run"]
     assert run.report()["complete"] and len(run.turns) == 512
-    # All 512 were in flight at once on our side; the server saw nearly all of them at once (sending 512
-    # requests takes this machine a few seconds of its shared cores).
-    assert run.report()["http"]["peak_in_flight"] == 512 and most_at_once >= 480, most_at_once
-    # One engine worker per request in flight, a few threads of the grading pool besides; no thread per turn.
-    assert 512 <= max(threads) - before_threads <= 512 + 16, max(threads) - before_threads
-    assert max(memory) - before_mb < 200, max(memory) - before_mb
+    assert run.report()["http"]["peak_in_flight"] == 512
+    # One engine worker per request in flight (and the thread running the run), a few threads of the grading
+    # pool besides; no thread per turn.
+    assert 512 <= threads <= 512 + 16, threads
+    assert memory < 200, memory
     assert threading.active_count() <= before_threads + 4  # the workers ended with the run
 
 
 def test_the_command_line_takes_the_flags_and_reports_the_429s(tmp_path):
     db = str(tmp_path / "r.sqlite")
     with MockServer(latency=LATENCY_S, jitter=0.0, capacity=2, retry_after=PAUSE_S) as server:
-        done = run_cli("run", "--model", f"openai:mock@{server.url}/v1", "--limit", "6", "--concurrency", "6",
-                       "--rpm", "6000", "--tpm", "1000000", "--no-cache", "--db", db)
+        done = cli("run", "--model", f"openai:mock@{server.url}/v1", "--limit", "6", "--concurrency", "6",
+                   "--rpm", "6000", "--tpm", "1000000", "--no-cache", "--db", db)
         requests = server.stats()["requests"]
     assert done.returncode == 0, done.stderr[-2000:]
     rate_limited = sum(request["status"] == 429 for request in requests)
@@ -216,20 +230,20 @@ def test_the_command_line_takes_the_flags_and_reports_the_429s(tmp_path):
     (["--concurrency", "8"], "--concurrency: only for models served over HTTP"),
 ])
 def test_bad_limits_are_one_line_and_write_nothing(flags, message, tmp_path):
-    done = run_cli("run", "--limit", "1", "--db", str(tmp_path / "r.sqlite"), *flags)
+    done = cli("run", "--limit", "1", "--db", str(tmp_path / "r.sqlite"), *flags)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr[-2000:]
     assert not (tmp_path / "r.sqlite").exists()
 
 
-def test_llama_cpp_server_answers_every_request_in_flight_one_at_a_time_with_the_same_turns(server, tmp_path,
+def test_llama_cpp_server_answers_every_request_in_flight_one_at_a_time_with_the_same_turns(llama_server, tmp_path,
                                                                                              monkeypatch):
     """llama-cpp-python's server (0.3.36) has no parallel slots: one model behind a lock, so requests in flight
     wait their turn. Four in flight are all answered, and the turns are those of one at a time."""
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     runs = {}
     for concurrency in (1, 4):
-        runs[concurrency] = evaluate(model=f"openai:{SERVED_AS}@{server}/v1", task="arithmetic", limit=4, rounds=0,
+        runs[concurrency] = evaluate(model=f"openai:{SERVED_AS}@{llama_server}/v1", task="arithmetic", limit=4, rounds=0,
                                      max_tokens=16, cache=False, concurrency=concurrency,
                                      db=tmp_path / f"{concurrency}.sqlite")
     for concurrency, run in runs.items():

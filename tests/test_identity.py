@@ -22,7 +22,7 @@ from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
 from selfcorrect.models.ray_pool import pool_identity
 from selfcorrect.strategies import STRATEGIES, register_strategy
 
-from conftest import ScriptedBackend, run_cli
+from conftest import ScriptedBackend, cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -65,15 +65,15 @@ def test_a_checkpoint_saved_over_the_old_one_makes_a_new_run_and_misses_the_cach
     db = str(tmp_path / "runs.sqlite")
     args = ("run", "--model", f"llamacpp:{model}", "--limit", "2", "--max-tokens", "24", "--db", db, "--json")
     env = {"SELFCORRECT_HASH_CACHE": str(tmp_path / "hashes.json")}
-    first = json.loads(run_cli(*args, env=env).stdout)
-    again = json.loads(run_cli(*args, env=env).stdout)
+    first = json.loads(cli(*args, env=env).stdout)
+    again = json.loads(cli(*args, env=env).stdout)
     assert again["run_id"] == first["run_id"] and again["generated"] == 0  # the same model resumes
     # "Re-train" it: other bytes, same file name and size (the model's name in its metadata changes).
     data = bytearray(model.read_bytes())
     at = data.index(b"Smollm2 135M")
     data[at:at + 7] = b"Retrain"
     model.write_bytes(bytes(data))
-    retrained = json.loads(run_cli(*args, env=env).stdout)
+    retrained = json.loads(cli(*args, env=env).stdout)
     assert retrained["run_id"] != first["run_id"]
     assert retrained["generated"] == 4 and retrained["cache_hits"] == 0
     assert retrained["config"]["backend"] != first["config"]["backend"]
@@ -124,9 +124,9 @@ def test_a_store_made_before_opens_and_reports_its_runs_as_of_unknown_prompts(tm
     report = old.report()
     assert report["complete"] and report["n_items"] == 3 and report["prompt_version"] is None
     assert report["replies"]["finish_reasons"] == {"unknown": 6}
-    shown = run_cli("report", "ceb590", "--db", str(db))
+    shown = cli("report", "ceb590", "--db", str(db))
     assert shown.returncode == 0 and "prompts: unknown version" in shown.stdout
-    exported = run_cli("export", "ceb590", "--db", str(db))
+    exported = cli("export", "ceb590", "--db", str(db))
     assert exported.returncode == 0 and len(exported.stdout.splitlines()) == 6
     # The same command today is a new run, under today's prompts and model identity: nothing is resumed.
     new = evaluate(limit=3, backend=embedded, db=db)
@@ -143,7 +143,7 @@ def test_each_reply_records_why_it_ended_and_the_report_counts_cut_replies(tmp_p
     long_enough = evaluate(limit=3, max_tokens=64, backend=embedded, db=db, cache=False)
     for turn in long_enough.turns:
         assert turn.finish_reasons == ["stop" if turn.completion_tokens < 64 else "length"]
-    shown = run_cli("report", run.run_id, "--db", str(db))
+    shown = cli("report", run.run_id, "--db", str(db))
     assert "replies cut short: 6 of 6 at --max-tokens" in shown.stdout
 
 
@@ -194,7 +194,7 @@ def test_what_an_http_server_reports_is_kept_with_every_turn_and_a_change_is_rep
     assert {t.served_by["model"] for t in run.turns} == {"served-model-v2"}
     assert sorted(t.served_by["system_fingerprint"] for t in run.turns).count("fp_b") == 3
     assert all(t.finish_reasons == ["length"] for t in run.turns)
-    shown = run_cli("report", run.run_id, "--db", str(db))
+    shown = cli("report", run.run_id, "--db", str(db))
     assert "the server reported 2 different setups" in shown.stdout and "fp_b" in shown.stdout
 
 

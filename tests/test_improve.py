@@ -11,7 +11,7 @@ from selfcorrect.api import load_run
 from selfcorrect.models.identity import file_digest
 from selfcorrect.train.leak import question_key
 
-from conftest import run_cli
+from conftest import cli
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -22,8 +22,8 @@ TASK = ["--task-opt", "n=120", "--task-opt", "digits=2"]
 def loop(tmp_path_factory):
     folder = tmp_path_factory.mktemp("improve")
     db, output = folder / "runs.sqlite", folder / "out"
-    done = run_cli("improve", "--output", str(output), "--recipe", "cct", *TASK, "--train-limit", "16",
-                   "--test-limit", "8", "--json", "--db", str(db), timeout=900)
+    done = cli("improve", "--output", str(output), "--recipe", "cct", *TASK, "--train-limit", "16",
+               "--test-limit", "8", "--json", "--db", str(db))
     assert done.returncode == 0, done.stderr
     return db, output, json.loads(done.stdout)
 
@@ -52,8 +52,8 @@ def test_the_loop_trains_on_one_part_and_measures_on_the_other(loop):
 
 def test_the_same_command_again_resumes_every_step(loop):
     db, output, result = loop
-    again = run_cli("improve", "--output", str(output), "--recipe", "cct", *TASK, "--train-limit", "16",
-                    "--test-limit", "8", "--json", "--db", str(db), timeout=600)
+    again = cli("improve", "--output", str(output), "--recipe", "cct", *TASK, "--train-limit", "16",
+                "--test-limit", "8", "--json", "--db", str(db))
     assert again.returncode == 0, again.stderr
     repeated = json.loads(again.stdout)
     assert {key: repeated[key] for key in ("train_run", "base_run", "trained_runs")} == {
@@ -64,19 +64,19 @@ def test_the_same_command_again_resumes_every_step(loop):
 def test_a_trained_model_is_refused_its_training_questions(loop):
     db, output, result = loop
     before = load_run(result["train_run"], db)
-    refused = run_cli("run", "--model", f"lora:{output / 'cct'}", *TASK, "--split", "train", "--limit", "16",
-                      "--db", str(db))
+    refused = cli("run", "--model", f"lora:{output / 'cct'}", *TASK, "--split", "train", "--limit", "16",
+                  "--db", str(db))
     assert refused.returncode == 2
     assert "questions it was trained on" in refused.stderr and "--allow-train-items" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     # Without a split, the whole task holds the training questions too.
-    whole = run_cli("run", "--model", f"lora:{output / 'cct'}", *TASK, "--db", str(db))
+    whole = cli("run", "--model", f"lora:{output / 'cct'}", *TASK, "--db", str(db))
     assert whole.returncode == 2 and "questions it was trained on" in whole.stderr
     assert len(load_run(result["train_run"], db).turns) == len(before.turns)
 
 
 def test_data_from_a_held_out_run_is_refused(loop):
     db, output, result = loop
-    made = run_cli("data", result["base_run"], "--recipe", "cct", "--output", str(output / "leak.jsonl"), "--db", str(db))
+    made = cli("data", result["base_run"], "--recipe", "cct", "--output", str(output / "leak.jsonl"), "--db", str(db))
     assert made.returncode == 2 and "--split train" in made.stderr
     assert not (output / "leak.jsonl").exists()

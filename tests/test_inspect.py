@@ -33,8 +33,7 @@ from selfcorrect.inspect_ext.solver import ROUNDS_KEY  # noqa: E402
 from selfcorrect.strategies import CorrectionRound, get_strategy  # noqa: E402
 from selfcorrect.tasks import load_task  # noqa: E402
 
-from conftest import run_cli  # noqa: E402
-from test_openai_backend import API_KEY, SERVED_AS, server  # noqa: E402,F401 - the llama.cpp server fixture
+from conftest import API_KEY, SERVED_AS, cli  # noqa: E402
 
 INSPECT = str(Path(sys.executable).with_name("inspect"))
 LIMIT = 6  # the first 6 arithmetic problems: the model gets some right (1 here), so CL, CS and RSS are defined
@@ -66,14 +65,14 @@ def _printed(stdout: str, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def inspect_run(server, tmp_path_factory):  # noqa: F811 - server is the imported fixture
+def inspect_run(llama_server, tmp_path_factory):
     """`inspect eval` of the task file against the server: (its stdout, its log)."""
     where = tmp_path_factory.mktemp("inspect")
     (where / "task.py").write_text(TASK_FILE)
     done = subprocess.run(
         [INSPECT, "eval", "task.py",
          "--solver", "selfcorrect/selfcorrect_rounds", "-S", "strategy=reask", "-S", "rounds=1",
-         "--model", f"llama-cpp-python/{SERVED_AS}", "--model-base-url", f"{server}/v1", "-M", f"api_key={API_KEY}",
+         "--model", f"llama-cpp-python/{SERVED_AS}", "--model-base-url", f"{llama_server}/v1", "-M", f"api_key={API_KEY}",
          "--limit", str(LIMIT), "--max-tokens", str(MAX_TOKENS), "--max-connections", "1", "--temperature", "0",
          "--log-dir", str(where / "logs"), "--display", "plain"],
         capture_output=True, text=True, timeout=600, cwd=where, env={**os.environ, "COLUMNS": "200"},  # no wrapping
@@ -150,7 +149,7 @@ def stored_run(tmp_path_factory):
 def test_export_reads_back_as_the_store_holds_the_run(stored_run, tmp_path, suffix):
     run, db = stored_run
     output = tmp_path / f"run{suffix}"
-    done = run_cli("export", run.run_id, "--db", str(db), "--format", "inspect", "--output", str(output))
+    done = cli("export", run.run_id, "--db", str(db), "--format", "inspect", "--output", str(output))
     assert done.returncode == 0 and done.stdout == "", done.stderr
     if suffix == ".json":
         assert json.loads(output.read_text())["eval"]["run_id"] == run.run_id  # plain JSON, not the .eval archive
@@ -179,7 +178,7 @@ def test_export_reads_back_as_the_store_holds_the_run(stored_run, tmp_path, suff
 @pytest.mark.slow
 def test_export_refusals_are_one_line(stored_run, tmp_path):
     run, db = stored_run
-    done = run_cli("export", run.run_id, "--db", str(db), "--format", "inspect")
+    done = cli("export", run.run_id, "--db", str(db), "--format", "inspect")
     assert done.returncode == 2 and "--output" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     with pytest.raises(UserError, match="exact estimator"):
         eval_log(replace(run, config={**run.config, "estimator": "exact"}))

@@ -25,7 +25,7 @@ from selfcorrect import isolation, sandbox
 from selfcorrect.isolation import IsolationUnavailable
 from selfcorrect.sandbox import run_program
 
-from conftest import REPO, need_bubblewrap, run_cli, sandbox_processes
+from conftest import REPO, cli, need_bubblewrap, run_cli, sandbox_processes
 
 LIBC = "import ctypes, ctypes.util, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 
@@ -295,6 +295,7 @@ def test_grade_refuses_strict_without_bubblewrap_and_records_the_boundary(tmp_pa
     reply = tmp_path / "reply.txt"
     reply.write_text(HUMANEVAL_0)
     args = ["grade", "--task", "humaneval", "--item", "HumanEval/0", "--response", str(reply)]
+    # A PATH without bubblewrap, in processes of their own: this one has looked bubblewrap up already.
     refused = run_cli(*args, "--isolation", "strict", env={"PATH": str(tmp_path)})
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "--isolation strict: bubblewrap is not installed" in refused.stderr
@@ -302,18 +303,17 @@ def test_grade_refuses_strict_without_bubblewrap_and_records_the_boundary(tmp_pa
     assert fallback.returncode == 0, fallback.stderr
     assert json.loads(fallback.stdout)["extra"]["isolation"] == "process only"
     need_bubblewrap()
-    bounded = run_cli(*args, "--isolation", "strict")
+    bounded = cli(*args, "--isolation", "strict")
     assert bounded.returncode == 0, bounded.stderr
     verdict = json.loads(bounded.stdout)
     assert verdict["extra"]["isolation"] == "bubblewrap" and verdict["correct"] is False
-    assert run_cli(*args, "--isolation", "sometimes").returncode == 2
+    assert cli(*args, "--isolation", "sometimes").returncode == 2
 
 
 def test_a_task_without_code_is_not_refused_under_strict(without_bubblewrap, tmp_path):
     reply = tmp_path / "reply.txt"
     reply.write_text("The answer is 5.")
-    done = run_cli("grade", "--task", "arithmetic", "--item", "arith-0", "--response", str(reply),
-                   "--isolation", "strict", env={"PATH": str(tmp_path)})
+    done = cli("grade", "--task", "arithmetic", "--item", "arith-0", "--response", str(reply), "--isolation", "strict")
     assert done.returncode == 0, done.stderr
     assert "isolation" not in json.loads(done.stdout)["extra"]
 
@@ -326,22 +326,22 @@ def test_the_boundary_is_recorded_per_grade_not_in_the_run_id(tmp_path):
     need_bubblewrap()
     db = str(tmp_path / "runs.sqlite")
     args = ["run", "--task", "humaneval", "--limit", "2", "--max-tokens", "48", "--db", db]
-    first = run_cli(*args, "--isolation", "process", "--json")
+    first = cli(*args, "--isolation", "process", "--json")
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
     assert report["grading"]["isolation"] == {"process only": 4}
-    shown = run_cli("report", report["run_id"], "--db", db)
+    shown = cli("report", report["run_id"], "--db", db)
     assert "isolation: process only (no kernel boundary" in shown.stdout
 
-    again = run_cli(*args, "--isolation", "strict", "--json")
+    again = cli(*args, "--isolation", "strict", "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["run_id"] == report["run_id"]
-    assert "0 turns generated now" in run_cli(*args).stdout
+    assert "0 turns generated now" in cli(*args).stdout
 
-    regraded = run_cli("regrade", report["run_id"], "--all", "--isolation", "strict", "--db", db)
+    regraded = cli("regrade", report["run_id"], "--all", "--isolation", "strict", "--db", db)
     assert regraded.returncode == 0, regraded.stderr
-    shown = run_cli("report", report["run_id"], "--db", db)
+    shown = cli("report", report["run_id"], "--db", db)
     assert "isolation: bubblewrap" in shown.stdout and "process only" not in shown.stdout
     page = tmp_path / "report.html"
-    assert run_cli("report", report["run_id"], "--db", db, "--html", str(page)).returncode == 0
+    assert cli("report", report["run_id"], "--db", db, "--html", str(page)).returncode == 0
     assert "isolation: bubblewrap" in page.read_text()

@@ -81,10 +81,9 @@ def _dequantised_copy(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base_hf():
-    pytest.importorskip("torch", reason="the hf extra is not installed (pip install torch==2.13.0 'selfcorrect[hf]')")
+def base_hf(hf_embedded):
     pytest.importorskip("peft", reason="the train extra is not installed (pip install 'selfcorrect[train]')")
-    return load_model(f"hf:{embedded_model_path()}")
+    return hf_embedded
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +180,16 @@ def on_transformers(lora_hf, cases) -> Answers:
 
 
 @pytest.fixture(scope="module")
+def engines_gap(embedded, base_hf, cases) -> dict:
+    """How far the two engines are apart on the base model, measured here: llama.cpp's Q4_1 kernels (activations
+    quantised to 8 bits) against transformers' float32 on the dequantised weights. An adapter run on both engines
+    can be no closer than this, and the gap moves with the machine (torch's kernels differ between Intel and AMD
+    CPUs, and a trained adapter differs with them), so the bounds of the Q4_1 comparisons below are this gap
+    scaled, with a floor: never a figure read off one machine."""
+    return _compare(_answers(embedded, cases), _answers(base_hf, cases))
+
+
+@pytest.fixture(scope="module")
 def float32_base(tmp_path_factory) -> Path:
     return _dequantised_copy(embedded_model_path(), tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf")
 
@@ -189,7 +198,9 @@ def float32_base(tmp_path_factory) -> Path:
 def test_the_export_computes_what_peft_computes(float32_base, adapters, on_transformers, cases):
     """On the same float32 weights, llama.cpp with adapter.gguf and transformers with the PEFT adapter agree
     up to float rounding (measured: next-token distributions within 0.0009 in total variation, option
-    probabilities within 0.0005, 10 of 10 replies identical; alike with three other seeds)."""
+    probabilities within 0.0005, 10 of 10 replies identical; alike with three other seeds). The bounds are
+    fixed, not scaled: float32 rounding differs between CPUs by orders of magnitude less than them, and the
+    control below (the export without its permutation) lands 60 times above the mean it would need."""
     agreement = _compare(_answers(LlamaCppBackend(float32_base, lora=adapters[0] / "adapter.gguf"), cases), on_transformers)
     assert agreement["variation_max"] < 0.005 and agreement["option_probs"] < 0.01, agreement
     assert agreement["same_replies"] >= 9, agreement
@@ -209,17 +220,22 @@ def test_without_the_qk_permutation_the_export_is_wrong(float32_base, adapters, 
 
 
 @pytest.mark.model
-def test_the_trained_model_on_the_embedded_engine(lora_llamacpp, on_transformers, embedded, cases):
+def test_the_trained_model_on_the_embedded_engine(lora_llamacpp, on_transformers, embedded, cases, engines_gap):
     """`lora:DIR` runs the adapter on the embedded Q4_1 model. There llama.cpp's Q4_1 kernels and
     transformers' float32 differ as they do for the base, and a random adapter moves some answers near a
-    tie, where that gap can tip a greedy reply. Measured with this adapter: option probabilities within
-    0.046, 9 of 10 replies identical (other seeds: 0.028-0.057, 6-8 of 10); the base on the same prompts:
+    tie, where that gap can tip a greedy reply. Measured with this adapter (Intel Xeon): option probabilities
+    within 0.046, 9 of 10 replies identical (other seeds: 0.028-0.057, 6-8 of 10); the base on the same prompts:
     0.024, 10 of 10. Next-token distributions differ by 0.034 on average, as the base's do (0.036): the
-    gap is the engines', the export itself is checked on exact weights above."""
+    gap is the engines', the export itself is checked on exact weights above. So the bound is the base's gap
+    scaled by 2.5 (the largest ratio of the seeds above is 2.4), at least 0.06, and three replies may tip."""
     ours = _answers(lora_llamacpp, cases)
     agreement = _compare(ours, on_transformers)
-    assert agreement["option_probs"] < 0.06 and agreement["same_replies"] >= 7, (agreement, ours.replies)
-    # The adapter matters: without it llama.cpp answers otherwise (measured: 0.08, 5 of 10 replies alike).
+    bound = max(0.06, 2.5 * engines_gap["option_probs"])
+    assert agreement["option_probs"] < bound, (agreement, engines_gap)
+    assert agreement["same_replies"] >= engines_gap["same_replies"] - 3, (agreement, engines_gap, ours.replies)
+    # The adapter matters: without it llama.cpp answers otherwise (measured: 0.08, 5 of 10 replies alike). One
+    # engine on both sides, so this needs no scaling: the adapter (seeded, made without training) is all that
+    # differs.
     shift = _compare(ours, _answers(embedded, cases))
     assert shift["option_probs"] > 0.05 and shift["same_replies"] <= 8, shift
     assert all(reply.strip() for reply in ours.replies)
@@ -380,13 +396,17 @@ def trained_adapter(tmp_path_factory) -> Path:
 
 
 @pytest.mark.model
-def test_a_trained_adapter_gives_the_same_answers_on_both_engines(trained_adapter, embedded, cases):
-    """The issue's check with a trained adapter (unlike the random ones above, whose large weights push answers
-    near ties): llama.cpp (`lora:DIR`, the embedded Q4_1 weights) and transformers (`hf:DIR`, the dequantised
-    weights plus the PEFT adapter) agree within the base model's tolerance, 0.03 on option probabilities and 9 of 10
-    greedy replies, and the training did change what the model computes."""
+def test_a_trained_adapter_gives_the_same_answers_on_both_engines(trained_adapter, embedded, cases, engines_gap):
+    """A trained adapter (unlike the random ones above, whose large weights push answers near ties): llama.cpp
+    (`lora:DIR`, the embedded Q4_1 weights) and transformers (`hf:DIR`, the dequantised weights plus the PEFT
+    adapter) agree within the base model's own gap, measured here, times 1.5 (at least 0.03) on option
+    probabilities, and on as many greedy replies as the base, less one; and the training did change what the
+    model computes. (A fixed 0.03 failed on an AMD EPYC at 0.0304: the training, and so the adapter, differs
+    between machines with torch's kernels.)"""
     on_llamacpp = _answers(load_model(f"lora:{trained_adapter}"), cases)
     agreement = _compare(on_llamacpp, _answers(load_model(f"hf:{trained_adapter}"), cases))
-    assert agreement["option_probs"] < 0.03 and agreement["same_replies"] >= 9, (agreement, on_llamacpp.replies)
+    assert agreement["option_probs"] < max(0.03, 1.5 * engines_gap["option_probs"]), (agreement, engines_gap)
+    assert agreement["same_replies"] >= engines_gap["same_replies"] - 1, (agreement, engines_gap, on_llamacpp.replies)
+    # One engine on both sides: whatever the machine, the training must have moved the model, not rounding.
     changed = _compare(on_llamacpp, _answers(embedded, cases))
     assert changed["variation_mean"] > 0.01 and changed["same_replies"] < 10, changed

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 
 import pytest
 
@@ -15,32 +14,16 @@ from selfcorrect import evaluate
 from selfcorrect.errors import UserError
 from selfcorrect.models import load_model
 from selfcorrect.models.base import BackendError
-from selfcorrect.models.llamacpp import embedded_model_path
 from selfcorrect.models.openai_http import OpenAIBackend
 from selfcorrect.store import Store, Turn
 from selfcorrect.tasks import Item
 
-from conftest import free_port, run_cli, serving
+from conftest import API_KEY, SERVED_AS, cli, free_port
 from fault_proxy import RETRY_AFTER_S, FaultProxy
 
-SERVED_AS = "smollm2"
-API_KEY = "test-key-7f3a"
 MAX_TOKENS = 48  # short replies keep the runs quick on a loaded machine; the comparison needs no more
 RUN = dict(task="arithmetic", limit=4, rounds=1, max_tokens=MAX_TOKENS, cache=False)
 TIMEOUT_S = 10.0  # through the proxy: well above a reply's time here, so only the injected stall times out
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """URL of a llama.cpp server (without /v1) that serves the embedded model as SERVED_AS to API_KEY."""
-    port = free_port()
-    # One decoding thread: on a 2-core machine shared with other work, two spinning llama.cpp threads
-    # slowed to 0.35 tokens/s when the cores were busy, one thread kept about 7.
-    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()), "--model_alias",
-            SERVED_AS, "--api_key", API_KEY, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096",
-            "--n_threads", "1"]
-    with serving(argv, port, tmp_path_factory.mktemp("server") / "server.log", API_KEY) as url:
-        yield url
 
 
 @pytest.fixture
@@ -49,22 +32,22 @@ def api_key(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def direct_run(server, tmp_path_factory):
-    """The run straight against the server, as `--model openai:...` loads it (default retries, timeout and
+def direct_run(llama_server, tmp_path_factory):
+    """The run straight against the llama_server, as `--model openai:...` loads it (default retries, timeout and
     requests in flight)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OPENAI_API_KEY", API_KEY)
-        return evaluate(model=f"openai:{SERVED_AS}@{server}/v1", db=tmp_path_factory.mktemp("direct") / "runs.sqlite", **RUN)
+        return evaluate(model=f"openai:{SERVED_AS}@{llama_server}/v1", db=tmp_path_factory.mktemp("direct") / "runs.sqlite", **RUN)
 
 
 def _cells(turns: list[Turn]) -> list[tuple]:
     return [(t.item_id, t.sample, t.round, t.messages, t.response, t.answer, t.correct) for t in turns]
 
 
-def test_a_run_against_a_real_server(direct_run, server):
+def test_a_run_against_a_real_server(direct_run, llama_server):
     report = direct_run.report()
     assert report["complete"] and direct_run.generated == 4 * 2
-    assert {t.backend for t in direct_run.turns} == {f"openai:{SERVED_AS}@{server}/v1"}
+    assert {t.backend for t in direct_run.turns} == {f"openai:{SERVED_AS}@{llama_server}/v1"}
     for turn in direct_run.turns:
         assert turn.response.strip()
         # Token counts are the server's own usage figures.
@@ -77,8 +60,8 @@ def test_a_run_against_a_real_server(direct_run, server):
 
 
 @pytest.mark.slow
-def test_faults_are_retried_and_the_run_ends_with_the_same_turns(server, direct_run, api_key, tmp_path):
-    with FaultProxy(server, stall_s=TIMEOUT_S + 10) as proxy:
+def test_faults_are_retried_and_the_run_ends_with_the_same_turns(llama_server, direct_run, api_key, tmp_path):
+    with FaultProxy(llama_server, stall_s=TIMEOUT_S + 10) as proxy:
         # Two requests in flight: with more, queueing at the one-thread server could itself pass the timeout.
         backend = OpenAIBackend(SERVED_AS, f"{proxy.url}/v1", timeout=TIMEOUT_S, max_retries=8, max_in_flight=2)
         run = evaluate(model=f"openai:{SERVED_AS}@{proxy.url}/v1", backend=backend, db=tmp_path / "runs.sqlite", **RUN)
@@ -100,8 +83,8 @@ def test_faults_are_retried_and_the_run_ends_with_the_same_turns(server, direct_
 def test_a_server_that_is_down_is_one_line_and_a_failed_cell(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"  # nobody listens there
     db = tmp_path / "runs.sqlite"
-    result = run_cli("run", "--model", f"openai:{SERVED_AS}@{url}", "--limit", "2", "--db", str(db),
-                     env={"SELFCORRECT_HTTP_RETRIES": "1"})
+    result = cli("run", "--model", f"openai:{SERVED_AS}@{url}", "--limit", "2", "--db", str(db),
+                 env={"SELFCORRECT_HTTP_RETRIES": "1"})
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and url in lines[0] and "2 tries" in lines[0], result.stderr
@@ -112,14 +95,14 @@ def test_a_server_that_is_down_is_one_line_and_a_failed_cell(tmp_path):
     assert failed and all(round_ == 0 and url in error for _, round_, error in failed)
 
 
-def test_a_refused_key_and_a_wrong_path_are_final_with_what_to_fix(server, monkeypatch):
+def test_a_refused_key_and_a_wrong_path_are_final_with_what_to_fix(llama_server, monkeypatch):
     question = [{"role": "user", "content": "What is 2 + 2?"}]
     monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
     with pytest.raises(BackendError, match="HTTP 401.*set OPENAI_API_KEY"):
-        load_model(f"openai:{SERVED_AS}@{server}/v1").complete(question, 8, 0.0, 0)
+        load_model(f"openai:{SERVED_AS}@{llama_server}/v1").complete(question, 8, 0.0, 0)
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     with pytest.raises(BackendError, match=r"HTTP 404 .*usually /v1"):
-        load_model(f"openai:{SERVED_AS}@{server}").complete(question, 8, 0.0, 0)
+        load_model(f"openai:{SERVED_AS}@{llama_server}").complete(question, 8, 0.0, 0)
 
 
 @pytest.mark.parametrize("spec", ["openai:m", "openai:@http://h/v1", "openai:m@ftp://h/v1", "openai:m@http://"])
@@ -157,7 +140,7 @@ def test_store_keeps_a_failed_cell_until_its_turn_is_written(tmp_path):
     store.close()
 
 
-def test_the_papers_protocol_through_the_server(server, tmp_path):
+def test_the_papers_protocol_through_the_server(llama_server, tmp_path):
     """`run --protocol yang2025` and the `reproduce` grid against the llama.cpp server: the paper's system message
     and prompts go over HTTP with the server's own sampling defaults, and BoolQ, which the paper scores from
     option probabilities that this server cannot give (it does not continue a started reply), is sampled
@@ -165,23 +148,23 @@ def test_the_papers_protocol_through_the_server(server, tmp_path):
     from conftest import SHARED_DATA
 
     env = {"OPENAI_API_KEY": API_KEY}
-    model = f"openai:{SERVED_AS}@{server}/v1"
+    model = f"openai:{SERVED_AS}@{llama_server}/v1"
     db = str(tmp_path / "runs.sqlite")
-    done = run_cli("run", "--protocol", "yang2025", "--task", "gsm8k", "--data", str(SHARED_DATA / "gsm8k_test.jsonl"),
-                   "--model", model, "--limit", "1", "--samples", "2", "--max-tokens", str(MAX_TOKENS), "--db", db,
-                   "--json", env=env)
+    done = cli("run", "--protocol", "yang2025", "--task", "gsm8k", "--data", str(SHARED_DATA / "gsm8k_test.jsonl"),
+               "--model", model, "--limit", "1", "--samples", "2", "--max-tokens", str(MAX_TOKENS), "--db", db,
+               "--json", env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     # --samples wins; the temperature is the preset's: the server's own sampling defaults
     assert (report["config"]["samples"], report["config"]["temperature"]) == (2, "server")
     assert report["config"]["task"]["prompt"] == "yang2025"
-    turn = json.loads(run_cli("export", report["run_id"], "--db", db, env=env).stdout.splitlines()[-1])
+    turn = json.loads(cli("export", report["run_id"], "--db", db, env=env).stdout.splitlines()[-1])
     assert turn["messages"][0] == {"role": "system", "content": "You are a helpful assistant!"}
     assert turn["messages"][3]["content"] == turn["messages"][1]["content"]  # the question again, word for word
 
-    grid = run_cli("reproduce", "--model", model, "--tasks", "boolq", "--data", f"boolq={SHARED_DATA / 'boolq.jsonl'}",
-                   "--strategies", "reask", "--limit", "2", "--samples", "1", "--max-tokens", str(MAX_TOKENS),
-                   "--db", db, "--json", env=env)
+    grid = cli("reproduce", "--model", model, "--tasks", "boolq", "--data", f"boolq={SHARED_DATA / 'boolq.jsonl'}",
+               "--strategies", "reask", "--limit", "2", "--samples", "1", "--max-tokens", str(MAX_TOKENS),
+               "--db", db, "--json", env=env)
     assert grid.returncode == 0, grid.stderr[-2000:]
     assert "gives no option probabilities (the server does not continue a started assistant reply" in grid.stderr
     (row,) = json.loads(grid.stdout)

@@ -1,8 +1,9 @@
 """What the command line prints for people: tables that never cut an id or a figure (piped, or on a narrow
 terminal), a report header that names the grader, the reason beside every n/a, progress lines when standard
-error is not a terminal, and --version. Every command runs in a subprocess, as a user runs it; the stores are
-made in-process with the scripted backend (the CLI has no scripted model), except for the progress test,
-which runs the real embedded model."""
+error is not a terminal, and --version. Commands run in this process (`cli`: stdout and stderr apart, the console
+made for each command as a new process makes it, so COLUMNS applies), --version in a process of its own; the
+stores are made with the scripted backend (the CLI has no scripted model), except for the progress test, which
+runs the real embedded model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from selfcorrect import evaluate
 
-from conftest import SHARED_DATA, ScriptedBackend, run_cli
+from conftest import SHARED_DATA, ScriptedBackend, cli, run_cli
 
 NARROW = {"COLUMNS": "40"}
 
@@ -62,7 +63,7 @@ def store(tmp_path_factory):
 
 
 def _cli(*args: str, env: dict | None = None) -> str:
-    done = run_cli(*args, env=env)
+    done = cli(*args, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -208,8 +209,8 @@ def test_progress_lines_on_a_stderr_that_is_not_a_terminal(tmp_path):
     first the run, its size and what was stored before, then count, share, time and time left, and a last line
     at the end; stdout stays the report alone. (Before: nothing on stderr until the end, then nothing at all.)"""
     db = tmp_path / "runs.sqlite"
-    done = run_cli("run", "--limit", "2", "--rounds", "1", "--max-tokens", "8", "--db", str(db), "--json",
-                   env={"SELFCORRECT_PROGRESS_SECONDS": "0.05"})
+    done = cli("run", "--limit", "2", "--rounds", "1", "--max-tokens", "8", "--db", str(db), "--json",
+               env={"SELFCORRECT_PROGRESS_SECONDS": "0.05"})
     assert done.returncode == 0, done.stderr[-3000:]
     run_id = json.loads(done.stdout)["run_id"]
     lines = done.stderr.splitlines()
@@ -227,14 +228,15 @@ def test_progress_lines_on_a_stderr_that_is_not_a_terminal(tmp_path):
 def test_a_bad_progress_interval_is_one_line_before_any_work(tmp_path):
     """(Before: the variable was not read; the run ran.)"""
     db = tmp_path / "runs.sqlite"
-    done = run_cli("run", "--limit", "1", "--max-tokens", "1", "--db", str(db), env={"SELFCORRECT_PROGRESS_SECONDS": "soon"})
+    done = cli("run", "--limit", "1", "--max-tokens", "1", "--db", str(db), env={"SELFCORRECT_PROGRESS_SECONDS": "soon"})
     assert done.returncode == 2 and not db.exists()
     assert done.stderr.strip() == ("error: SELFCORRECT_PROGRESS_SECONDS=soon: expected the seconds between "
                                    "progress lines, e.g. 10 (0 turns them off)")
 
 
 def test_version():
-    """(Before: `No such option: --version`, exit code 2.)"""
+    """(Before: `No such option: --version`, exit code 2.) In a process of its own: what the installed
+    distribution says, through `python -m selfcorrect`."""
     done = run_cli("--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"selfcorrect {version('selfcorrect')}\n" == "selfcorrect 0.1.0\n"

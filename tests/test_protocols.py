@@ -136,12 +136,12 @@ def test_settings_per_task_and_model():
 def test_server_default_temperature_is_for_served_models_only(tmp_path):
     """`--temperature server` leaves sampling to an OpenAI-compatible server; elsewhere it is one line and
     exit 2 before anything is written, as is a temperature that is no number."""
-    from conftest import run_cli
+    from conftest import cli
 
     db = tmp_path / "runs.sqlite"
     for value, says in (("server", "--temperature server: only openai: models have sampling defaults of their own"),
                         ("warm", "--temperature warm: give a number between 0 and 2, or server")):
-        done = run_cli("run", "--task", "arithmetic", "--temperature", value, "--samples", "2", "--db", str(db))
+        done = cli("run", "--task", "arithmetic", "--temperature", value, "--samples", "2", "--db", str(db))
         assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not db.exists()
 
@@ -151,25 +151,25 @@ def test_server_default_temperature_is_for_served_models_only(tmp_path):
 def test_the_grid_on_the_embedded_model_prints_the_papers_table_and_resumes(tmp_path):
     """Two multiple-choice tasks (scored exactly) x two second-turn prompts, two items each: every row is the
     report of its run, the runs use the paper's prompts, and the same command again generates nothing."""
-    from conftest import run_cli
+    from conftest import cli
 
     args = ["reproduce", "--tasks", "commonsense_qa,boolq", "--strategies", "reask,critical", "--limit", "2",
             "--data", f"commonsense_qa={SHARED_DATA / 'commonsense_qa.jsonl'}",
             "--data", f"boolq={SHARED_DATA / 'boolq.jsonl'}", "--db", str(tmp_path / "runs.sqlite")]
     page = tmp_path / "grid.html"
-    done = run_cli(*args, "--json", "--html", str(page))
+    done = cli(*args, "--json", "--html", str(page))
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
     assert [(row["task"], row["prompt"]) for row in rows] == [
         ("commonsense_qa", "reask"), ("commonsense_qa", "critical"), ("boolq", "reask"), ("boolq", "critical")]
     for row in rows:
-        report = json.loads(run_cli("report", row["run_id"], "--db", str(tmp_path / "runs.sqlite"), "--json").stdout)
+        report = json.loads(cli("report", row["run_id"], "--db", str(tmp_path / "runs.sqlite"), "--json").stdout)
         assert report["config"]["task"]["prompt"] == "yang2025" and report["estimator"] == "exact"
         assert (row["acc1"], row["acc2"], row["cl"], row["cs"], row["rss"]) == (
             report["acc"][0], report["acc"][1], report["cl"], report["cs"], report["rss"])
         assert row["items"] == 2 and row["generated"] > 0
     assert 'id="cl-cs-plane"' in page.read_text()  # the CL-CS scatter of the HTML report
-    again = run_cli(*args, "--json")
+    again = cli(*args, "--json")
     assert [row["generated"] for row in json.loads(again.stdout)] == [0, 0, 0, 0]
-    table = run_cli(*args)
+    table = cli(*args)
     assert "second turn" in table.stdout and "boolq" in table.stdout and "critical" in table.stdout

@@ -14,7 +14,7 @@ import pytest
 
 from selfcorrect import load_run
 
-from conftest import run_cli
+from conftest import cli
 
 ARGS = ["run", "--limit", "16", "--rounds", "2", "--strategy", "critique", "--json"]
 TOTAL_TURNS = 16 * 3
@@ -55,14 +55,14 @@ def _as_rows(run):
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     reference_db, killed_db = tmp_path / "reference.sqlite", tmp_path / "killed.sqlite"
-    reference = run_cli(*ARGS, "--db", str(reference_db))
+    reference = cli(*ARGS, "--db", str(reference_db))
     assert reference.returncode == 0, reference.stderr
 
     first_kill = _start_and_kill_after(killed_db, 8)
     second_kill = _start_and_kill_after(killed_db, first_kill + 15)
     assert 8 <= first_kill < second_kill < TOTAL_TURNS, "the kills must land mid-run"
 
-    resumed = run_cli(*ARGS, "--db", str(killed_db))
+    resumed = cli(*ARGS, "--db", str(killed_db))
     assert resumed.returncode == 0, resumed.stderr
     resumed_report, reference_report = json.loads(resumed.stdout), json.loads(reference.stdout)
     # The last invocation generated exactly what was missing: nothing lost, nothing duplicated.

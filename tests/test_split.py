@@ -9,7 +9,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.tasks import load_task
 from selfcorrect.train.leak import question_key
 
-from conftest import ScriptedBackend, run_cli
+from conftest import ScriptedBackend, cli
 
 OPTIONS = {"n": "200", "digits": "2"}
 
@@ -74,7 +74,7 @@ def test_bad_split_arguments_are_refused_before_the_store_opens(tmp_path, kwargs
 
 def test_cli_split_flag_and_bad_value(tmp_path):
     db = tmp_path / "runs.sqlite"
-    bad = run_cli("run", "--split", "validation", "--db", str(db))
+    bad = cli("run", "--split", "validation", "--db", str(db))
     assert bad.returncode == 2 and "--split validation" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not db.exists()
 
@@ -83,7 +83,7 @@ def test_improve_refuses_bad_settings_before_it_measures_anything(tmp_path):
     db, output = tmp_path / "runs.sqlite", tmp_path / "out"
     for args, flag in ((["--epochs", "0"], "--epochs"), (["--recipe", "nope"], "--recipe nope"),
                        (["--test-share", "1.5"], "--test-share")):
-        bad = run_cli("improve", "--output", str(output), *args, "--db", str(db))
+        bad = cli("improve", "--output", str(output), *args, "--db", str(db))
         # One error line, last (the loop may have named its first step before the step found the error).
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and flag in lines[-1] and len(lines) <= 2, bad.stderr

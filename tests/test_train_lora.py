@@ -16,7 +16,7 @@ import pytest
 
 from selfcorrect.errors import UserError
 
-from conftest import run_cli
+from conftest import cli
 
 ROWS = 16  # prompt/completion rows: four steps of four rows make one epoch
 
@@ -130,7 +130,7 @@ def test_missing_train_extra_is_one_line(tmp_path, monkeypatch):
 
 def test_cli_refusals_exit_2_with_one_line(tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", BAD_FILES["mixed formats"][0])
-    result = run_cli("train", str(data), "--output", str(tmp_path / "adapter"))
+    result = cli("train", str(data), "--output", str(tmp_path / "adapter"))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {data}{BAD_FILES['mixed formats'][1]}"
                                                   "; a file holds rows of one format"]

@@ -25,7 +25,7 @@ from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import MODES, IsolationUnavailable, using
 from .models import Backend, check_model_spec, load_model, trained_questions
 from .models.base import SERVER_DEFAULT
-from .models.openai_http import check_rates
+from .models.rate_limit import check_rates
 from .prompt_version import prompt_version
 from .sandbox import isolation_for
 from .store import OptionScore, Store, Turn, default_db_path

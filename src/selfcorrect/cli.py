@@ -84,7 +84,10 @@ def options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="print the version and exit"),
 ):
-    pass
+    # The console is made again for each command, from the streams and COLUMNS it runs with: a command invoked in
+    # a longer-lived process (Typer's CliRunner, a notebook) prints as one started from a shell would.
+    global out
+    out = _stdout_console()
 
 
 def user_errors(command: Callable) -> Callable:

@@ -27,7 +27,6 @@ with one line naming the spec and the last error; it is never turned into a repl
 from __future__ import annotations
 
 import email.utils
-import math
 import os
 import random
 import time
@@ -39,12 +38,11 @@ import openai
 from ..errors import UserError
 from .base import SERVER_DEFAULT, BackendError, Completion, Message
 from .openai_logprobs import continuation_problem, label_probs, scoring_request
-from .rate_limit import AdaptiveLimit, RateCeiling
+from .rate_limit import AdaptiveLimit, RateCeiling, check_rates
 
 DEFAULT_TIMEOUT_S = 300.0  # a long reply from a busy server can take minutes; a stalled one should not hang a run
 DEFAULT_RETRIES = 5  # with the backoff, about 15 s of waiting before a request is given up
 DEFAULT_CONCURRENCY = 64  # keeps a vLLM or SGLang server's batch busy; hosted APIs bring it down (429s)
-MAX_CONCURRENCY = 1024  # one thread per request in flight
 # The `openai` client's retry rules, kept now that the loop is ours.
 RETRIED_STATUSES = (408, 409, 429)  # and 5xx
 OVERLOAD_STATUSES = (429, 503)  # the adaptive limit goes down on these
@@ -71,15 +69,6 @@ def _one_line(text: str, limit: int = 200) -> str:
     """A server's error message as one short line (bodies can be long JSON spread over lines)."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def check_rates(concurrency: int | None, rpm: float | None, tpm: float | None) -> None:
-    """Refuse a concurrency or a rate ceiling that cannot work, naming the flag."""
-    if concurrency is not None and not 1 <= concurrency <= MAX_CONCURRENCY:
-        raise UserError(f"--concurrency {concurrency}: must be between 1 and {MAX_CONCURRENCY} (requests in flight)")
-    for flag, value in (("--rpm", rpm), ("--tpm", tpm)):
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise UserError(f"{flag} {value:g}: must be more than 0 (a ceiling per minute)")
 
 
 def pause_asked(headers) -> float | None:

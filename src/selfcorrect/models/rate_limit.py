@@ -23,12 +23,25 @@ keeps one meter open per run.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
+from ..errors import UserError
+
 DECREASE = 0.5  # the limit's factor on an overload
+MAX_CONCURRENCY = 1024  # one thread per request in flight
+
+
+def check_rates(concurrency: int | None, rpm: float | None, tpm: float | None) -> None:
+    """Refuse a concurrency or a rate ceiling that cannot work, naming the flag."""
+    if concurrency is not None and not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise UserError(f"--concurrency {concurrency}: must be between 1 and {MAX_CONCURRENCY} (requests in flight)")
+    for flag, value in (("--rpm", rpm), ("--tpm", tpm)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{flag} {value:g}: must be more than 0 (a ceiling per minute)")
 
 
 @dataclass
