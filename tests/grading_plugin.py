@@ -7,6 +7,7 @@ grader by name on the parent's sys.path, can import it: tests/ is on sys.path un
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,11 @@ def grade_or_hang(item: Item, response: str) -> Grade:
     if response == RAISE:
         raise ValueError("the grader gave up on this reply")
     return grade_number(item, response)
+
+
+def grade_by_sympy_loaded(item: Item, response: str) -> Grade:
+    """Right when the grading process has imported sympy (the maths grader's library) already."""
+    return Grade(None, "sympy" in sys.modules, "sympy loaded" if "sympy" in sys.modules else "sympy not loaded")
 
 
 @register_task("hang-test", "three sums, graded by a grader that hangs on demand", grader="number", answer="a number")

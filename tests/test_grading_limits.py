@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA, ScriptedBackend, cli
-from grading_plugin import HANG, RAISE, grade_or_hang
+from grading_plugin import HANG, RAISE, grade_by_sympy_loaded, grade_or_hang
 from selfcorrect.api import evaluate, load_run
 from selfcorrect.grader_pool import GraderPool
 from selfcorrect.tasks import Grade, Item, grader_version
 from selfcorrect.tasks.code import grade_code_with_tests, grade_humaneval
+from selfcorrect.tasks.grading import grade_math, grade_number
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ITEM = Item("sum-2", "What is 2 + 2?", "4")
@@ -96,6 +97,18 @@ def test_graders_a_child_cannot_run_and_the_code_graders_grade_in_the_calling_th
         # The sandbox bounds these itself, and kills the program at its own timeout.
         assert pool.limit(grade_humaneval) is grade_humaneval
         assert pool.limit(grade_code_with_tests) is grade_code_with_tests
+    assert _grading_children() == []
+
+
+def test_a_child_loads_the_maths_libraries_before_its_first_grade_and_only_for_maths():
+    """sympy takes a second to import: a child of a pool that grades maths has it before it says it is ready
+    (so the first grade's limit does not count it), and a child of one that does not is spared it."""
+    with GraderPool(10.0) as pool:
+        pool.limit(grade_number)
+        assert pool.limit(grade_by_sympy_loaded)(ITEM, "").reason == "sympy not loaded"
+    with GraderPool(10.0) as pool:
+        pool.limit(grade_math)
+        assert pool.limit(grade_by_sympy_loaded)(ITEM, "").reason == "sympy loaded"
     assert _grading_children() == []
 
 

@@ -9,7 +9,9 @@ takes its place at the next grade) and is recorded as wrong, with the reason "gr
 {"grader_timeout": true}.
 
 Children are started with `python -c`, never forked: the parent holds llama.cpp's threads and locks. A
-child imports the grader by name from the pickle, on the parent's sys.path, so a grader must be a
+child imports the modules its graders name in a `preload` attribute (the maths grader's sympy) before it says
+it is ready, so that a first grade's clock does not count them. It imports the grader by name from the
+pickle, on the parent's sys.path, so a grader must be a
 module-level function of an importable module, as every built-in task's is. A grader that is not (a lambda,
 a closure, a function of a script's __main__) grades in the calling thread, without a limit, after one
 warning. The code graders grade in the calling thread too: the sandbox runs the program in a process of
@@ -25,6 +27,7 @@ parent, and they print nothing: their standard streams are /dev/null.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import pickle
 import signal
@@ -66,6 +69,7 @@ class GraderPool:
         self._unstarted = self.processes  # children that may still be started
         self._closed = False
         self._in_thread: set = set()  # graders a child could not import
+        self._preload: tuple[str, ...] = ()  # modules a new child imports before it is ready
         # Every child is started from this one thread: on Linux a child dies with the thread that started it
         # (that is how PR_SET_PDEATHSIG counts), and this one lives until the pool closes.
         self._starter = ThreadPoolExecutor(1, thread_name_prefix="grader-pool")
@@ -86,6 +90,7 @@ class GraderPool:
             _warn_in_thread(grader, problem)
             return grader
         with self._changed:
+            self._preload = tuple(sorted({*self._preload, *getattr(grader, "preload", ())}))
             if self._unstarted == self.processes:
                 self._idle.append(self._start())
         return functools.partial(self.grade, grader)
@@ -135,7 +140,7 @@ class GraderPool:
         imports selfcorrect afterwards, and its first grade waits for that outside the time limit."""
         if self._closed:
             raise RuntimeError("the grader pool is closed")
-        child = self._starter.submit(_Child).result()
+        child = self._starter.submit(_Child, self._preload).result()
         self._unstarted -= 1
         self._alive.add(child)
         return child
@@ -159,15 +164,16 @@ class _ChildTraceback(Exception):
 
 
 class _Child:
-    """One grading process and the parent's end of its socket."""
+    """One grading process, which imports the `preload` modules before it is ready, and the parent's end of its
+    socket."""
 
-    def __init__(self):
+    def __init__(self, preload: tuple[str, ...] = ()):
         parent_end, child_end = socket.socketpair()
         try:
             with child_end:
                 self.process = subprocess.Popen(
                     [sys.executable, "-c", "from selfcorrect.grader_pool import serve; serve()",
-                     str(child_end.fileno()), str(os.getpid())],
+                     str(child_end.fileno()), str(os.getpid()), *preload],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     pass_fds=(child_end.fileno(),), start_new_session=True,
                     # The parent's sys.path, so a child imports selfcorrect and the graders as the parent did.
@@ -242,10 +248,8 @@ def serve() -> None:
     """A grading child: grade what the parent sends until it closes its end of the socket."""
     die_with_parent(int(sys.argv[2]))
     connection = Connection(int(sys.argv[1]))
-    # The maths grader's libraries (sympy among them) take a second to import: before the first grade's
-    # clock starts, not inside it.
-    import math_verify  # noqa: F401
-
+    for module in sys.argv[3:]:  # what the graders preload: before the first grade's clock starts, not inside it
+        importlib.import_module(module)
     connection.send("ready")
     while True:
         try:
