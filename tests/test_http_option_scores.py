@@ -46,6 +46,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_server_scores_are_the_embedded_models(continuing_server, embedded):
     backend = OpenAIBackend(SERVED_AS, continuing_server)
     assert backend.option_scoring_problem() is None
@@ -58,6 +59,7 @@ def test_server_scores_are_the_embedded_models(continuing_server, embedded):
         assert over_http == pytest.approx(in_process, abs=1e-4), labels
 
 
+@pytest.mark.slow
 def test_the_papers_boolq_cell_is_scored_exactly_over_http(continuing_server, shared_data, tmp_path):
     """`reproduce` on BoolQ against the server: exact, with no note of sampling, and every scoring pass (the
     first answer's and each given answer's after the question is asked again) equal to the embedded model's."""

@@ -194,6 +194,7 @@ def float32_base(tmp_path_factory) -> Path:
     return _dequantised_copy(embedded_model_path(), tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf")
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_the_export_computes_what_peft_computes(float32_base, adapters, on_transformers, cases):
     """On the same float32 weights, llama.cpp with adapter.gguf and transformers with the PEFT adapter agree
@@ -206,6 +207,7 @@ def test_the_export_computes_what_peft_computes(float32_base, adapters, on_trans
     assert agreement["same_replies"] >= 9, agreement
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_without_the_qk_permutation_the_export_is_wrong(float32_base, adapters, on_transformers, cases, monkeypatch,
                                                         tmp_path):
@@ -219,6 +221,7 @@ def test_without_the_qk_permutation_the_export_is_wrong(float32_base, adapters, 
     assert agreement["variation_mean"] > 0.03, agreement
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_the_trained_model_on_the_embedded_engine(lora_llamacpp, on_transformers, embedded, cases, engines_gap):
     """`lora:DIR` runs the adapter on the embedded Q4_1 model. There llama.cpp's Q4_1 kernels and
@@ -241,6 +244,7 @@ def test_the_trained_model_on_the_embedded_engine(lora_llamacpp, on_transformers
     assert all(reply.strip() for reply in ours.replies)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_the_batch_decoder_runs_the_adapter(lora_llamacpp, cases):
     """Replies come from the batch decoder's own context; they equal the greedy continuation computed on the
@@ -264,6 +268,7 @@ def test_the_batch_decoder_runs_the_adapter(lora_llamacpp, cases):
         assert backend.complete(asked, 24, 0.0, 0).text == expected
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_identity_names_base_and_adapter(lora_llamacpp, lora_hf, base_hf, embedded, adapters, tmp_path):
     other = load_model(f"lora:{adapters[1]}")
@@ -279,6 +284,7 @@ def test_identity_names_base_and_adapter(lora_llamacpp, lora_hf, base_hf, embedd
     assert lora_hf.identity.startswith(base_hf.identity.split(":torch-")[0] + ":lora=")
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_without_peft_the_error_names_the_train_extra(adapters, base_hf, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
@@ -395,6 +401,7 @@ def trained_adapter(tmp_path_factory) -> Path:
     return folder / "adapter"
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_a_trained_adapter_gives_the_same_answers_on_both_engines(trained_adapter, embedded, cases, engines_gap):
     """A trained adapter (unlike the random ones above, whose large weights push answers near ties): llama.cpp

@@ -44,6 +44,7 @@ def _cells(turns: list[Turn]) -> list[tuple]:
     return [(t.item_id, t.sample, t.round, t.messages, t.response, t.answer, t.correct) for t in turns]
 
 
+@pytest.mark.slow
 def test_a_run_against_a_real_server(direct_run, llama_server):
     report = direct_run.report()
     assert report["complete"] and direct_run.generated == 4 * 2
@@ -95,6 +96,7 @@ def test_a_server_that_is_down_is_one_line_and_a_failed_cell(tmp_path):
     assert failed and all(round_ == 0 and url in error for _, round_, error in failed)
 
 
+@pytest.mark.slow
 def test_a_refused_key_and_a_wrong_path_are_final_with_what_to_fix(llama_server, monkeypatch):
     question = [{"role": "user", "content": "What is 2 + 2?"}]
     monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
@@ -140,6 +142,7 @@ def test_store_keeps_a_failed_cell_until_its_turn_is_written(tmp_path):
     store.close()
 
 
+@pytest.mark.slow
 def test_the_papers_protocol_through_the_server(llama_server, tmp_path):
     """`run --protocol yang2025` and the `reproduce` grid against the llama.cpp server: the paper's system message
     and prompts go over HTTP with the server's own sampling defaults, and BoolQ, which the paper scores from

@@ -209,6 +209,7 @@ def test_a_run_of_the_wrong_kind_is_a_clear_error(tmp_path):
 
 # --- (b) and (c) the real embedded model --------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_embedded_sampling_run_agrees_with_the_papers_analysis(tmp_path, embedded):
     run = evaluate(task="arithmetic", limit=6, samples=3, temperature=0.8, rounds=1, backend=embedded,
@@ -218,6 +219,7 @@ def test_embedded_sampling_run_agrees_with_the_papers_analysis(tmp_path, embedde
     print(json.dumps(paper))
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_embedded_exact_run_agrees_with_the_papers_logits_analysis(tmp_path, shared_data, embedded):
     data = shared_data / "commonsense_qa.jsonl"

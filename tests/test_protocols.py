@@ -147,6 +147,7 @@ def test_server_default_temperature_is_for_served_models_only(tmp_path):
 
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_the_grid_on_the_embedded_model_prints_the_papers_table_and_resumes(tmp_path):
     """Two multiple-choice tasks (scored exactly) x two second-turn prompts, two items each: every row is the

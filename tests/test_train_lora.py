@@ -185,6 +185,7 @@ def uninterrupted(tmp_path_factory):
     return data, folder / "adapter", train(data, "embedded", folder / "adapter", **RESUMABLE)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_training_lowers_the_loss_and_writes_adapter_and_card(uninterrupted):
     data, output, card = uninterrupted
@@ -211,6 +212,7 @@ def test_training_lowers_the_loss_and_writes_adapter_and_card(uninterrupted):
         card["trained_tokens"] / card["seconds"], rel=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_same_command_again_returns_the_finished_card_and_other_settings_are_refused(uninterrupted):
     from selfcorrect.train.trainer import train
@@ -226,6 +228,7 @@ def test_same_command_again_returns_the_finished_card_and_other_settings_are_ref
     assert {path: path.stat().st_mtime_ns for path in output.rglob("*")} == before
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_interrupted_training_resumes_to_the_same_adapter(uninterrupted, tmp_path):
     import torch
@@ -257,6 +260,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(uninterrupted, tmp_pat
     assert card["trained_tokens"] == full_card["trained_tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_dpo_starts_from_the_base_as_reference_and_writes_an_adapter(tmp_path):
     from selfcorrect.train.trainer import train
@@ -271,6 +275,7 @@ def test_dpo_starts_from_the_base_as_reference_and_writes_an_adapter(tmp_path):
     assert card["data"]["recipe"] == "scl"
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_span_masks_cover_exactly_the_messages_that_carry_loss(tmp_path):
     from selfcorrect.train.trainer import (Hyperparameters, base_model, build_trainer, read_training_data,
@@ -303,6 +308,7 @@ def test_span_masks_cover_exactly_the_messages_that_carry_loss(tmp_path):
     assert labels[tuple(ids)] == [token if bit else -100 for token, bit in zip(ids, mask)]
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_training_renders_conversations_as_llama_cpp_does(embedded):
     """The tokenizer transformers makes of the GGUF carries the GGUF's chat template: the conversation text and
