@@ -44,6 +44,12 @@ def embedded():
     return embedded_backend()
 
 
+def pytest_sessionfinish(session, exitstatus):
+    # Free the session's model while the interpreter is whole: freed at its exit instead, llama-cpp-python's
+    # destructor finds its library half torn down and prints a traceback.
+    embedded_backend.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def hf_embedded():
     """The embedded GGUF on transformers (`hf:FILE.gguf`, dequantised to float32), loaded once for the session."""

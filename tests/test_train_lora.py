@@ -191,6 +191,8 @@ def test_training_lowers_the_loss_and_writes_adapter_and_card(uninterrupted):
     data, output, card = uninterrupted
     losses = [log["loss"] for log in card["losses"]]
     assert [log["step"] for log in card["losses"]] == [1, 2, 3, 4]
+    # 16 short rows seen once each: measured 1.13 -> 0.60 on an AMD EPYC (0.53 of the first). 0.8 is far from
+    # either side: a training that learnt nothing stays near 1, and one CPU's rounding moves the ratio by hundredths.
     assert losses[-1] < 0.8 * losses[0], losses
     for name in ("adapter_model.safetensors", "adapter_config.json", "adapter.gguf", "training_card.json"):
         assert (output / name).is_file(), name
