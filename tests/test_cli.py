@@ -148,9 +148,10 @@ def test_data_tasks_run_end_to_end(tmp_path, shared_data, args, records):
 
 
 def test_sampling_is_seeded_and_samples_differ(tmp_path):
-    """K samples at T > 0: the samples of an item differ, and the same seed gives the same replies."""
+    """K samples at T > 0: the samples of an item differ, and the same seed gives the same replies (48 tokens of
+    them: a sampled reply differs from its sibling within its first words, or not at all)."""
     args = ["run", "--task", "mcq", "--data", str(SHARED / "boolq.jsonl"), "--limit", "3", "--samples", "4",
-            "--temperature", "1.0", "--rounds", "1", "--json"]
+            "--temperature", "1.0", "--rounds", "1", "--max-tokens", "48", "--json"]
     first = cli(*args, "--db", str(tmp_path / "a.sqlite"))
     second = cli(*args, "--db", str(tmp_path / "b.sqlite"))
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
