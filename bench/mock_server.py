@@ -3,8 +3,9 @@ a fixed latency plus a little jitter, any number in parallel (asyncio, so the se
 bottleneck; plain asyncio streams rather than uvicorn, whose h11 protocol added 40 ms to every request on a
 kept-alive connection here), optionally with a capacity: a request that arrives while `capacity` others
 are being answered gets HTTP 429 with Retry-After at once. With `hold`, replies wait for `POST /release` (at
-most the latency): a test sees, through /stats, every request it sent waiting at the server at once, and
-measures its own side at that moment, however slowly a busy machine sends them.
+most the latency; once released, every reply goes at once): a test sees, through /stats, every request it sent
+waiting at the server at once, and measures its own side at that moment, however slowly a busy machine sends
+them.
 
 The reply is short and of a fixed form, "The answer is D.", D a digit drawn from a hash of the conversation
 and the seed, so the same request always gets the same reply. Usage counts are given as a server would:

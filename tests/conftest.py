@@ -41,6 +41,7 @@ def embedded_backend():
 
 @pytest.fixture(scope="session")
 def embedded():
+    """The real embedded SmolLM2 backend (`embedded_backend`), shared by the whole session."""
     return embedded_backend()
 
 

@@ -191,6 +191,10 @@ def test_tasks_lists_every_task():
     assert {row["task"] for row in rows if row["exact_estimator"]} == {"mcq"}  # on the embedded model
     shown = cli("tasks")
     assert shown.returncode == 0 and all(f"{name}:" in shown.stdout for name in TASKS)
+    # A process of its own registers selfcorrect's tasks and no other.
+    builtin = {name for name, entry in TASKS.items() if entry.factory.__module__.startswith("selfcorrect.")}
+    fresh = run_cli("tasks", "--json")
+    assert fresh.returncode == 0 and {row["task"] for row in json.loads(fresh.stdout)} == builtin, fresh.stderr
 
 
 def _digest(path):

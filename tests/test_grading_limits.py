@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, ScriptedBackend, cli
+from conftest import SHARED_DATA, ScriptedBackend, cli, run_cli
 from grading_plugin import HANG, RAISE, grade_by_sympy_loaded, grade_or_hang
 from selfcorrect.api import evaluate, load_run
 from selfcorrect.grader_pool import GraderPool
@@ -149,9 +149,9 @@ def test_math_verify_on_a_tower_of_powers_times_out_in_a_run(tmp_path):
 def test_selfcorrect_grade_bounds_math_verify_too(tmp_path):
     reply = tmp_path / "reply.txt"
     reply.write_text(TOWER)
-    started = time.monotonic()
-    done = cli("grade", "--task", "custom", "--data", str(_maths_data(tmp_path)), "--grader", "math",
-               "--item", "tower", "--response", str(reply), "--grader-timeout", "5")
+    started = time.monotonic()  # in a process of its own: a regression fails at its timeout, not by hanging here
+    done = run_cli("grade", "--task", "custom", "--data", str(_maths_data(tmp_path)), "--grader", "math",
+                   "--item", "tower", "--response", str(reply), "--grader-timeout", "5", timeout=120)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-2000:]
     verdict = json.loads(done.stdout)

@@ -121,7 +121,8 @@ def test_option_probs_agree_with_llamacpp(hf, embedded, shared_data):
     # and a reask after answer A: largest difference 0.027, argmax equal in all 20. 0.06 leaves margin. This
     # is the base model's own gap, and it does not move with the CPU: the same portable AVX2 build of
     # llama.cpp computes the same floats on Intel and AMD, and torch's float32 differs there by rounding only
-    # (test_lora_models.py measures it on 10 prompts: 0.024 on an Intel Xeon, 0.0237 on an AMD EPYC).
+    # (test_lora_models.py measures it on 10 prompts: 0.024 on an Intel Xeon, 0.0237 on an AMD EPYC; what
+    # moves with the CPU there is a trained adapter).
     tolerance = 0.06
     for item in task.items[:3]:
         labels = task.labels(item)

@@ -90,7 +90,7 @@ def test_a_pause_holds_every_request_and_the_limit_holds_the_rest():
     wake_after(PAUSE_S * 0.9)
     waiting.join(0.2)
     assert waiting.is_alive() and not first, "a request started before the pause was over"
-    wake_after(PAUSE_S * 0.1)
+    wake_after(PAUSE_S - clock())  # to the end of the pause exactly
     waiting.join(30)
     assert first
     beyond = threading.Thread(target=lambda: second.append(limit.acquire()))
@@ -185,20 +185,34 @@ def test_512_in_flight_take_one_thread_each_and_little_memory(tmp_path):
 
     before_threads, before_mb = threading.active_count(), rss_mb()
     finished = {}
+
+    def run_it(server: MockServer) -> None:
+        try:
+            finished["run"] = _run(server, tmp_path / "r.sqlite", task_options={"n": "512", "digits": "3"}, rounds=0,
+                                   concurrency=512)
+        except BaseException as error:  # raised again below, in the test's thread
+            finished["error"] = error
+
     # The server holds every reply until released (at most 10 min), so the moment all 512 wait there comes
-    # however slowly this machine sends them, and both sides are measured at that moment.
+    # however slowly this machine sends them, and both sides are measured at that moment. Sending them takes a
+    # few seconds here; 120 s is the most a run that never gets there may hold the test.
     with MockServer(latency=600, jitter=0.0, hold=True) as server:
-        run_in_thread = threading.Thread(target=lambda: finished.update(run=_run(
-            server, tmp_path / "r.sqlite", task_options={"n": "512", "digits": "3"}, rounds=0, concurrency=512)))
+        run_in_thread = threading.Thread(target=run_it, args=(server,))
         run_in_thread.start()
+        deadline = time.monotonic() + 120
         try:
             while server.stats()["at_once"] < 512:
-                assert run_in_thread.is_alive(), "the run ended before 512 requests were in flight"
+                if not run_in_thread.is_alive() or time.monotonic() > deadline:
+                    break
                 run_in_thread.join(0.05)
+            at_the_server = server.stats()["at_once"]
             threads, memory = threading.active_count() - before_threads, rss_mb() - before_mb
         finally:
             server.release()
             run_in_thread.join()
+    if "error" in finished:
+        raise finished["error"]
+    assert at_the_server == 512, f"only {at_the_server} requests were ever in flight at once"
     run = finished["run"]
     assert run.report()["complete"] and len(run.turns) == 512
     assert run.report()["http"]["peak_in_flight"] == 512

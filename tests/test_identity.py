@@ -22,7 +22,7 @@ from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
 from selfcorrect.models.ray_pool import pool_identity
 from selfcorrect.strategies import STRATEGIES, register_strategy
 
-from conftest import ScriptedBackend, cli
+from conftest import ScriptedBackend, cli, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -65,15 +65,16 @@ def test_a_checkpoint_saved_over_the_old_one_makes_a_new_run_and_misses_the_cach
     db = str(tmp_path / "runs.sqlite")
     args = ("run", "--model", f"llamacpp:{model}", "--limit", "2", "--max-tokens", "24", "--db", db, "--json")
     env = {"SELFCORRECT_HASH_CACHE": str(tmp_path / "hashes.json")}
-    first = json.loads(cli(*args, env=env).stdout)
-    again = json.loads(cli(*args, env=env).stdout)
+    # Processes of their own: each loads the model file anew (and frees it at its exit), as a user's would.
+    first = json.loads(run_cli(*args, env=env).stdout)
+    again = json.loads(run_cli(*args, env=env).stdout)
     assert again["run_id"] == first["run_id"] and again["generated"] == 0  # the same model resumes
     # "Re-train" it: other bytes, same file name and size (the model's name in its metadata changes).
     data = bytearray(model.read_bytes())
     at = data.index(b"Smollm2 135M")
     data[at:at + 7] = b"Retrain"
     model.write_bytes(bytes(data))
-    retrained = json.loads(cli(*args, env=env).stdout)
+    retrained = json.loads(run_cli(*args, env=env).stdout)
     assert retrained["run_id"] != first["run_id"]
     assert retrained["generated"] == 4 and retrained["cache_hits"] == 0
     assert retrained["config"]["backend"] != first["config"]["backend"]

@@ -26,7 +26,7 @@ import pytest
 
 from selfcorrect.engine import INTERRUPT_GRACE_S
 
-from conftest import cli, run_cli
+from conftest import run_cli
 
 STALL_S = 300  # as long as the client's default timeout: only Ctrl-C can end a held request in time
 LIMIT = 12  # items; the backend keeps 8 conversations in flight, so some are always waiting
@@ -241,11 +241,11 @@ def test_one_process_per_run_other_runs_and_readers_go_on_and_sigkill_leaves_no_
             assert "run the same command again" in lines[0], lines[0]
             assert {table: _read(db, f"SELECT * FROM {table}") for table in tables} == snapshot
 
-            # Readers are not locked out while the run goes on (here, from this process).
-            listed = cli("runs", "--db", str(db), "--json")
+            # Readers are not locked out while the run goes on (processes of their own: a lock fails at the timeout).
+            listed = run_cli("runs", "--db", str(db), "--json", timeout=120)
             assert listed.returncode == 0, listed.stderr
             (run_id,) = [row["run_id"] for row in json.loads(listed.stdout)]
-            shown = cli("report", run_id, "--db", str(db), "--json")
+            shown = run_cli("report", run_id, "--db", str(db), "--json", timeout=120)
             assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == run_id, shown.stderr
 
             # Another run of the same store is not blocked (new requests are answered from here on;

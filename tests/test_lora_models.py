@@ -183,10 +183,14 @@ def on_transformers(lora_hf, cases) -> Answers:
 def engines_gap(embedded, base_hf, cases) -> dict:
     """How far the two engines are apart on the base model, measured here: llama.cpp's Q4_1 kernels (activations
     quantised to 8 bits) against transformers' float32 on the dequantised weights. An adapter run on both engines
-    can be no closer than this, and the gap moves with the machine (torch's kernels differ between Intel and AMD
-    CPUs, and a trained adapter differs with them), so the bounds of the Q4_1 comparisons below are this gap
-    scaled, with a floor: never a figure read off one machine."""
-    return _compare(_answers(embedded, cases), _answers(base_hf, cases))
+    can be no closer than this. The bounds of the Q4_1 comparisons below are this gap scaled, with a floor, not a
+    figure read off one machine: what moves between machines is the adapter (a training on torch's kernels of
+    an Intel or an AMD CPU ends elsewhere), and its gap is judged against the base's on the same machine. The
+    base's own gap is the same on both (0.024 on an Intel Xeon, 0.0237 on an AMD EPYC, 10 of 10 replies), and it
+    is held to that here, so that a regression of either engine cannot widen the bounds it sets."""
+    gap = _compare(_answers(embedded, cases), _answers(base_hf, cases))
+    assert gap["option_probs"] < 0.04 and gap["same_replies"] >= 9, gap
+    return gap
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def api_key(monkeypatch):
 
 @pytest.fixture(scope="module")
 def direct_run(llama_server, tmp_path_factory):
-    """The run straight against the llama_server, as `--model openai:...` loads it (default retries, timeout and
+    """The run straight against the server, as `--model openai:...` loads it (default retries, timeout and
     requests in flight)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OPENAI_API_KEY", API_KEY)

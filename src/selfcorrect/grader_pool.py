@@ -9,8 +9,9 @@ takes its place at the next grade) and is recorded as wrong, with the reason "gr
 {"grader_timeout": true}.
 
 Children are started with `python -c`, never forked: the parent holds llama.cpp's threads and locks. A
-child imports the modules its graders name in a `preload` attribute (the maths grader's sympy) before it says
-it is ready, so that a first grade's clock does not count them. It imports the grader by name from the
+child imports the modules named in the `preload` attribute of the graders bound so far (the maths grader's
+sympy) before it says it is ready, so that a first grade's clock does not count them; one that fails to
+import is left to the grade, which then meets the error itself. A child imports the grader by name from the
 pickle, on the parent's sys.path, so a grader must be a
 module-level function of an importable module, as every built-in task's is. A grader that is not (a lambda,
 a closure, a function of a script's __main__) grades in the calling thread, without a limit, after one
@@ -90,7 +91,8 @@ class GraderPool:
             _warn_in_thread(grader, problem)
             return grader
         with self._changed:
-            self._preload = tuple(sorted({*self._preload, *getattr(grader, "preload", ())}))
+            wanted = getattr(grader, "preload", ())
+            self._preload = tuple(sorted({*self._preload, *([wanted] if isinstance(wanted, str) else wanted)}))
             if self._unstarted == self.processes:
                 self._idle.append(self._start())
         return functools.partial(self.grade, grader)
@@ -249,7 +251,10 @@ def serve() -> None:
     die_with_parent(int(sys.argv[2]))
     connection = Connection(int(sys.argv[1]))
     for module in sys.argv[3:]:  # what the graders preload: before the first grade's clock starts, not inside it
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except Exception:  # the grade that needs it meets the error, as it would without the preload
+            pass
     connection.send("ready")
     while True:
         try:
