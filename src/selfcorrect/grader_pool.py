@@ -9,7 +9,7 @@ takes its place at the next grade) and is recorded as wrong, with the reason "gr
 {"grader_timeout": true}.
 
 Children are started with `python -c`, never forked: the parent holds llama.cpp's threads and locks. A
-child imports the modules named in the `preload` attribute of the graders bound so far (the maths grader's
+child imports the modules the graders bound so far preload (a `preload` attribute; the maths grader's
 sympy) before it says it is ready, so that a first grade's clock does not count them; one that fails to
 import is left to the grade, which then meets the error itself. A child imports the grader by name from the
 pickle, on the parent's sys.path, so a grader must be a
@@ -46,6 +46,7 @@ from typing import Callable
 from .sandbox_child import die_with_parent
 from .tasks import Grade, Item
 from .tasks.code import grade_code_with_tests, grade_humaneval, grade_humaneval_3s
+from .tasks.grading import grade_math
 
 DEFAULT_TIMEOUT_S = 10.0
 TIMEOUT_REASON = "grader timeout"
@@ -53,6 +54,9 @@ TIMEOUT_REASON = "grader timeout"
 SANDBOXED = (grade_humaneval, grade_humaneval_3s, grade_code_with_tests)
 # A child imports selfcorrect (numpy and scipy among it) before it is ready; that is not the grade's time.
 _START_TIMEOUT_S = 120.0
+# What the built-in graders import that takes long: sympy, a second or so. (Declared here rather than on the
+# grader, whose module's source is part of the grader version: stored verdicts would look outdated.)
+BUILTIN_PRELOADS = {grade_math: ("math_verify",)}
 
 Grader = Callable[[Item, str], Grade]
 
@@ -91,8 +95,7 @@ class GraderPool:
             _warn_in_thread(grader, problem)
             return grader
         with self._changed:
-            wanted = getattr(grader, "preload", ())
-            self._preload = tuple(sorted({*self._preload, *([wanted] if isinstance(wanted, str) else wanted)}))
+            self._preload = tuple(sorted({*self._preload, *_preload_of(grader)}))
             if self._unstarted == self.processes:
                 self._idle.append(self._start())
         return functools.partial(self.grade, grader)
@@ -224,6 +227,13 @@ def _kill_children(alive: set[_Child]) -> None:
     for child in list(alive):
         child.kill()
     alive.clear()
+
+
+def _preload_of(grader: Grader) -> tuple[str, ...]:
+    """The modules a child imports for `grader` before it is ready: its `preload` attribute (a custom grader
+    can have one), else the built-in graders' own."""
+    wanted = getattr(grader, "preload", None) or BUILTIN_PRELOADS.get(grader, ())
+    return (wanted,) if isinstance(wanted, str) else tuple(wanted)
 
 
 def _not_importable(grader: Grader) -> str | None:

@@ -48,11 +48,6 @@ def grade_math(item: Item, response: str) -> Grade:
     return Grade(answer, correct, f"answer {answer} {relation} the target {item.target}")
 
 
-# sympy takes a second to import: a grading child imports it before its first grade's clock starts
-# (selfcorrect.grader_pool), and children of other graders are spared it.
-grade_math.preload = ("math_verify",)
-
-
 # What a verdict depends on besides selfcorrect's own code: the maths stack behind grade_math, and the Python
 # that runs the sandboxed programs of the code graders.
 _GRADING_PACKAGES = ("math-verify", "latex2sympy2_extended", "antlr4-python3-runtime", "sympy")
