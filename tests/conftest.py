@@ -124,7 +124,7 @@ def _sharing_the_embedded(spec: str, **limits):
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `selfcorrect ARGS` in this process (Typer's CliRunner), stdout and stderr captured apart, under `env`
     added to the environment: the same commands, checks and output as in a process of its own, without starting
-    Python and importing the package for each call (a second or more on these machines). The embedded model is
+    Python and importing the package for each call (about 0.4 s here). The embedded model is
     the session's (`embedded_backend`) instead of a load per command, unless a test replaced the loader itself.
     An error the command does not turn into its one line is raised here, with its traceback, and fails the test."""
     from typer.testing import CliRunner
