@@ -53,7 +53,8 @@ from bench_sandbox import cpu_model
 from naive_hf import naive_generate_loop
 from selfcorrect import evaluate
 from selfcorrect.models.identity import llama_cpp_build
-from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
+from selfcorrect.models.llamacpp import LlamaCppBackend
+from selfcorrect.models.spec import embedded_model_path
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 

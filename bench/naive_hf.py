@@ -26,7 +26,8 @@ from pathlib import Path
 
 from selfcorrect.models import Message, load_model
 from selfcorrect.models.hf import Request
-from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
+from selfcorrect.models.llamacpp import LlamaCppBackend
+from selfcorrect.models.spec import embedded_model_path
 from selfcorrect.tasks import load_task
 
 

@@ -56,7 +56,7 @@ def hf_embedded():
     """The embedded GGUF on transformers (`hf:FILE.gguf`, dequantised to float32), loaded once for the session."""
     pytest.importorskip("torch", reason="the hf extra is not installed (pip install torch==2.13.0 'selfcorrect[hf]')")
     from selfcorrect.models import load_model
-    from selfcorrect.models.llamacpp import embedded_model_path
+    from selfcorrect.models.spec import embedded_model_path
 
     return load_model(f"hf:{embedded_model_path()}")
 
@@ -237,7 +237,7 @@ API_KEY = "test-key-7f3a"
 def llama_server(tmp_path_factory):
     """URL of a llama.cpp server (without /v1) that serves the embedded model as SERVED_AS to API_KEY, started
     once for every test that talks to it."""
-    from selfcorrect.models.llamacpp import embedded_model_path
+    from selfcorrect.models.spec import embedded_model_path
 
     port = free_port()
     # One decoding thread: on a 2-core machine shared with other work, two spinning llama.cpp threads

@@ -165,7 +165,8 @@ def test_concurrent_conversations_store_what_one_at_a_time_stores(tmp_path):
 def test_replies_do_not_depend_on_how_many_conversations_share_a_batch(tmp_path, embedded, temperature):
     """The same run with conversations decoded one at a time and sixteen at a time (critique: a conversation
     grows over its rounds, so slots hold earlier turns), greedy and sampled: the same replies."""
-    from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
+    from selfcorrect.models.llamacpp import LlamaCppBackend
+    from selfcorrect.models.spec import embedded_model_path
 
     alone = LlamaCppBackend(embedded_model_path(), max_in_flight=1)
     options = dict(task="arithmetic", limit=12, rounds=1, strategy="critique", max_tokens=64, cache=False,
@@ -189,7 +190,8 @@ def test_replies_do_not_depend_on_how_many_conversations_share_a_batch(tmp_path,
 def test_a_turn_whose_conversation_is_not_in_the_cache_gets_the_same_reply(tmp_path, temperature):
     """First turns served by the response cache to a fresh model: the correction turns find nothing in
     the KV cache and replay the earlier replies, and still say exactly what the uninterrupted run said."""
-    from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
+    from selfcorrect.models.llamacpp import LlamaCppBackend
+    from selfcorrect.models.spec import embedded_model_path
 
     options = dict(task="arithmetic", limit=8, strategy="critique", max_tokens=64, temperature=temperature)
     uninterrupted = evaluate(**options, rounds=1, backend=LlamaCppBackend(embedded_model_path(), max_in_flight=8),

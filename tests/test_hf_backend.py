@@ -18,7 +18,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.exact import ANSWER_PREFIX
 from selfcorrect.models import check_model_spec, load_model
 from selfcorrect.models.hf import Request  # imports no torch; sets OpenMP's wait policy before torch loads
-from selfcorrect.models.llamacpp import embedded_model_path
+from selfcorrect.models.spec import embedded_model_path
 from selfcorrect.tasks import load_task
 
 

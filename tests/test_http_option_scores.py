@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from selfcorrect.models.llamacpp import embedded_model_path
+from selfcorrect.models.spec import embedded_model_path
 from selfcorrect.models.openai_http import OpenAIBackend
 from selfcorrect.protocols import YANG2025_ANSWER_PREFIX
 from selfcorrect.reproduce import run_grid

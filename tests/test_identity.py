@@ -18,7 +18,8 @@ import pytest
 from selfcorrect import evaluate, load_run
 from selfcorrect.errors import UserError
 from selfcorrect.models.identity import file_digest, llama_cpp_build
-from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
+from selfcorrect.models.llamacpp import LlamaCppBackend
+from selfcorrect.models.spec import embedded_model_path
 from selfcorrect.models.ray_pool import pool_identity
 from selfcorrect.strategies import STRATEGIES, register_strategy
 

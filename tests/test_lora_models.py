@@ -21,11 +21,12 @@ import pytest
 from selfcorrect.engine import P_TRUE_PREFIX, P_TRUE_PROMPT
 from selfcorrect.errors import UserError
 from selfcorrect.exact import ANSWER_PREFIX
-from selfcorrect.models import can_score_options, check_model_spec, load_model, trained_questions
+from selfcorrect.models import check_model_spec, load_model, trained_questions
 from selfcorrect.models.hf import Request  # imports no torch; sets OpenMP's wait policy before torch loads
 from selfcorrect.models.identity import file_digest
-from selfcorrect.models.llamacpp import LlamaCppBackend, embedded_model_path
-from selfcorrect.models.lora import hf_base_source
+from selfcorrect.models.llamacpp import LlamaCppBackend
+from selfcorrect.models.spec import embedded_model_path
+from selfcorrect.models.spec import adapter_base
 from selfcorrect.tasks import load_task
 from selfcorrect.train import export_gguf
 from selfcorrect.train.leak import question_key
@@ -302,7 +303,7 @@ def test_trained_questions_come_from_the_card(tmp_path):
     # The same adapter loaded on transformers (hf:DIR) is the same trained model.
     assert trained_questions(f"hf:{folder}") == {"a", "b"}
     assert trained_questions("embedded") is None and trained_questions(f"hf:{tmp_path}") is None
-    assert can_score_options(f"lora:{folder}")
+    assert check_model_spec(f"lora:{folder}").can_score_options
     (folder / "training_card.json").write_text(json.dumps({"base_model": "embedded"}))
     with pytest.raises(UserError, match="trained_questions"):
         trained_questions(f"lora:{folder}")
@@ -311,15 +312,15 @@ def test_trained_questions_come_from_the_card(tmp_path):
 def test_an_adapter_directory_names_its_base_for_transformers(tmp_path):
     """`hf:ADAPTER_DIR`: the base is the card's (a GGUF base as its file), else the PEFT config's."""
     folder = _adapter_folder(tmp_path, {"base_model": "embedded"}, ("adapter_config.json",))
-    assert hf_base_source(folder) == str(embedded_model_path())
+    assert adapter_base(folder) == str(embedded_model_path())
     (folder / "training_card.json").write_text(json.dumps({"base_model": "hf:HuggingFaceTB/SmolLM2-135M"}))
-    assert hf_base_source(folder) == "HuggingFaceTB/SmolLM2-135M"
+    assert adapter_base(folder) == "HuggingFaceTB/SmolLM2-135M"
     (folder / "training_card.json").unlink()
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
-    assert hf_base_source(folder) == "/models/base"
+    assert adapter_base(folder) == "/models/base"
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(UserError, match="names no base_model_name_or_path"):
-        hf_base_source(folder)
+        adapter_base(folder)
 
 
 def _adapter_folder(tmp_path: Path, card: dict | str | None, files: tuple[str, ...] = ("adapter.gguf",)) -> Path:

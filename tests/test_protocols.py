@@ -13,6 +13,7 @@ import pytest
 from conftest import SHARED_DATA, ScriptedBackend
 from selfcorrect import evaluate
 from selfcorrect.errors import UserError
+from selfcorrect.models import check_model_spec
 from selfcorrect.protocols import boxed_letter, first_true_or_false, protocol_settings
 from selfcorrect.tasks import load_task
 
@@ -131,6 +132,18 @@ def test_settings_per_task_and_model():
         protocol_settings("yang2024", "gsm8k", "embedded")
     with pytest.raises(UserError, match="--task-opt prompt=paper"):
         load_task("gsm8k", SHARED_DATA / "gsm8k_test.jsonl", {"prompt": "paper"})
+
+
+@pytest.mark.parametrize("base, engine, max_tokens", [
+    ("embedded", "llama.cpp", 1024), ("hf:HuggingFaceTB/SmolLM2-135M-Instruct", "transformers", 2048)])
+def test_a_trained_model_is_capped_as_its_base_engine_is(tmp_path, base, engine, max_tokens):
+    """The llama.cpp cap applies to a trained model that runs on llama.cpp, not to one of an hf: base, which
+    runs on transformers."""
+    (tmp_path / "training_card.json").write_text(json.dumps({"base_model": base, "trained_questions": []}))
+    for name in ("adapter.gguf", "adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert check_model_spec(f"lora:{tmp_path}").engine == engine
+    assert protocol_settings("yang2025", "gsm8k", f"lora:{tmp_path}")["max_tokens"] == max_tokens
 
 
 def test_server_default_temperature_is_for_served_models_only(tmp_path):

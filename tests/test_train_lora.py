@@ -201,7 +201,7 @@ def test_training_lowers_the_loss_and_writes_adapter_and_card(uninterrupted):
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.0)
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     from selfcorrect.models.identity import file_digest
-    from selfcorrect.models.llamacpp import embedded_model_path
+    from selfcorrect.models.spec import embedded_model_path
 
     assert card["base_model"] == "embedded"
     assert card["base_identity"] == f"{embedded_model_path().name}:{file_digest(embedded_model_path())}"

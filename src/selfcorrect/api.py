@@ -20,10 +20,10 @@ from . import metrics
 from .cache import CachedBackend
 from .engine import run_cells
 from .errors import UserError
-from .exact import item_probabilities, option_scoring_problem, run_scoring
+from .exact import item_probabilities, run_scoring, scoring_problem
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import MODES, IsolationUnavailable, using
-from .models import Backend, check_model_spec, load_model, trained_questions
+from .models import Backend, ModelSpec, check_model_spec, load_model, trained_questions
 from .models.base import SERVER_DEFAULT
 from .models.rate_limit import check_rates
 from .prompt_version import prompt_version
@@ -299,7 +299,7 @@ def choose_estimator(
     if temperature != 0:
         reasons.append(f"it samples nothing, so --temperature {temperature} would be ignored (use --temperature 0)")
     # Last, because a server is asked whether it can score (a request or three), worth it only when the rest allows.
-    if requested != "sampling" and not reasons and (problem := option_scoring_problem(backend)):
+    if requested != "sampling" and not reasons and (problem := scoring_problem(backend)):
         reasons.append(f"model {model}: {problem}")
     if requested == "exact" and reasons:
         raise UserError(f"--estimator exact: not possible here: {'; '.join(reasons)}; use --estimator sampling")
@@ -341,7 +341,7 @@ def _check_numbers(
     if samples < 1:
         raise UserError(f"--samples {samples}: must be at least 1")
     if temperature == SERVER_DEFAULT:
-        if not model.startswith("openai:"):
+        if not ModelSpec.of(model).over_http:
             raise UserError(f"--temperature {SERVER_DEFAULT}: only openai: models have sampling defaults of their own; "
                             f"give {model} a number between 0 and 2")
     elif not 0.0 <= temperature <= 2.0:

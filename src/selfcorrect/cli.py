@@ -28,7 +28,7 @@ from .errors import UserError
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import using
 from .html_report import render_html
-from .models import MODEL_SPECS, can_score_options, check_model_spec
+from .models import MODEL_SPECS, check_model_spec
 from .models.base import SERVER_DEFAULT
 from .protocols import protocol_settings
 from .report import grader_note, print_comparison, print_improvement, print_report, print_reproduction, print_table
@@ -646,7 +646,7 @@ def tasks(
     as_json: bool = typer.Option(False, "--json", help="print the list as JSON"),
 ):
     """List the tasks: item count, grader, answer format, and whether the exact estimator is available."""
-    check_model_spec(model)
+    scores_options = check_model_spec(model).can_score_options
     rows = [
         {
             "task": name,
@@ -654,7 +654,7 @@ def tasks(
             "items": len(load_task(name).items) if entry.builtin else None,
             "grader": entry.grader,
             "answer": entry.answer,
-            "exact_estimator": entry.multiple_choice and can_score_options(model),
+            "exact_estimator": entry.multiple_choice and scores_options,
             "description": entry.description,
         }
         for name, entry in sorted(TASKS.items())

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 from .errors import UserError
 from .models import Backend, Message
-from .models.base import BackendError, Completion
+from .models.base import BackendError, Completion, counts_prompt_tokens, option_scoring_problem
 from .store import Store, Turn
 from .strategies import CorrectionRound, Strategy
 from .tasks import Item, Task, grader_version
@@ -93,7 +93,7 @@ class Dialogue:
     def p_true(self, question: str, answer: str) -> float | None:
         """The model's probability that `answer` is right, read from its option scores; None when the
         backend cannot score. The scoring prompt's tokens count in the turn's cost."""
-        if not (callable(getattr(self.backend, "option_probs", None)) and callable(getattr(self.backend, "count_tokens", None))):
+        if not counts_prompt_tokens(self.backend) or option_scoring_problem(self.backend) is not None:
             return None
         messages = [{"role": "user", "content": P_TRUE_PROMPT.format(question=question, answer=answer)}]
         self.prompt_tokens += self.backend.count_tokens(messages, P_TRUE_PREFIX)

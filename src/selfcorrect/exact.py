@@ -20,7 +20,7 @@ from typing import Callable
 from .engine import Dialogue, cell_seed, play_round
 from .errors import UserError
 from .models import Backend, Message
-from .models.base import BackendError
+from .models.base import BackendError, option_scoring_problem
 from .store import OptionScore, Store, Turn
 from .strategies import Strategy
 from .tasks import Item, Task
@@ -29,16 +29,11 @@ from .tasks import Item, Task
 ANSWER_PREFIX = "The answer is"
 
 
-def option_scoring_problem(backend: Backend) -> str | None:
-    """Why `backend` cannot score option labels, or None when it can. A server is asked (once) whether it
-    can (see `models/openai_logprobs.py`); a server that is down is a UserError here."""
-    if not callable(getattr(backend, "option_probs", None)):
-        return "it cannot score option labels"
-    ask = getattr(backend, "option_scoring_problem", None)
-    if ask is None:
-        return None
+def scoring_problem(backend: Backend) -> str | None:
+    """Why `backend` cannot score option labels, or None when it can (models.base.option_scoring_problem); a
+    server that is down is a UserError here."""
     try:
-        return ask()
+        return option_scoring_problem(backend)
     except BackendError as error:
         raise UserError(str(error)) from None
 

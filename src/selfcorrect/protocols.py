@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .models.base import SERVER_DEFAULT
+from .models.spec import LLAMACPP, ModelSpec
 
 YANG2025 = "yang2025"
 PROTOCOLS = (YANG2025,)
@@ -126,7 +127,6 @@ YANG2025_STRATEGIES = ("reask", "confident", "critical")
 # Stand-ins for "the model's own defaults" on selfcorrect's own engines (see the module docstring).
 TEMPERATURE = 0.7
 EMBEDDED_MAX_TOKENS = 1024
-_LLAMACPP_SPECS = ("llamacpp:", "lora:")  # besides "embedded": model specs run by the batched llama.cpp engine
 
 
 def protocol_settings(protocol: str, task: str, model: str, sampled: bool = False) -> dict:
@@ -140,12 +140,12 @@ def protocol_settings(protocol: str, task: str, model: str, sampled: bool = Fals
         raise UserError(f"--protocol {protocol}: task '{task}' is not in the paper's grid; its tasks are gsm8k, "
                         "humaneval, ifeval, and mcq (CommonsenseQA, MMLU, BoolQ from --data)")
     settings = _SAMPLED if sampled else _SETTINGS[task]
-    embedded = model == "embedded" or model.startswith(_LLAMACPP_SPECS)
+    named = ModelSpec.of(model)
     return {
         "task_options": {"prompt": protocol},
         "samples": settings.samples,
-        "temperature": (SERVER_DEFAULT if model.startswith("openai:") else TEMPERATURE)
+        "temperature": (SERVER_DEFAULT if named.over_http else TEMPERATURE)
         if settings.estimator == "sampling" else 0.0,
-        "max_tokens": min(settings.max_tokens, EMBEDDED_MAX_TOKENS) if embedded else settings.max_tokens,
+        "max_tokens": min(settings.max_tokens, EMBEDDED_MAX_TOKENS) if named.engine == LLAMACPP else settings.max_tokens,
         "estimator": settings.estimator,
     }

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
 
+from .models.spec import ModelSpec
 from .protocols import YANG2025_TASKS
 from .tasks import TASKS
 
@@ -307,14 +306,6 @@ def print_report(report: dict, console: Console) -> None:
         )
 
 
-def model_label(spec: str) -> str:
-    """A model spec, short: a file or folder by its name (`lora:runs/cct` is lora:cct)."""
-    kind, colon, where = spec.partition(":")
-    if colon and kind in ("lora", "llamacpp") or (kind == "hf" and where.startswith(("/", ".", "~"))):
-        return f"{kind}:{Path(where).name}"
-    return spec
-
-
 def _run_labels(rows: list[dict]) -> dict[str, str]:
     """A short name per run: its strategy, or its model where the runs share a strategy but not a model (a base
     and its trained adapters), else strategy and run id; '*' marks an upper bound."""
@@ -325,7 +316,7 @@ def _run_labels(rows: list[dict]) -> dict[str, str]:
         if strategies.count(row["strategy"]) == 1:
             return row["strategy"]
         if pairs.count((row["strategy"], row["model"])) == 1:
-            return f"{row['strategy']} {model_label(row['model'])}"
+            return f"{row['strategy']} {ModelSpec.of(row['model']).label}"
         return f"{row['strategy']} {row['run_id'][:6]}"
 
     return {row["run_id"]: label(row) + ("*" if row["upper_bound"] else "") for row in rows}

@@ -12,7 +12,7 @@ from typing import Callable
 
 from .api import Run, evaluate
 from .errors import UserError
-from .exact import option_scoring_problem
+from .exact import scoring_problem
 from .models import check_model_spec, load_model
 from .protocols import YANG2025_STRATEGIES, YANG2025_TASKS, protocol_settings
 from .strategies import get_strategy
@@ -60,7 +60,7 @@ def run_grid(
     for task in tasks:
         ours = YANG2025_TASKS[task]
         settings = protocol_settings(protocol, ours, model)
-        if settings["estimator"] == "exact" and (problem := option_scoring_problem(backend)):
+        if settings["estimator"] == "exact" and (problem := scoring_problem(backend)):
             # The paper scores these from option probabilities; a model that gives none is sampled instead.
             settings = protocol_settings(protocol, ours, model, sampled=True)
             on_note(f"{task}: {model} gives no option probabilities ({problem}), so its answers are sampled "

@@ -37,3 +37,20 @@ class Backend(Protocol):
     def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
         """One assistant reply to `messages`; the same seed gives the same reply."""
         ...
+
+
+def option_scoring_problem(backend: Backend) -> str | None:
+    """Why `backend` cannot score option labels (the exact estimator, P(True)), or None when it can; the one
+    place this is decided. A backend without `option_probs` cannot. One with an `option_scoring_problem` of
+    its own (an HTTP server, a Ray pool of them) is asked: a server is probed once, and BackendError says that
+    it could not be reached. Any other (a model computed in this process) can."""
+    if not callable(getattr(backend, "option_probs", None)):
+        return "it cannot score option labels"
+    ask = getattr(backend, "option_scoring_problem", None)
+    return ask() if ask is not None else None
+
+
+def counts_prompt_tokens(backend: Backend) -> bool:
+    """Whether `backend` counts a prompt's tokens without sending it (`count_tokens`: models with their
+    tokenizer in this process), so that a scoring pass's cost can be added to a turn's."""
+    return callable(getattr(backend, "count_tokens", None))

