@@ -9,7 +9,7 @@ import pytest
 
 from selfcorrect.api import load_run
 from selfcorrect.models.identity import file_digest
-from selfcorrect.train.leak import question_key
+from selfcorrect.split import question_key
 
 from conftest import cli
 

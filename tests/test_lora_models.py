@@ -29,7 +29,7 @@ from selfcorrect.models.spec import embedded_model_path
 from selfcorrect.models.spec import adapter_base
 from selfcorrect.tasks import load_task
 from selfcorrect.train import export_gguf
-from selfcorrect.train.leak import question_key
+from selfcorrect.split import question_key
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # lora_B ~ N(0, 0.04²) at rank 8, alpha 16: 3 of the 10 greedy replies change on llama.cpp and option

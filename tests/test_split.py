@@ -7,7 +7,7 @@ import pytest
 from selfcorrect.api import evaluate
 from selfcorrect.errors import UserError
 from selfcorrect.tasks import load_task
-from selfcorrect.train.leak import question_key
+from selfcorrect.split import question_key
 
 from conftest import ScriptedBackend, cli
 

@@ -1,5 +1,5 @@
 """Training data from stored runs (selfcorrect.train.data), gold solutions kept with items, and the content split
-and leak check (selfcorrect.train.leak).
+and leak check (selfcorrect.split).
 
 The runs are made by `evaluate` with scripted replies, so which first replies are right, which corrections flip
 and where a strategy stops are known, and every recipe must give exactly the rows that follow from them."""
@@ -19,7 +19,7 @@ from selfcorrect.errors import UserError
 from selfcorrect.store import Store
 from selfcorrect.tasks import arithmetic, load_task
 from selfcorrect.train.data import PAM_CORRECTED, PAM_KEPT, RECIPES, build_rows, summary_line, write_rows
-from selfcorrect.train.leak import check_no_leak, question_key, split_part
+from selfcorrect.split import check_no_leak, question_key, split_part
 
 FIXTURES = Path(__file__).parent / "fixtures"
 N = 10

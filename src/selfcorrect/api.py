@@ -28,11 +28,11 @@ from .models.base import SERVER_DEFAULT
 from .models.rate_limit import check_rates
 from .prompt_version import prompt_version
 from .sandbox import isolation_for
+from .split import check_no_leak, held_out_part
 from .store import OptionScore, Store, Turn, default_db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
 from .tasks import Task, defining_identity, grader_version, load_task
-from .train.leak import check_no_leak, split_part
 
 
 @dataclass
@@ -308,23 +308,6 @@ def choose_estimator(
     return "exact"
 
 
-SPLIT_PARTS = ("train", "test")
-
-
-def held_out_part(items: list, split: str | None, seed: int, test_share: float) -> list:
-    """The items in part `split` of the seeded split by question content (all of them when `split` is None)."""
-    if split is None:
-        return items
-    if split not in SPLIT_PARTS:
-        raise UserError(f"--split {split}: choose train or test")
-    if not 0 < test_share < 1:
-        raise UserError(f"--test-share {test_share:g}: must be between 0 and 1 (the share of questions held out)")
-    part = [item for item in items if split_part(item.question, seed, test_share) == split]
-    if not part:
-        raise UserError(f"--split {split}: no item of this task falls in that part; use more items or another --test-share")
-    return part
-
-
 def run_id_for(config: dict) -> str:
     """Runs are identified by a hash of everything that defines them, so the same config resumes. How the
     task's grader was chosen (given or inferred from the data) is in the config but not in the hash: the same
@@ -431,7 +414,7 @@ def evaluate(
     Each grade may take `grader_timeout` seconds (not part of the run's identity: it changes no grade that
     finishes); one that takes longer is recorded as wrong, with the reason "grader timeout".
     `split` ("train" or "test") keeps only the items of that part of a seeded split by question content
-    (`split_seed`, `test_share` of the questions in "test"; see train/leak.py), before `limit`. A trained
+    (`split_seed`, `test_share` of the questions in "test"; see split.py), before `limit`. A trained
     model (`lora:DIR`) is refused items whose question was in its training data unless `allow_train_items`.
     `isolation` ("auto", "strict" or "process", see selfcorrect.isolation) says what boundary model-written
     code runs inside; "strict" refuses a code task where bubblewrap does not work. Each grade records the

@@ -8,7 +8,7 @@ targets; runs whose conversations carried gold (oracle strategies, in-context ex
 every row is checked for gold in its prompt parts before it is returned.
 
 Row formats (one JSON object per line; every row has `source`: recipe, part, run, item, sample, the round
-its target or trace comes from, and the question's key from `leak.question_key`):
+its target or trace comes from, and the question's key from `split.question_key`):
 - prompt/completion (sft, clt, cst, cct, sft+cct): {"prompt": [messages], "completion": [one assistant
   message]}; loss on the completion only.
 - preference (scl): {"prompt": [the question], "chosen": [assistant], "rejected": [assistant]}.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..errors import UserError
 from ..strategies import all_strategies
-from .leak import question_key
+from ..split import question_key
 
 if TYPE_CHECKING:
     from ..api import Run

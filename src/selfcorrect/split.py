@@ -3,7 +3,7 @@
 An item is known by its question text with runs of white space collapsed (`question_key`): the same
 question under another id, in another data file or another task option set is the same question. Two
 things rest on that key: a seeded split of a task's items into a training and a held-out part
-(`split_part`), and the refusal to measure a trained model on questions it was trained on
+(`split_part`, `held_out_part`), and the refusal to measure a trained model on questions it was trained on
 (`check_no_leak`; a trained model's card lists the keys of its training questions).
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ..errors import UserError
+from .errors import UserError
 
 
 def question_key(text: str) -> str:
@@ -39,3 +39,20 @@ def check_no_leak(questions: list[tuple[str, str]], trained: set[str], model_spe
             "questions it was trained on; measure it on held-out items (--split test), or pass --allow-train-items "
             "to measure on training items on purpose"
         )
+
+
+SPLIT_PARTS = ("train", "test")
+
+
+def held_out_part(items: list, split: str | None, seed: int, test_share: float) -> list:
+    """The items in part `split` of the seeded split by question content (all of them when `split` is None)."""
+    if split is None:
+        return items
+    if split not in SPLIT_PARTS:
+        raise UserError(f"--split {split}: choose train or test")
+    if not 0 < test_share < 1:
+        raise UserError(f"--test-share {test_share:g}: must be between 0 and 1 (the share of questions held out)")
+    part = [item for item in items if split_part(item.question, seed, test_share) == split]
+    if not part:
+        raise UserError(f"--split {split}: no item of this task falls in that part; use more items or another --test-share")
+    return part
