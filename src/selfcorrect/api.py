@@ -10,17 +10,13 @@ import contextlib
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from . import metrics
 from .cache import CachedBackend
-from .engine import run_cells
 from .errors import UserError
-from .exact import item_probabilities, run_scoring, scoring_problem
+from .estimators import check_choice, choose_estimator, estimator_named
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import MODES, IsolationUnavailable, using
 from .models import Backend, ModelSpec, check_model_spec, load_model, trained_questions
@@ -29,154 +25,11 @@ from .models.rate_limit import check_rates
 from .prompt_version import prompt_version
 from .sandbox import isolation_for
 from .split import check_no_leak, held_out_part
-from .store import OptionScore, Store, Turn, default_db_path
+from .results import Run, read_run
+from .store import Store, default_db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
 from .tasks import Task, defining_identity, grader_version, load_task
-
-
-@dataclass
-class Run:
-    """A stored run: its config, its items and every turn written so far."""
-
-    run_id: str
-    config: dict
-    db_path: Path
-    items: list[dict]
-    turns: list[Turn]
-    scores: list[OptionScore] = field(default_factory=list)  # the exact estimator's scoring passes
-    traffic: list[dict] = field(default_factory=list)  # per call that ran it on an HTTP model: what its requests met
-    generated: int = 0  # turns (or scoring passes) the model made for the call that returned this object
-    cache_hits: int = 0  # turns that call took whole from the response cache
-
-    @property
-    def estimator(self) -> str:
-        return self.config["estimator"]
-
-    def correctness(self) -> tuple[list[str], np.ndarray]:
-        """(item ids, array of shape (items, samples, rounds + 1)) over the items whose every cell is stored."""
-        samples, rounds = self.config["samples"], self.config["rounds"]
-        grid: dict[str, np.ndarray] = {}
-        filled: dict[str, int] = {}
-        for turn in self.turns:
-            cells = grid.setdefault(turn.item_id, np.zeros((samples, rounds + 1), dtype=bool))
-            cells[turn.sample, turn.round] = turn.correct
-            filled[turn.item_id] = filled.get(turn.item_id, 0) + 1
-        complete = [item["item_id"] for item in self.items if filled.get(item["item_id"]) == samples * (rounds + 1)]
-        if not complete:
-            return [], np.zeros((0, samples, rounds + 1), dtype=bool)
-        return complete, np.stack([grid[item_id] for item_id in complete])
-
-    def exact_probabilities(self) -> tuple[list[str], list[tuple[float, float, float]]]:
-        """(item ids, per-item (P(a), P(b|a), P(b|not a))) over the items whose K+1 passes are stored."""
-        by_item: dict[str, list[OptionScore]] = {}
-        for score in self.scores:
-            by_item.setdefault(score.item_id, []).append(score)
-        complete, probabilities = [], []
-        for item in self.items:
-            found = item_probabilities(by_item.get(item["item_id"], []), item["target"])
-            if found is not None:
-                complete.append(item["item_id"])
-                probabilities.append(found)
-        return complete, probabilities
-
-    def correction_tokens_per_round(self) -> int:
-        """Mean tokens (prompt + completion) one correction round of one conversation cost in this run:
-        the budget that makes a baseline spend what this run spent."""
-        spent = [t.prompt_tokens + t.completion_tokens for t in self.turns if t.round > 0]
-        if not spent:
-            raise UserError(f"--match-budget {self.run_id}: the run has no stored correction turns to match")
-        return max(1, round(sum(spent) / len(spent)))
-
-    def _summary(self, n_boot: int) -> tuple[int, dict | None]:
-        """(complete items, metrics.summarize-shaped summary or None) for this run's estimator."""
-        seed = self.config["seed"]
-        if self.estimator == "exact":
-            complete, probabilities = self.exact_probabilities()
-            if not complete:
-                return 0, None
-            pair = metrics.pair_metrics_from_probabilities(*zip(*probabilities), n_boot=n_boot, seed=seed)
-            return len(complete), {
-                "acc": [pair["acc1"], pair["acc2"]],
-                "acc_ci": [pair["ci"]["acc1"], pair["ci"]["acc2"]],
-                "pairs": [{"from": 0, "to": 1, **pair}],
-                "first_last": pair,
-            }
-        complete, correct = self.correctness()
-        if not complete:
-            return 0, None
-        return len(complete), metrics.summarize(correct, n_boot=n_boot, seed=seed)
-
-    def report(self, n_boot: int = 2000) -> dict:
-        """Metrics of the run as one JSON-ready dict (the shape `--json` prints)."""
-        n_complete, summary = self._summary(n_boot)
-        report = {
-            "run_id": self.run_id,
-            "db": str(self.db_path),
-            "config": self.config,
-            "estimator": self.estimator,
-            "n_items": n_complete,
-            "n_items_total": len(self.items),
-            "complete": n_complete == len(self.items),
-            "generated": self.generated,
-            "cache_hits": self.cache_hits,
-            "upper_bound": self.config["upper_bound"],
-            "tokens": _costs(self.turns, len(self.items)),
-            "verifier": _verifier(self.turns),
-            # None for runs stored before prompt versions were kept: of unknown prompts, never resumed.
-            "prompt_version": self.config.get("prompts"),
-            "replies": _replies(self.turns),
-            "grading": _grading(self.turns),
-            "instruction_following": _instruction_following(self.turns),
-            "http": _http_traffic(self.traffic),
-        }
-        if summary is None:
-            return {**report, "acc": [], "acc_ci": [], "cl": None, "cs": None, "rss": None, "acc_inf": None,
-                    "delta": None, "transitions": None, "mcnemar_p": None, "ci": {}, "pairs": []}
-        ci = {f"acc_{t}": interval for t, interval in enumerate(summary["acc_ci"])}
-        last = summary["pairs"][-1] if summary["pairs"] else None
-        headline = {name: (last[name] if last else None) for name in ("cl", "cs", "rss", "acc_inf", "delta")}
-        if last:
-            ci.update({name: last["ci"][name] for name in ("cl", "cs", "rss", "acc_inf", "delta")})
-        return {
-            **report,
-            "acc": summary["acc"],
-            "acc_ci": summary["acc_ci"],
-            **headline,
-            "transitions": last["transitions"] if last else None,
-            "mcnemar_p": last["mcnemar_p"] if last else None,
-            "ci": ci,
-            "pairs": summary["pairs"],
-            "first_last": summary["first_last"],
-        }
-
-
-def _costs(turns: list[Turn], n_items: int) -> dict:
-    """Tokens and wall time per run, per item and per round (round 0 is the first answer)."""
-    rounds: dict[int, dict] = {}
-    for turn in turns:
-        cost = rounds.setdefault(turn.round, {"round": turn.round, "prompt": 0, "completion": 0, "seconds": 0.0})
-        cost["prompt"] += turn.prompt_tokens
-        cost["completion"] += turn.completion_tokens
-        cost["seconds"] += turn.latency_s
-    prompt = sum(c["prompt"] for c in rounds.values())
-    completion = sum(c["completion"] for c in rounds.values())
-    seconds = sum(c["seconds"] for c in rounds.values())
-    per = max(n_items, 1)
-    return {"prompt": prompt, "completion": completion, "per_item": (prompt + completion) / per,
-            "seconds": seconds, "seconds_per_item": seconds / per, "per_round": [rounds[r] for r in sorted(rounds)]}
-
-
-def _http_traffic(calls: list[dict]) -> dict | None:
-    """What the HTTP requests of the run met, over every call that ran it (a resumed run has several): requests
-    sent, how many repeated a failed one, how many were answered 429 and 503, the most in flight at once, the
-    ceiling asked for and the lowest the adaptive limit went. None for a run that sent no HTTP request."""
-    if not calls:
-        return None
-    summed = {key: sum(call[key] for call in calls) for key in ("requests", "retried", "rate_limited", "unavailable")}
-    return {**summed, "peak_in_flight": max(call["peak_in_flight"] for call in calls),
-            "concurrency": max(call["concurrency"] for call in calls),
-            "lowest_limit": min(call["lowest_limit"] for call in calls), "calls": len(calls)}
 
 
 @contextlib.contextmanager
@@ -193,119 +46,6 @@ def _traffic_recorded(backend, store: Store, run_id: str):
         finally:
             if meter.requests:
                 store.add_traffic(run_id, meter.as_dict())
-
-
-def _replies(turns: list[Turn]) -> dict:
-    """How the run's replies ended ("stop", "length" at --max-tokens, "context" cut at the model's context
-    window, "unknown" where the backend or an older store did not say), and every distinct report of what
-    an HTTP server ran (more than one means the model behind the endpoint changed during the run)."""
-    finish_reasons: dict[str, int] = {}
-    served: list[dict] = []
-    for turn in turns:
-        for reason in turn.finish_reasons if turn.finish_reasons is not None else [None]:
-            finish_reasons[reason or "unknown"] = finish_reasons.get(reason or "unknown", 0) + 1
-        if turn.served_by and turn.served_by not in served:
-            served.append(turn.served_by)
-    return {"finish_reasons": finish_reasons, "served_by": served}
-
-
-def _grading(turns: list[Turn]) -> dict:
-    """Which grader versions gave the run's verdicts ("unknown" for turns stored before versions were
-    kept), how many verdicts come from graders older than today's, and how many grades timed out."""
-    today = grader_version()
-    versions: dict[str, int] = {}
-    for turn in turns:
-        versions[turn.grader_version or "unknown"] = versions.get(turn.grader_version or "unknown", 0) + 1
-    return {
-        "versions": versions,
-        "current_version": today,
-        "outdated": sum(count for version, count in versions.items() if version not in (today, "unknown")),
-        "unversioned": versions.get("unknown", 0),
-        "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in turns),
-        "isolation": _isolation_counts(turns),
-        "isolation_notes": sorted({turn.extra["isolation_note"] for turn in turns if "isolation_note" in turn.extra}),
-    }
-
-
-def _isolation_counts(turns: list[Turn]) -> dict[str, int]:
-    """How many grades ran their program inside each boundary; "not recorded" for code grades stored before
-    the boundary was (a code grade is one that timed its program)."""
-    counts: dict[str, int] = {}
-    for turn in turns:
-        if "isolation" in turn.extra or "duration_s" in turn.extra:
-            name = turn.extra.get("isolation", "not recorded")
-            counts[name] = counts.get(name, 0) + 1
-    return counts
-
-
-def _instruction_following(turns: list[Turn]) -> list[dict] | None:
-    """IFEval's four accuracies for each round, from the per-instruction verdicts its grader stores: prompt
-    level (every instruction of a reply followed) and instruction level (over all instructions of all replies),
-    each under the strict and the loose check. Over every graded reply of the round, incomplete items
-    included. None for a task whose grades hold no such verdicts."""
-    graded = [turn for turn in turns if "strict" in turn.extra and "loose" in turn.extra]
-    if not graded:
-        return None
-    rounds = []
-    for round_ in sorted({turn.round for turn in graded}):
-        replies = [turn for turn in graded if turn.round == round_]
-        figures = {"round": round_, "replies": len(replies)}
-        for check in ("strict", "loose"):
-            verdicts = [verdict for turn in replies for verdict in turn.extra[check]]
-            figures[f"prompt_{check}"] = sum(all(turn.extra[check]) for turn in replies) / len(replies)
-            figures[f"instruction_{check}"] = sum(verdicts) / len(verdicts) if verdicts else None
-        rounds.append(figures)
-    return rounds
-
-
-def _verifier(turns: list[Turn]) -> dict | None:
-    """How well a strategy's own verdict ("my previous answer is wrong") matched the grade of that answer:
-    precision and recall of "wrong", over correction rounds where the strategy gave a verdict."""
-    grade = {(t.item_id, t.sample, t.round): t.correct for t in turns}
-    pairs = [
-        (t.notes["judged_wrong"], not grade[(t.item_id, t.sample, t.round - 1)])
-        for t in turns
-        if t.round > 0 and t.notes.get("judged_wrong") is not None and (t.item_id, t.sample, t.round - 1) in grade
-    ]
-    if not pairs:
-        return None
-    flagged = [wrong for judged, wrong in pairs if judged]
-    actually_wrong = [judged for judged, wrong in pairs if wrong]
-    return {
-        "verdicts": len(pairs),
-        "precision_wrong": sum(flagged) / len(flagged) if flagged else None,
-        "recall_wrong": sum(actually_wrong) / len(actually_wrong) if actually_wrong else None,
-        "accuracy": sum(judged == wrong for judged, wrong in pairs) / len(pairs),
-    }
-
-
-ESTIMATORS = ("auto", "exact", "sampling")
-
-
-def choose_estimator(
-    requested: str, task, strategy, backend: Backend, model: str, rounds: int, samples: int,
-    temperature: float | str = 0.0,
-) -> str:
-    """The estimator a run uses; asking for "exact" where it cannot work is an error, "auto" falls back."""
-    reasons = []
-    if strategy.baseline:
-        reasons.append(f"strategy '{strategy.name}' picks among sampled answers")
-    if task.labels is None:
-        reasons.append(f"task '{task.name}' has free-form answers, not option labels")
-    if rounds != 1:
-        reasons.append("it covers one correction round (--rounds 1)")
-    if samples != 1:
-        reasons.append("it draws no samples (drop --samples)")
-    if temperature != 0:
-        reasons.append(f"it samples nothing, so --temperature {temperature} would be ignored (use --temperature 0)")
-    # Last, because a server is asked whether it can score (a request or three), worth it only when the rest allows.
-    if requested != "sampling" and not reasons and (problem := scoring_problem(backend)):
-        reasons.append(f"model {model}: {problem}")
-    if requested == "exact" and reasons:
-        raise UserError(f"--estimator exact: not possible here: {'; '.join(reasons)}; use --estimator sampling")
-    if requested == "sampling" or reasons:
-        return "sampling"
-    return "exact"
 
 
 def run_id_for(config: dict) -> str:
@@ -431,8 +171,7 @@ def evaluate(
     check_rates(concurrency, rpm, tpm)
     if budget is not None and budget < 1:
         raise UserError(f"--budget {budget}: must be at least 1 token")
-    if estimator not in ESTIMATORS:
-        raise UserError(f"--estimator {estimator}: choose one of {', '.join(ESTIMATORS)}")
+    check_choice(estimator)
     the_task = load_task(task, Path(data).expanduser() if data is not None else None, task_options)
     the_strategy = get_strategy(strategy)
     if budget is not None and not the_strategy.baseline:
@@ -460,7 +199,7 @@ def evaluate(
         critic = critic_backend or (backend if critic_model == model else load_model(critic_model))
     chosen = choose_estimator(estimator, the_task, the_strategy, backend, model, rounds, samples, temperature)
     config = {
-        "estimator": chosen,
+        "estimator": chosen.name,
         "task": the_task.identity,
         "model": model,
         "backend": backend.identity,
@@ -500,24 +239,13 @@ def evaluate(
         store.create_run(run_id, config, items,
                          task_spec={"task": task, "data": _data_argument(data), "options": task_options or {}})
         with _traffic_recorded(backend, store, run_id):
-            if chosen == "exact":
-                total = sum(1 + len(the_task.labels(item)) for item in items)
-                on_start(run_id, total, store.count(run_id, "option_scores"))
-                cache_hits = 0  # scoring passes are not cached; the greedy replies inside them are
-                generated = run_scoring(
-                    run_id, the_task, items, the_strategy, backend, store,
-                    max_tokens=config["max_tokens"], seed=seed, critic=critic, on_pass=on_turn, examples=examples,
-                )
-            else:
-                on_start(run_id, len(items) * samples * (rounds + 1), store.count(run_id, "turns"))
-                with GraderPool(grader_timeout) as graders, using(isolation):
-                    bounded = replace(the_task, grade=graders.limit(the_task.grade))
-                    generated, cache_hits = run_cells(
-                        run_id, bounded, items, the_strategy, backend, store,
-                        samples=samples, rounds=rounds, temperature=temperature, max_tokens=config["max_tokens"],
-                        seed=seed, critic=critic, budget=budget, on_turn=on_turn, examples=examples,
-                    )
-        return _read_run(store, run_id, generated, cache_hits)
+            on_start(run_id, chosen.total(the_task, items, samples, rounds), store.count(run_id, chosen.table))
+            generated, cache_hits = chosen.run(
+                run_id, the_task, items, the_strategy, backend, store, samples=samples, rounds=rounds,
+                temperature=temperature, max_tokens=config["max_tokens"], seed=seed, critic=critic, budget=budget,
+                grader_timeout=grader_timeout, isolation=isolation, on_turn=on_turn, examples=examples,
+            )
+        return read_run(store, run_id, generated, cache_hits)
     finally:
         try:
             store.close()
@@ -529,7 +257,7 @@ def load_run(run_id: str, db: str | Path | None = None) -> Run:
     """A stored run by its id (or an unambiguous prefix of it)."""
     store = Store(_db_path(db), create=False)
     try:
-        return _read_run(store, store.find_run(run_id))
+        return read_run(store, store.find_run(run_id))
     finally:
         store.close()
 
@@ -557,7 +285,7 @@ def regrade(
         summary = {"run_id": run_id, "grader_version": today, "regraded": 0, "skipped": 0, "changed": 0,
                    "now_right": 0, "now_wrong": 0, "timeouts": 0, "note": None}
         config = store.config(run_id)
-        if config["estimator"] == "exact":
+        if not estimator_named(config["estimator"]).stores_replies:
             return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
                                        "probabilities): nothing to regrade"}
         task, items = _task_again(store, run_id, config, task_spec)
@@ -633,10 +361,3 @@ def _data_argument(data: str | Path | None) -> str | None:
 
 def _db_path(db: str | Path | None) -> Path:
     return Path(db).expanduser() if db is not None else default_db_path()
-
-
-def _read_run(store: Store, run_id: str, generated: int = 0, cache_hits: int = 0) -> Run:
-    return Run(
-        run_id, store.config(run_id), store.path, store.items(run_id), store.turns(run_id),
-        store.option_scores(run_id), store.traffic(run_id), generated, cache_hits,
-    )

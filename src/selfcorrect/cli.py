@@ -25,6 +25,7 @@ from .api import regrade as regrade_run
 from .compare import compare_runs
 from .engine import dropped_turns_running
 from .errors import UserError
+from .estimators import estimator_named
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
 from .isolation import using
 from .html_report import render_html
@@ -246,7 +247,7 @@ def _unit(run_id: str, db: Optional[Path]) -> str:
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as store:
             config = json.loads(store.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0])
-        return "scoring passes" if config["estimator"] == "exact" else "turns"
+        return estimator_named(config["estimator"]).unit
     except (sqlite3.Error, TypeError, KeyError, ValueError):
         return "turns"
 
@@ -392,7 +393,7 @@ def run(
     print_report(report, out)
     out.print(
         f"\nstored in {result.db_path} as run {result.run_id} ({result.generated} "
-        f"{'scoring passes' if result.estimator == 'exact' else 'turns'} generated now, "
+        f"{result.estimation.unit} generated now, "
         f"{result.cache_hits} from the response cache). "
         f"See it again: selfcorrect report {result.run_id}",
         soft_wrap=True,
@@ -814,10 +815,10 @@ def export(
     if format == "yang2025":  # the log format of the paper's own scripts (selfcorrect.paper_logs)
         from .paper_logs import logits_log, sampling_log
 
-        records = logits_log(result) if result.estimator == "exact" else sampling_log(result)
+        records = sampling_log(result) if result.estimation.stores_replies else logits_log(result)
     else:
         targets = {item["item_id"]: item["target"] for item in result.items}
-        rows = result.scores if result.estimator == "exact" else result.turns
+        rows = result.estimation.rows(result)
         records = [{"run_id": result.run_id, **row.to_json(), "target": targets[row.item_id]} for row in rows]
     handle = io.StringIO(newline="")  # all of it built before the file is opened: a failure writes nothing
     if format in ("jsonl", "yang2025"):

@@ -18,17 +18,8 @@ from itertools import combinations
 import numpy as np
 
 from . import metrics
-from .api import Run
 from .errors import UserError
-
-
-def _per_item(run: Run) -> dict[str, tuple | np.ndarray]:
-    """item id -> what the run knows of it: (P(a), P(b|a), P(b|not a)) for the exact estimator, else the
-    correctness cells (samples x rounds). Read once per run; everything below derives from it."""
-    if run.estimator == "exact":
-        return dict(zip(*run.exact_probabilities()))
-    ids, correct = run.correctness()
-    return dict(zip(ids, correct))
+from .results import Run
 
 
 def item_contents(run: Run) -> dict[str, str]:
@@ -58,36 +49,21 @@ def _check_same_items(runs: list[Run]) -> None:
                 )
 
 
-def _final(known) -> float:
-    """Final accuracy of one item: the last round's share right, or P(a)P(b|a) + (1-P(a))P(b|not a)."""
-    if isinstance(known, tuple):
-        p_a, p_b_a, p_b_not_a = known
-        return p_a * p_b_a + (1 - p_a) * p_b_not_a
-    return float(known[:, -1].mean())
-
-
-def _first_last_metrics(known: dict, items: list[str], n_boot: int, seed: int) -> dict:
-    chosen = [known[i] for i in items]
-    if isinstance(chosen[0], tuple):
-        return metrics.pair_metrics_from_probabilities(*zip(*chosen), n_boot=n_boot, seed=seed)
-    cells = np.stack(chosen)
-    return metrics.pair_metrics(cells[:, :, 0], cells[:, :, -1], n_boot=n_boot, seed=seed)
-
-
 def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
     if len(runs) < 2:
         raise UserError("compare: give at least two runs")
     _check_same_items(runs)
-    outcomes = [_per_item(run) for run in runs]
+    # item id -> what each run knows of it (estimators.py), read once per run; everything below derives from it
+    outcomes = [run.estimation.per_item(run) for run in runs]
     items = [item_id for item_id in outcomes[0] if all(item_id in other for other in outcomes[1:])]
     if not items:
         raise UserError("compare: the runs share no complete items; compare runs of the same task and data")
     index = metrics.bootstrap_indices(len(items), n_boot, seed)
-    finals = [np.array([_final(outcome[i]) for i in items]) for outcome in outcomes]
+    finals = [np.array([run.estimation.final(outcome[i]) for i in items]) for run, outcome in zip(runs, outcomes)]
 
     rows = []
     for run, known, final in zip(runs, outcomes, finals):
-        step = _first_last_metrics(known, items, n_boot, seed)
+        step = run.estimation.first_last([known[i] for i in items], n_boot, seed)
         chosen = set(items)
         tokens = sum(t.prompt_tokens + t.completion_tokens for t in run.turns if t.item_id in chosen)
         seconds = sum(t.latency_s for t in run.turns if t.item_id in chosen)
@@ -122,20 +98,20 @@ def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
             "b": runs[b].run_id,
             "diff": float(difference.mean()),  # final accuracy of b minus that of a
             "diff_ci": metrics.percentile_ci(difference[index].mean(axis=1)),
-            "mcnemar_p": _mcnemar(outcomes[a], outcomes[b], items),
+            "mcnemar_p": _mcnemar(runs[a], outcomes[a], runs[b], outcomes[b], items),
         })
     # Items some run has complete but another lacks are left out; say how many per run.
     left_out = {run.run_id: len(outcome) - len(items) for run, outcome in zip(runs, outcomes)}
     return {"n_items": len(items), "left_out": left_out, "runs": rows, "pairs": pairs}
 
 
-def _mcnemar(a: dict, b: dict, items: list[str]) -> float | None:
+def _mcnemar(run_a: Run, a: dict, run_b: Run, b: dict, items: list[str]) -> float | None:
     """McNemar's exact test on final correctness, when both runs have one graded answer per item; with
     several samples (or probabilities) there is no single paired binary outcome per item."""
-    if any(isinstance(known[i], tuple) or known[i].shape[0] != 1 for known in (a, b) for i in items):
+    right_a = [run_a.estimation.final_outcome(a[i]) for i in items]
+    right_b = [run_b.estimation.final_outcome(b[i]) for i in items]
+    if None in right_a or None in right_b:
         return None
-    right_a = [bool(a[i][0, -1]) for i in items]
-    right_b = [bool(b[i][0, -1]) for i in items]
     only_a = sum(x and not y for x, y in zip(right_a, right_b))
     only_b = sum(y and not x for x, y in zip(right_a, right_b))
     return metrics.mcnemar_exact(only_a, only_b)

@@ -14,8 +14,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from .api import Run
-from .report import ESTIMATOR_NOTES, _num, _run_labels, http_line, isolation_line
+from .estimators import ESTIMATORS
+from .results import Run
+from .report import _num, _run_labels, http_line, isolation_line
 from .store import Turn
 
 UPPER_BOUND_NOTE = "* UPPER BOUND: the strategy reads the gold answer; it is a ceiling, not a method"
@@ -101,7 +102,7 @@ def _runs_table(reports: list[dict], labels: dict[str, str]) -> str:
             *(_cell(_num(r["acc"][t] if r["acc"] else None), "num") for t in (0, -1)),
             *(_cell(_num(first_last.get(name)), "num") for name in ("cl", "cs", "rss")),
         ]) + "</tr>")
-    notes = "".join(f"<li>{escape(note)}</li>" for name, note in ESTIMATOR_NOTES.items()
+    notes = "".join(f"<li>{escape(estimator.note)}</li>" for name, estimator in ESTIMATORS.items()
                     if any(r["estimator"] == name for r in reports))
     isolation = [(labels[r["run_id"]], isolation_line(r["grading"]["isolation"], r["grading"]["isolation_notes"])) for r in reports]
     isolation_notes = "".join(f'<p class="note">{escape(label)}: {escape(line)}</p>' for label, line in isolation if line)
@@ -196,7 +197,7 @@ def _plane_figure(reports: list[dict], legends: dict[str, str]) -> str:
 
 def _flow_section(run: Run, report: dict, label: str, legend: str) -> str:
     title = f"<h3>{escape(label)}</h3>"
-    if report["estimator"] == "exact":
+    if not run.estimation.stores_replies:
         return title + ("<p>Exact estimator: its figures are expected shares computed from option probabilities, "
                         "with no sampled replies, so there is no flow of answers to draw.</p>")
     if not report["pairs"]:
@@ -261,7 +262,7 @@ def _turn_html(turn: Turn) -> str:
 
 def _flips_section(run: Run, report: dict, label: str) -> str:
     title = f"<h3>{escape(label)}</h3>"
-    if report["estimator"] == "exact":
+    if not run.estimation.stores_replies:
         return title + "<p>Exact estimator: no sampled replies, so no item flips from one reply to the next.</p>"
     flips = _flipped_turns(run)
     if not flips:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .errors import UserError
 
 if TYPE_CHECKING:  # only for annotations: importing api pulls in the engine and numpy
-    from .api import Run
+    from .results import Run
 
 
 def sampling_log(run: Run) -> list[dict]:
@@ -36,7 +36,7 @@ def sampling_log(run: Run) -> list[dict]:
     our report counts complete items, so the log and the report cover the same items. A run with no
     complete item gives an empty list. UserError for an exact-estimator run or a run without correction rounds.
     """
-    if run.estimator != "sampling":
+    if not run.estimation.stores_replies:
         raise UserError(
             f"run {run.run_id}: it used the {run.estimator} estimator, which stores option probabilities, not "
             "sampled answers; export it as the logits log (eval_logits.py's records) instead"
@@ -78,7 +78,7 @@ def logits_log(run: Run) -> list[dict]:
     run with no complete item gives an empty list. UserError for a sampled run, or for an item whose gold
     answer is not one of its labels.
     """
-    if run.estimator != "exact":
+    if run.estimation.stores_replies:
         raise UserError(
             f"run {run.run_id}: it used the {run.estimator} estimator, which stores sampled answers, not option "
             "probabilities; export it as the sampling log (eval_sampling.py's records) instead"

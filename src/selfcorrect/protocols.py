@@ -101,10 +101,11 @@ def boxed_letter(reply: str, letters: str) -> str | None:
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """How a protocol runs one task: its samples per question, the estimator, and the new-token cap."""
+    """How a protocol runs one task: its samples per question, whether its answers are sampled (else scored
+    exactly from option probabilities), and the new-token cap."""
 
     samples: int
-    estimator: str
+    sampled: bool
     max_tokens: int
 
 
@@ -114,14 +115,14 @@ YANG2025_TASKS = {
     "gsm8k": "gsm8k", "humaneval": "humaneval", "ifeval": "ifeval",
     "commonsense_qa": "mcq", "mmlu": "mcq", "boolq": "mcq",
 }
-_SAMPLED = TaskSettings(samples=10, estimator="sampling", max_tokens=2048)
+_SAMPLED = TaskSettings(samples=10, sampled=True, max_tokens=2048)
 _SETTINGS = {
     "gsm8k": _SAMPLED,
     "humaneval": _SAMPLED,
     "ifeval": _SAMPLED,
     # The exact estimator generates the round's last reply only to replace it by scoring: the grid's one-prompt
     # strategies use none of it, so it is kept short.
-    "mcq": TaskSettings(samples=1, estimator="exact", max_tokens=64),
+    "mcq": TaskSettings(samples=1, sampled=False, max_tokens=64),
 }
 YANG2025_STRATEGIES = ("reask", "confident", "critical")
 # Stand-ins for "the model's own defaults" on selfcorrect's own engines (see the module docstring).
@@ -145,7 +146,7 @@ def protocol_settings(protocol: str, task: str, model: str, sampled: bool = Fals
         "task_options": {"prompt": protocol},
         "samples": settings.samples,
         "temperature": (SERVER_DEFAULT if named.over_http else TEMPERATURE)
-        if settings.estimator == "sampling" else 0.0,
+        if settings.sampled else 0.0,
         "max_tokens": min(settings.max_tokens, EMBEDDED_MAX_TOKENS) if named.engine == LLAMACPP else settings.max_tokens,
-        "estimator": settings.estimator,
+        "estimator": "sampling" if settings.sampled else "exact",  # what evaluate() is asked for
     }

@@ -7,6 +7,7 @@ from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
 
+from .estimators import estimator_named
 from .models.spec import ModelSpec
 from .protocols import YANG2025_TASKS
 from .tasks import TASKS
@@ -21,11 +22,6 @@ METRIC_LABELS = (
 )
 
 
-ESTIMATOR_NOTES = {
-    "sampling": "sampling (every figure counts graded replies)",
-    "exact": "exact (every figure from option probabilities: K+1 scoring passes per item, no sampling; "
-    "transition shares are expected shares, no McNemar test)",
-}
 
 
 # A free-text column (a description, a model spec) may be narrowed to this many characters, folding longer words.
@@ -90,8 +86,8 @@ def _interval(ci: list[float] | None) -> str:
 def grader_note(config: dict) -> str:
     """Which grader gave a run's verdicts: the custom task's (given, or inferred from the data), else the task's
     own from the registry; the exact estimator grades no reply."""
-    if config["estimator"] == "exact":
-        return "none: the exact estimator scores option labels (their probabilities), no reply is graded"
+    if no_grades := estimator_named(config["estimator"]).no_grades:
+        return no_grades
     identity = config["task"]
     entry = TASKS.get(identity["task"])
     name = identity.get("grader") or (entry.grader if entry is not None and not entry.grader.startswith("-") else None)
@@ -114,9 +110,6 @@ def _step_reasons(values: dict, acc1: float | None, before: str) -> dict[str, st
         reasons["acc_inf"] = ("it needs both CL and CS" if values.get("cl") is None or values.get("cs") is None
                               else "CL is 1 and CS is 0: correction changes no answer, so accuracy stays wherever it starts")
     return reasons
-
-
-MCNEMAR_EXACT = "the exact estimator gives probabilities, not right/wrong outcomes to count"
 
 
 def _print_footnotes(console: Console, notes: dict[tuple[str, str], list[str]]) -> None:
@@ -217,7 +210,7 @@ def print_report(report: dict, console: Console) -> None:
     )
     console.print(f"items: {report['n_items']} complete of {report['n_items_total']}   store: {report['db']}",
                   soft_wrap=True)
-    console.print(f"estimator: {ESTIMATOR_NOTES[report['estimator']]}", soft_wrap=True)
+    console.print(f"estimator: {estimator_named(report['estimator']).note}", soft_wrap=True)
     console.print(f"grader: {grader_note(config)}", highlight=False, soft_wrap=True, markup=False)
     for warning in _provenance_warnings(report):
         console.print(f"[yellow]{warning}[/yellow]", highlight=False)
@@ -281,7 +274,8 @@ def print_report(report: dict, console: Console) -> None:
             for name, reason in reasons.items() if len(report["pairs"]) > 1 else ():  # one step: said above
                 _note(notes, SHORT_LABELS[name], reason, step)
             if pair["mcnemar_p"] is None:
-                _note(notes, "McNemar p", MCNEMAR_EXACT if report["estimator"] == "exact" else "no right/wrong outcomes to pair", step)
+                _note(notes, "McNemar p", estimator_named(report["estimator"]).no_mcnemar
+                      or "no right/wrong outcomes to pair", step)
         _print_footnotes(console, notes)
     tokens = report["tokens"]
     console.print(
@@ -349,8 +343,8 @@ def print_comparison(comparison: dict, console: Console, graders: dict[str, str]
         for name, reason in _step_reasons(row, row["acc_first"], "first answers").items():
             _note(notes, SHORT_LABELS[name], reason, label)
         if row["tokens_per_item"] is None:
-            _note(notes, "tok/item, acc/1k tok", "the exact estimator generates no replies, so it counts no tokens"
-                  if row["estimator"] == "exact" else "the run counted no tokens", label)
+            _note(notes, "tok/item, acc/1k tok", estimator_named(row["estimator"]).no_tokens
+                  or "the run counted no tokens", label)
     print_table(console, table)
     for row in rows:
         console.print(f"{labels[row['run_id']]}: run {row['run_id']}, grader: {graders.get(row['run_id'], 'unknown')}",
@@ -361,13 +355,13 @@ def print_comparison(comparison: dict, console: Console, graders: dict[str, str]
     pairs = Table(title="Pairs: final accuracy of b minus a, paired over items")
     for column in ("a", "b", "difference", "95% CI", "McNemar p"):
         pairs.add_column(column, justify="left" if column in ("a", "b") else "right")
-    estimator = {row["run_id"]: row["estimator"] for row in rows}
+    estimator = {row["run_id"]: estimator_named(row["estimator"]) for row in rows}
     notes = {}
     for pair in comparison["pairs"]:
         pairs.add_row(labels[pair["a"]], labels[pair["b"]], _num(pair["diff"]), _interval(pair["diff_ci"]),
                       _num(pair["mcnemar_p"], 4))
         if pair["mcnemar_p"] is None:
-            _note(notes, "McNemar p", MCNEMAR_EXACT if "exact" in (estimator[pair["a"]], estimator[pair["b"]]) else
+            _note(notes, "McNemar p", estimator[pair["a"]].no_mcnemar or estimator[pair["b"]].no_mcnemar or
                   "with several samples per item there is no single right/wrong outcome per item to pair",
                   f"{labels[pair['a']]} vs {labels[pair['b']]}")
     print_table(console, pairs)
@@ -412,7 +406,7 @@ def print_reproduction(rows: list[dict], model: str, protocol: str, console: Con
         cells = [f"{_num(row[name])} {_interval(row['ci'][name])}" if row["ci"][name] else _num(row[name])
                  for name in ("acc1", "acc2", "cl", "cs", "rss")]
         # A multiple-choice task the protocol scores exactly, sampled because the model gives no option probabilities.
-        sampled_instead = row["estimator"] == "sampling" and YANG2025_TASKS.get(row["task"]) == "mcq"
+        sampled_instead = estimator_named(row["estimator"]).stores_replies and YANG2025_TASKS.get(row["task"]) == "mcq"
         task = row["task"] + (" (sampled)" if sampled_instead else "")
         table.add_row(task, row["prompt"], str(row["items"]), *cells)
     print_table(console, table)

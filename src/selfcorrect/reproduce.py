@@ -12,6 +12,7 @@ from typing import Callable
 
 from .api import Run, evaluate
 from .errors import UserError
+from .estimators import estimator_named
 from .exact import scoring_problem
 from .models import check_model_spec, load_model
 from .protocols import YANG2025_STRATEGIES, YANG2025_TASKS, protocol_settings
@@ -60,7 +61,7 @@ def run_grid(
     for task in tasks:
         ours = YANG2025_TASKS[task]
         settings = protocol_settings(protocol, ours, model)
-        if settings["estimator"] == "exact" and (problem := scoring_problem(backend)):
+        if not estimator_named(settings["estimator"]).stores_replies and (problem := scoring_problem(backend)):
             # The paper scores these from option probabilities; a model that gives none is sampled instead.
             settings = protocol_settings(protocol, ours, model, sampled=True)
             on_note(f"{task}: {model} gives no option probabilities ({problem}), so its answers are sampled "
@@ -70,7 +71,8 @@ def run_grid(
             run = evaluate(
                 task=ours, model=model, strategy=strategy, rounds=1, data=data.get(task),
                 task_options=settings["task_options"], estimator=settings["estimator"],
-                samples=samples if samples is not None and settings["estimator"] == "sampling" else settings["samples"],
+                samples=samples if samples is not None and estimator_named(settings["estimator"]).stores_replies
+                else settings["samples"],
                 temperature=settings["temperature"], max_tokens=max_tokens or settings["max_tokens"], limit=limit, seed=seed,
                 db=db, backend=backend, on_start=on_start, on_turn=on_turn,
             )

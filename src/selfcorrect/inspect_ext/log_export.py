@@ -32,7 +32,7 @@ from .scorer import rounds_score
 from .solver import ROUNDS_KEY, round_record
 
 if TYPE_CHECKING:  # only for annotations: importing api pulls in the engine
-    from ..api import Run
+    from ..results import Run
 
 SOLVER = "selfcorrect/selfcorrect_rounds"
 SCORER = "selfcorrect_scorer"
@@ -85,7 +85,7 @@ def _created_at(run: Run) -> str:
 
 def eval_log(run: Run) -> EvalLog:
     """The run as an Inspect eval log; UserError for a run made with the exact estimator."""
-    if run.estimator != "sampling":
+    if not run.estimation.stores_replies:
         raise UserError(
             f"run {run.run_id}: it used the {run.estimator} estimator, which stores option probabilities, not the "
             "conversations an Inspect log holds; export it with --format jsonl instead"

@@ -594,3 +594,23 @@ def ifeval(data: Path | None, options: dict[str, str]) -> Task:
         identity={"task": "ifeval", **identity, **({"prompt": style} if style else {})},
         system=YANG2025_SYSTEM if style == YANG2025 else None,
     )
+
+
+def instruction_following(turns: list) -> list[dict] | None:
+    """IFEval's four accuracies for each round, from the per-instruction verdicts its grader stores: prompt
+    level (every instruction of a reply followed) and instruction level (over all instructions of all replies),
+    each under the strict and the loose check. Over every graded reply of the round, incomplete items
+    included. None for a task whose grades hold no such verdicts."""
+    graded = [turn for turn in turns if "strict" in turn.extra and "loose" in turn.extra]
+    if not graded:
+        return None
+    rounds = []
+    for round_ in sorted({turn.round for turn in graded}):
+        replies = [turn for turn in graded if turn.round == round_]
+        figures = {"round": round_, "replies": len(replies)}
+        for check in ("strict", "loose"):
+            verdicts = [verdict for turn in replies for verdict in turn.extra[check]]
+            figures[f"prompt_{check}"] = sum(all(turn.extra[check]) for turn in replies) / len(replies)
+            figures[f"instruction_{check}"] = sum(verdicts) / len(verdicts) if verdicts else None
+        rounds.append(figures)
+    return rounds

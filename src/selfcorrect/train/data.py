@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from ..errors import UserError
+from ..estimators import estimator_named
 from ..strategies import all_strategies
 from ..split import question_key
 
 if TYPE_CHECKING:
-    from ..api import Run
+    from ..results import Run
     from ..store import Turn
 
 RECIPES = {
@@ -159,7 +160,7 @@ def _check_runs(runs: list[Run], recipe: str) -> None:
         if "icl" in config:
             raise UserError(f"{name}: its correction prompts hold in-context examples with gold answers (--icl-confident/"
                             "--icl-critical); build from runs without them")
-        if config.get("estimator") == "exact":
+        if not estimator_named(config["estimator"]).stores_replies:
             raise UserError(f"{name}: made with the exact estimator, which stores option probabilities, not replies; "
                             "build from a run with --estimator sampling")
         strategy = all_strategies().get(config["strategy"])
