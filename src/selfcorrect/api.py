@@ -16,17 +16,16 @@ from typing import Callable
 
 from .cache import CachedBackend
 from .errors import UserError
-from .estimators import check_choice, choose_estimator, estimator_named
+from .estimators import choose_estimator, estimator_named
 from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
-from .isolation import MODES, IsolationUnavailable, using
-from .models import Backend, ModelSpec, check_model_spec, load_model, trained_questions
-from .models.base import SERVER_DEFAULT
-from .models.rate_limit import check_rates
+from .isolation import IsolationUnavailable, using
+from .models import Backend, check_model_spec, load_model, trained_questions
 from .prompt_version import prompt_version
 from .sandbox import isolation_for
 from .split import check_no_leak, held_out_part
 from .results import Run, read_run
-from .store import Store, default_db_path
+from .run_config import RunConfig, check_grader_timeout, check_isolation_mode, run_config
+from .store import Store, db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
 from .tasks import Task, defining_identity, grader_version, load_task
@@ -56,39 +55,6 @@ def run_id_for(config: dict) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_numbers(
-    rounds: int, samples: int, temperature: float | str, limit: int | None, max_tokens: int | None, model: str
-) -> None:
-    if rounds < 0:
-        raise UserError(f"--rounds {rounds}: must be 0 or more (the number of correction turns after the first)")
-    if samples < 1:
-        raise UserError(f"--samples {samples}: must be at least 1")
-    if temperature == SERVER_DEFAULT:
-        if not ModelSpec.of(model).over_http:
-            raise UserError(f"--temperature {SERVER_DEFAULT}: only openai: models have sampling defaults of their own; "
-                            f"give {model} a number between 0 and 2")
-    elif not 0.0 <= temperature <= 2.0:
-        raise UserError(f"--temperature {temperature}: must be between 0 and 2")
-    if samples > 1 and temperature == 0:
-        raise UserError(
-            f"--samples {samples} needs --temperature > 0 (e.g. --temperature 0.7): at temperature 0 every sample is "
-            "the same greedy reply, and copies would inflate McNemar's test and the bootstrap; or drop --samples"
-        )
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be at least 1 (or leave it out for every item)")
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens {max_tokens}: must be at least 1")
-
-
-# The longest --grader-timeout: a day (a wait much longer overflows the operating system's poll).
-MAX_GRADER_TIMEOUT_S = 86400.0
-
-
-def check_isolation_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise UserError(f"--isolation {mode}: choose one of {', '.join(MODES)}")
-
-
 def code_isolation(task: Task, mode: str) -> str | None:
     """The boundary `task`'s model-written code will run inside in isolation `mode` ("bubblewrap" or
     "process only"), None for a task that runs no code; UserError for "strict" where bubblewrap fails."""
@@ -101,49 +67,19 @@ def code_isolation(task: Task, mode: str) -> str | None:
                         "(see docs/limits.md)") from None
 
 
-def check_grader_timeout(seconds: float) -> None:
-    if not 0 < seconds <= MAX_GRADER_TIMEOUT_S:
-        raise UserError(
-            f"--grader-timeout {seconds:g}: must be more than 0 and at most {MAX_GRADER_TIMEOUT_S:g} seconds"
-        )
-
-
 def evaluate(
-    task: str = "arithmetic",
-    model: str = "embedded",
-    strategy: str = "reask",
-    rounds: int = 1,
-    samples: int = 1,
-    temperature: float | str = 0.0,
-    limit: int | None = None,
-    seed: int = 0,
-    data: str | Path | None = None,
-    task_options: dict[str, str] | None = None,
-    max_tokens: int | None = None,
-    db: str | Path | None = None,
-    estimator: str = "auto",
-    cache: bool = True,
-    critic_model: str | None = None,
-    icl_confident: int = 0,
-    icl_critical: int = 0,
-    budget: int | None = None,
-    grader_timeout: float = DEFAULT_TIMEOUT_S,
-    split: str | None = None,
-    split_seed: int = 0,
-    test_share: float = 0.5,
-    allow_train_items: bool = False,
-    isolation: str = "auto",
-    concurrency: int | None = None,
-    rpm: float | None = None,
-    tpm: float | None = None,
+    config: RunConfig | None = None,
+    *,
     backend: Backend | None = None,
     critic_backend: Backend | None = None,
     on_start: Callable[[str, int, int], None] = lambda run_id, total, done: None,
     on_turn: Callable[[], None] = lambda: None,
+    **settings,
 ) -> Run:
     """Run `task` on `model` with `rounds` correction rounds of `strategy`; resume if this run exists.
 
-    Everything is validated before the store is opened, so bad input leaves it untouched. `backend`
+    The settings are a `RunConfig` (`config`), or its fields as keywords (`evaluate(task="gsm8k", limit=20)`),
+    or both (the keywords replace the config's fields). Everything is validated before the store is opened, so bad input leaves it untouched. `backend`
     passes an already loaded model (it must be the one `model` names). `estimator` is "exact" (option
     log-probabilities, multiple choice only), "sampling", or "auto" (exact where the task and model allow
     it and one sample per item was asked for). `temperature` is a number, or "server" (`SERVER_DEFAULT`) for an
@@ -165,85 +101,84 @@ def evaluate(
     One process at a time runs a given run (`Store.lock_run`): while another does, this raises UserError
     naming it. Ctrl-C ends the call within seconds with the finished turns stored (see `run_cells`).
     """
-    _check_numbers(rounds, samples, temperature, limit, max_tokens, model)
-    check_grader_timeout(grader_timeout)
-    check_isolation_mode(isolation)
-    check_rates(concurrency, rpm, tpm)
-    if budget is not None and budget < 1:
-        raise UserError(f"--budget {budget}: must be at least 1 token")
-    check_choice(estimator)
-    the_task = load_task(task, Path(data).expanduser() if data is not None else None, task_options)
-    the_strategy = get_strategy(strategy)
-    if budget is not None and not the_strategy.baseline:
-        raise UserError(f"--budget: only the compute-matched baselines (self-consistency, best-of-n) use it, not '{strategy}'")
+    asked = run_config(config, **settings)
+    asked.check()
+    the_task = load_task(asked.task, Path(asked.data).expanduser() if asked.data is not None else None,
+                         asked.task_options)
+    the_strategy = get_strategy(asked.strategy)
+    if asked.budget is not None and not the_strategy.baseline:
+        raise UserError(f"--budget: only the compute-matched baselines (self-consistency, best-of-n) use it, not "
+                        f"'{asked.strategy}'")
     if the_strategy.needs_execution_feedback and not the_task.execution_feedback:
         raise UserError(
-            f"--strategy {strategy}: needs execution feedback, which only code tasks give (humaneval, mbpp, "
+            f"--strategy {asked.strategy}: needs execution feedback, which only code tasks give (humaneval, mbpp, "
             f"custom --grader code); task '{the_task.name}' has none"
         )
-    if the_strategy.needs_critic and critic_model is None:
-        raise UserError(f"--strategy {strategy}: needs a second model; pass --critic-model SPEC (e.g. embedded)")
-    check_examples_possible(the_task, icl_confident, icl_critical)
-    code_isolation(the_task, isolation)
-    check_model_spec(model)
-    if critic_model is not None:
-        check_model_spec(critic_model)
-    items = held_out_part(the_task.items, split, split_seed, test_share)
-    items = items[:limit] if limit else items
-    check_no_leak([(item.id, item.question) for item in items], trained_questions(model), model, allow_train_items)
-    # Only the limits given go to the loader: a model not served over HTTP refuses any (models.load_model).
-    limits = {name: value for name, value in (("concurrency", concurrency), ("rpm", rpm), ("tpm", tpm)) if value is not None}
-    backend = backend or load_model(model, **limits)
+    if the_strategy.needs_critic and asked.critic_model is None:
+        raise UserError(f"--strategy {asked.strategy}: needs a second model; pass --critic-model SPEC (e.g. embedded)")
+    check_examples_possible(the_task, asked.icl_confident, asked.icl_critical)
+    code_isolation(the_task, asked.isolation)
+    check_model_spec(asked.model)
+    if asked.critic_model is not None:
+        check_model_spec(asked.critic_model)
+    items = held_out_part(the_task.items, asked.split, asked.split_seed, asked.test_share)
+    items = items[:asked.limit] if asked.limit else items
+    check_no_leak([(item.id, item.question) for item in items], trained_questions(asked.model), asked.model,
+                  asked.allow_train_items)
+    backend = backend or load_model(asked.model, **asked.limits)
     critic = None
     if the_strategy.needs_critic:
-        critic = critic_backend or (backend if critic_model == model else load_model(critic_model))
-    chosen = choose_estimator(estimator, the_task, the_strategy, backend, model, rounds, samples, temperature)
-    config = {
+        critic = critic_backend or (backend if asked.critic_model == asked.model else load_model(asked.critic_model))
+    chosen = choose_estimator(asked.estimator, the_task, the_strategy, backend, asked.model, asked.rounds,
+                              asked.samples, asked.temperature)
+    stored = {
         "estimator": chosen.name,
         "task": the_task.identity,
-        "model": model,
+        "model": asked.model,
         "backend": backend.identity,
         "strategy": the_strategy.name,
         "upper_bound": the_strategy.oracle,  # the strategy reads the gold answer: not a method, a ceiling
         "critic": critic.identity if critic else None,
-        "rounds": rounds,
-        "samples": samples,
-        "temperature": temperature,
-        "max_tokens": max_tokens or the_task.max_tokens,
-        "seed": seed,
-        "limit": limit,
+        "rounds": asked.rounds,
+        "samples": asked.samples,
+        "temperature": asked.temperature,
+        "max_tokens": asked.max_tokens or the_task.max_tokens,
+        "seed": asked.seed,
+        "limit": asked.limit,
         # The prompt texts the run sends: an edited prompt makes a new run rather than resuming this one.
         "prompts": prompt_version(the_strategy, the_task, items),
     }
-    # Options that are off leave the config (and so the ids of earlier runs) as they were.
-    if icl_confident or icl_critical:
-        config["icl"] = {"confident": icl_confident, "critical": icl_critical}
-    if budget is not None:
-        config["budget"] = budget
-    if split is not None:
-        config["split"] = {"part": split, "seed": split_seed, "test_share": test_share}
-    run_id = run_id_for(config)
-    def examples(item) -> str:
-        return correction_examples(the_task, item, icl_confident, icl_critical, seed)
+    # Options that are off leave the stored config (and so the ids of earlier runs) as they were.
+    if asked.icl_confident or asked.icl_critical:
+        stored["icl"] = {"confident": asked.icl_confident, "critical": asked.icl_critical}
+    if asked.budget is not None:
+        stored["budget"] = asked.budget
+    if asked.split is not None:
+        stored["split"] = {"part": asked.split, "seed": asked.split_seed, "test_share": asked.test_share}
+    run_id = run_id_for(stored)
 
-    store = Store(_db_path(db))
+    def examples(item) -> str:
+        return correction_examples(the_task, item, asked.icl_confident, asked.icl_critical, asked.seed)
+
+    store = Store(db_path(asked.db))
     try:  # one process at a time per run: a second one stops here, before it writes anything
         run_lock = store.lock_run(run_id)
     except BaseException:
         store.close()
         raise
-    if cache:
+    if asked.cache:
         backend = CachedBackend(backend, store)
         critic = critic and CachedBackend(critic, store)
     try:
-        store.create_run(run_id, config, items,
-                         task_spec={"task": task, "data": _data_argument(data), "options": task_options or {}})
+        store.create_run(run_id, stored, items, task_spec={"task": asked.task, "data": _data_argument(asked.data),
+                                                           "options": asked.task_options})
         with _traffic_recorded(backend, store, run_id):
-            on_start(run_id, chosen.total(the_task, items, samples, rounds), store.count(run_id, chosen.table))
+            on_start(run_id, chosen.total(the_task, items, asked.samples, asked.rounds), store.count(run_id, chosen.table))
             generated, cache_hits = chosen.run(
-                run_id, the_task, items, the_strategy, backend, store, samples=samples, rounds=rounds,
-                temperature=temperature, max_tokens=config["max_tokens"], seed=seed, critic=critic, budget=budget,
-                grader_timeout=grader_timeout, isolation=isolation, on_turn=on_turn, examples=examples,
+                run_id, the_task, items, the_strategy, backend, store, samples=asked.samples, rounds=asked.rounds,
+                temperature=asked.temperature, max_tokens=stored["max_tokens"], seed=asked.seed, critic=critic,
+                budget=asked.budget, grader_timeout=asked.grader_timeout, isolation=asked.isolation, on_turn=on_turn,
+                examples=examples,
             )
         return read_run(store, run_id, generated, cache_hits)
     finally:
@@ -255,7 +190,7 @@ def evaluate(
 
 def load_run(run_id: str, db: str | Path | None = None) -> Run:
     """A stored run by its id (or an unambiguous prefix of it)."""
-    store = Store(_db_path(db), create=False)
+    store = Store(db_path(db), create=False)
     try:
         return read_run(store, store.find_run(run_id))
     finally:
@@ -278,7 +213,7 @@ def regrade(
     """
     check_grader_timeout(grader_timeout)
     check_isolation_mode(isolation)
-    store = Store(_db_path(db), create=False)
+    store = Store(db_path(db), create=False)
     try:
         run_id = store.find_run(run_id)
         today = grader_version()
@@ -357,7 +292,3 @@ def _data_argument(data: str | Path | None) -> str | None:
         return None
     path = Path(data).expanduser()
     return str(path.resolve()) if path.exists() else str(data)
-
-
-def _db_path(db: str | Path | None) -> Path:
-    return Path(db).expanduser() if db is not None else default_db_path()

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .api import check_grader_timeout, check_isolation_mode, code_isolation, evaluate, load_run
+from .api import code_isolation, evaluate, load_run
 from .api import regrade as regrade_run
 from .compare import compare_runs
 from .engine import dropped_turns_running
@@ -31,9 +31,9 @@ from .isolation import using
 from .html_report import render_html
 from .models import MODEL_SPECS, check_model_spec
 from .models.base import SERVER_DEFAULT
-from .protocols import protocol_settings
+from .run_config import RunConfig, check_grader_timeout, check_isolation_mode, with_protocol
 from .report import grader_note, print_comparison, print_improvement, print_report, print_reproduction, print_table
-from .store import Store, default_db_path
+from .store import Store, db_path, default_db_path
 from .strategies import all_strategies
 from .tasks import TASKS, load_task
 
@@ -243,7 +243,7 @@ class ProgressLines:
 def _unit(run_id: str, db: Optional[Path]) -> str:
     """What a run's progress counts: "scoring passes" for the exact estimator, else "turns" (read from the stored
     config, read-only, as the run is going on)."""
-    path = Path(db).expanduser() if db is not None else default_db_path()
+    path = db_path(db)
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as store:
             config = json.loads(store.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0])
@@ -280,11 +280,6 @@ def parse_temperature(text: str | None) -> float | str | None:
     except ValueError:
         raise UserError(f"--temperature {text}: give a number between 0 and 2, or {SERVER_DEFAULT} (an openai: "
                         "model's own sampling defaults)") from None
-
-
-def _given(flag, preset, default):
-    """A flag's value: as given, else the protocol's, else its default."""
-    return flag if flag is not None else preset if preset is not None else default
 
 
 @app.command()
@@ -364,28 +359,25 @@ def run(
         raise UserError("--ray-actors and --ray-model: only with --ray ADDRESS (local, auto or a cluster address)")
     if ray_model and model != "embedded":
         raise UserError("--model and --ray-model: give one of them (the --ray-model specs name the model)")
-    options = parse_task_options(task_opt, field, grader)
-    preset = protocol_settings(protocol, task, model) if protocol else {}
-    if preset:
-        options = {**preset["task_options"], **options}
+    # The flags left unset fall to the protocol's preset, if any, else to RunConfig's defaults.
+    optional = {"samples": samples, "temperature": parse_temperature(temperature), "max_tokens": max_tokens,
+                "estimator": estimator}
+    given = {name: value for name, value in optional.items() if value is not None}
+    config = with_protocol(RunConfig(
+        task=task, model=ray_model[0] if ray_model else model, strategy=strategy, rounds=rounds, limit=limit,
+        seed=seed, data=data, task_options=parse_task_options(task_opt, field, grader), cache=not no_cache,
+        critic_model=critic_model, icl_confident=icl_confident, icl_critical=icl_critical, budget=budget, db=db,
+        grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
+        allow_train_items=allow_train_items, isolation=isolation, concurrency=concurrency, rpm=rpm, tpm=tpm, **given,
+    ), protocol, set(given))
     with _progress(db, every) as (on_start, on_turn):
         backend = None
         if ray is not None:
             from .models.ray_pool import ray_backend
 
+            # The run's model spec is the first actor's; the backend's identity names every actor's.
             backend = ray_backend(model, ray, ray_actors, ray_model, concurrency)
-            model = ray_model[0] if ray_model else model  # the run's model spec; the backend names every actor's
-        result = evaluate(
-            task=task, model=model, strategy=strategy, rounds=rounds, limit=limit, seed=seed, data=data,
-            task_options=options, samples=_given(samples, preset.get("samples"), 1),
-            temperature=_given(parse_temperature(temperature), preset.get("temperature"), 0.0),
-            max_tokens=_given(max_tokens, preset.get("max_tokens"), None),
-            estimator=_given(estimator, preset.get("estimator"), "auto"), cache=not no_cache,
-            critic_model=critic_model, icl_confident=icl_confident,
-            icl_critical=icl_critical, budget=budget, db=db, on_start=on_start, on_turn=on_turn,
-            backend=backend, grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
-            allow_train_items=allow_train_items, isolation=isolation, concurrency=concurrency, rpm=rpm, tpm=tpm,
-        )
+        result = evaluate(config, backend=backend, on_start=on_start, on_turn=on_turn)
     report = result.report()
     if as_json:
         print(json.dumps(report))
@@ -606,7 +598,7 @@ def reproduce(
 @user_errors
 def clear_cache(db: Optional[Path] = typer.Option(None, help=DB_HELP)):
     """Forget every cached reply in the store (runs and their turns stay)."""
-    store = Store(db or default_db_path(), create=False)
+    store = Store(db_path(db), create=False)
     try:
         out.print(f"removed {store.clear_cache()} cached replies from {store.path}")
     finally:
@@ -620,7 +612,7 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="print the list as JSON"),
 ):
     """List the runs in the store."""
-    store = Store(db or default_db_path(), create=False)
+    store = Store(db_path(db), create=False)
     try:
         rows = store.runs()
     finally:

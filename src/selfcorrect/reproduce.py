@@ -7,6 +7,7 @@ is missing. The model is loaded once for the whole grid.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,8 @@ from .errors import UserError
 from .estimators import estimator_named
 from .exact import scoring_problem
 from .models import check_model_spec, load_model
-from .protocols import YANG2025_STRATEGIES, YANG2025_TASKS, protocol_settings
+from .run_config import RunConfig, with_protocol
+from .protocols import YANG2025_STRATEGIES, YANG2025_TASKS
 from .strategies import get_strategy
 
 # The paper's tasks that have a source without --data: our gsm8k and ifeval read the Hub, humaneval its package.
@@ -57,25 +59,24 @@ def run_grid(
     if samples is not None and samples < 1:
         raise UserError(f"--samples {samples}: must be at least 1")
     backend = load_model(model, concurrency=concurrency, rpm=rpm, tpm=tpm)
+    common = RunConfig(model=model, rounds=1, limit=limit, seed=seed, db=db, concurrency=concurrency, rpm=rpm, tpm=tpm)
     cells = []
     for task in tasks:
-        ours = YANG2025_TASKS[task]
-        settings = protocol_settings(protocol, ours, model)
-        if not estimator_named(settings["estimator"]).stores_replies and (problem := scoring_problem(backend)):
-            # The paper scores these from option probabilities; a model that gives none is sampled instead.
-            settings = protocol_settings(protocol, ours, model, sampled=True)
+        cell = replace(common, task=YANG2025_TASKS[task], data=data.get(task))
+        sampled = estimator_named(with_protocol(cell, protocol, set()).estimator).stores_replies
+        # The paper scores the multiple-choice tasks from option probabilities; a model that gives none is sampled.
+        problem = None if sampled else scoring_problem(backend)
+        # --samples shrinks the sampled tasks only (the exact estimator draws no samples), --max-tokens every task.
+        shrunk = {"samples": samples} if samples is not None and (sampled or problem) else {}
+        if max_tokens is not None:
+            shrunk["max_tokens"] = max_tokens
+        config = with_protocol(replace(cell, **shrunk), protocol, set(shrunk), sampled=bool(problem))
+        if problem:
             on_note(f"{task}: {model} gives no option probabilities ({problem}), so its answers are sampled "
-                    f"({settings['samples']} per question) instead of scored exactly")
+                    f"({config.samples} per question) instead of scored exactly")
         for strategy in strategies:
             on_cell(task, strategy)
-            run = evaluate(
-                task=ours, model=model, strategy=strategy, rounds=1, data=data.get(task),
-                task_options=settings["task_options"], estimator=settings["estimator"],
-                samples=samples if samples is not None and estimator_named(settings["estimator"]).stores_replies
-                else settings["samples"],
-                temperature=settings["temperature"], max_tokens=max_tokens or settings["max_tokens"], limit=limit, seed=seed,
-                db=db, backend=backend, on_start=on_start, on_turn=on_turn,
-            )
+            run = evaluate(replace(config, strategy=strategy), backend=backend, on_start=on_start, on_turn=on_turn)
             cells.append((task, strategy, run))
     return cells
 

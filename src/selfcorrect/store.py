@@ -132,6 +132,11 @@ def default_db_path() -> Path:
     return data_home / "selfcorrect" / "runs.sqlite"
 
 
+def db_path(db: str | Path | None) -> Path:
+    """The store a `--db` (or `db=`) names: the path given, `~` expanded, else the default store."""
+    return Path(db).expanduser() if db is not None else default_db_path()
+
+
 @dataclass(frozen=True)
 class Turn:
     item_id: str

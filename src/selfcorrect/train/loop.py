@@ -10,10 +10,12 @@ training question; the trained model's evaluation checks that again against its 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
 from ..api import Run, evaluate
+from ..run_config import RunConfig, run_config
 from ..compare import compare_runs
 from ..errors import UserError
 from .data import RECIPES, build_rows, summary_line, write_rows
@@ -68,16 +70,17 @@ def improve(
     except TypeError as error:
         raise UserError(f"improve: {error}") from None
     output = Path(output).expanduser()
-    common = dict(task=task, task_options=task_options, data=data, strategy=strategy, rounds=1, seed=seed, db=db,
-                  split_seed=split_seed, test_share=test_share)
+    # The held-out runs are greedy, one sample per item; the training run samples as asked.
+    held_out = run_config(task=task, task_options=task_options, data=data, model=model, strategy=strategy, rounds=1,
+                          seed=seed, db=db, split="test", split_seed=split_seed, test_share=test_share, limit=test_limit)
 
-    def measure(label: str, spec: str, split: str, limit: int | None, n_samples: int, temp: float) -> Run:
-        say(f"{label}: {spec} on the {split} part")
+    def measure(label: str, config: RunConfig) -> Run:
+        say(f"{label}: {config.model} on the {config.split} part")
         with progress() as (on_start, on_turn):
-            return evaluate(model=spec, split=split, limit=limit, samples=n_samples, temperature=temp,
-                            on_start=on_start, on_turn=on_turn, **common)
+            return evaluate(config, on_start=on_start, on_turn=on_turn)
 
-    train_run = measure("1. measure the training items", model, "train", train_limit, samples, temperature)
+    train_run = measure("1. measure the training items", replace(held_out, split="train", limit=train_limit,
+                                                                  samples=samples, temperature=temperature))
     cards = {}
     for recipe in recipes:
         rows_file, adapter = output / f"{recipe}.jsonl", output / recipe
@@ -87,8 +90,8 @@ def improve(
         say(f"2. {recipe} data: {rows_file} ({summary_line(summary)})")
         say(f"3. train {recipe}: {model} into {adapter}")
         cards[recipe] = train(rows_file, model, adapter, seed=seed, **(train_options or {}))
-    base_run = measure("4. measure the base", model, "test", test_limit, 1, 0.0)
-    trained = {recipe: measure(f"5. measure {recipe}", f"lora:{output / recipe}", "test", test_limit, 1, 0.0)
+    base_run = measure("4. measure the base", held_out)
+    trained = {recipe: measure(f"5. measure {recipe}", replace(held_out, model=f"lora:{output / recipe}"))
                for recipe in recipes}
     return {"train_run": train_run.run_id, "base_run": base_run.run_id,
             "trained_runs": {recipe: run.run_id for recipe, run in trained.items()}, "cards": cards,
