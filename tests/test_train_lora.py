@@ -170,6 +170,26 @@ def test_bad_hyperparameters_are_refused(tmp_path, setting, refusal):
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "improve"])
+def test_every_training_option_reaches_the_training_from_both_commands(tmp_path, command):
+    """`train` and `improve` take the same training options, generated from Hyperparameters: each flag is
+    offered by both, and a bad value given to either is refused by the same check, naming the flag."""
+    from dataclasses import fields
+
+    from selfcorrect.train.settings import Hyperparameters
+
+    shown = cli(command, "--help", env={"COLUMNS": "300"}).stdout
+    assert all(setting.metadata["flag"] in shown for setting in fields(Hyperparameters))
+    data = write_jsonl(tmp_path / "data.jsonl", sft_rows())
+    where = ([str(data), "--output", str(tmp_path / "adapter")] if command == "train" else
+             ["--output", str(tmp_path / "loop"), "--db", str(tmp_path / "runs.sqlite")])
+    for flag, refusal in (("--lora-r", "--lora-r 0: must be above 0"), ("--max-steps", "--max-steps 0: must be at least 1")):
+        refused = cli(command, *where, flag, "0")
+        assert refused.returncode == 2 and refused.stderr.strip() == f"error: {refusal}", refused.stderr
+    assert not (tmp_path / "runs.sqlite").exists() and not (tmp_path / "loop").exists()
+    assert not (tmp_path / "adapter").exists()
+
+
 # --- real trainings of the embedded model ----------------------------------------------------------------------
 
 RESUMABLE = dict(max_steps=4, batch_size=4, save_steps=2, seed=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import inspect
 import json
 import math
 import os
@@ -12,6 +13,8 @@ import sqlite3
 import sys
 import threading
 import time
+import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,6 +39,7 @@ from .report import grader_note, print_comparison, print_improvement, print_repo
 from .store import Store, db_path, default_db_path
 from .strategies import all_strategies
 from .tasks import TASKS, load_task
+from .train.settings import Hyperparameters
 
 app = typer.Typer(
     help="Measure how well a language model corrects itself: accuracy per round, CL, CS, RSS.",
@@ -460,29 +464,42 @@ def data(
     out.print(f"wrote {output}: {summary_line(summary)}", highlight=False, soft_wrap=True)
 
 
+def training_options(command: Callable) -> Callable:
+    """`command` with a flag for each field of train.settings.Hyperparameters that it does not declare itself
+    (name, default and help from the field), handed to it together as `hyperparameters` (a dict): the training
+    options' defaults live in one place, and every command that trains takes all of them."""
+    own = inspect.signature(command).parameters
+    added = [setting for setting in fields(Hyperparameters) if setting.name not in own]
+    types = typing.get_type_hints(Hyperparameters)
+
+    @functools.wraps(command)
+    def with_options(**given):
+        return command(**given | {"hyperparameters": {setting.name: given.pop(setting.name) for setting in added}})
+
+    options = [inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[setting.name],
+                                 default=typer.Option(setting.default, setting.metadata["flag"],
+                                                      help=setting.metadata["help"]))
+               for setting in added]
+    with_options.__signature__ = inspect.Signature([*(p for p in own.values() if p.name != "hyperparameters"), *options])
+    with_options.__annotations__ = {**typing.get_type_hints(command), **{p.name: p.annotation for p in options}}
+    with_options.__annotations__.pop("hyperparameters", None)
+    del with_options.__wrapped__  # Typer reads the signature above, not the command's own
+    return with_options
+
+
 @app.command("train")
 @user_errors
+@training_options
 def train_command(
     data: Path = typer.Argument(..., help="training data (JSONL) written by `selfcorrect data`"),
     model: str = typer.Option("embedded", help="base model: embedded | llamacpp:PATH.gguf | hf:PATH_OR_ID"),
     output: Path = typer.Option(..., help="directory for the adapter, its training card and checkpoints"),
-    epochs: float = typer.Option(1.0, help="passes over the data"),
-    lr: float = typer.Option(2e-4, "--lr", help="learning rate (AdamW, decaying linearly to 0)"),
-    lora_r: int = typer.Option(16, "--lora-r", help="LoRA rank"),
-    lora_alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha (the update is scaled by alpha / rank)"),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="LoRA dropout on the adapter's input"),
-    batch_size: int = typer.Option(8, "--batch-size", help="rows per optimizer step"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after N steps, whatever --epochs says"),
-    seed: int = typer.Option(0, help="seed of the LoRA initialisation and the data order"),
-    beta: float = typer.Option(0.1, help="DPO beta, for preference rows: how closely to stay with the base"),
-    save_steps: int = typer.Option(20, "--save-steps", help="steps between checkpoints (a killed run resumes there)"),
+    hyperparameters: dict = None,
 ):
     """Fine-tune a LoRA adapter on training data (needs the train extra); run it again to resume."""
     from .train.trainer import train
 
-    card = train(data, model, output, epochs=epochs, learning_rate=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-                 lora_dropout=lora_dropout, batch_size=batch_size, max_steps=max_steps, seed=seed, beta=beta,
-                 save_steps=save_steps)
+    card = train(data, model, output, **hyperparameters)
     losses = card["losses"]
     out.print(
         f"adapter in {output} (model spec lora:{output}): {card['training']['steps']} steps on {card['data']['rows']} "
@@ -494,6 +511,7 @@ def train_command(
 
 @app.command()
 @user_errors
+@training_options
 def improve(
     output: Path = typer.Option(..., help="folder for each recipe's training data and adapter (OUTPUT/RECIPE/)"),
     recipe: list[str] = typer.Option(["cct"], help="training recipe (repeatable: one adapter each); see `selfcorrect data --help`"),
@@ -511,11 +529,10 @@ def improve(
     split_seed: int = typer.Option(0, help="seed of the split of the questions into training and held-out parts"),
     test_share: float = typer.Option(0.5, help="share of the questions held out"),
     clt_share: float = typer.Option(0.4, help="cct: the share of rows that keep a right answer"),
-    epochs: float = typer.Option(1.0, help="passes over the training data"),
-    lr: float = typer.Option(2e-4, help="learning rate"),
     seed: int = typer.Option(0, help="seed for the split of rows, the training and the bootstrap"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+    hyperparameters: dict = None,
 ):
     """Measure, build training data, fine-tune, measure again: base and trained models on held-out items, compared."""
     from .train.loop import improve as run_loop
@@ -525,7 +542,7 @@ def improve(
         output, recipe, task=task, task_options=parse_task_options(task_opt, field, grader), data=data, model=model,
         strategy=strategy, train_limit=train_limit, test_limit=test_limit, samples=samples, temperature=temperature,
         split_seed=split_seed, test_share=test_share, clt_share=clt_share, seed=seed, db=db,
-        train_options={"epochs": epochs, "learning_rate": lr}, progress=lambda: _progress(db, every),
+        train_options=hyperparameters, progress=lambda: _progress(db, every),
         say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
     )
     if as_json:

@@ -19,6 +19,7 @@ from ..run_config import RunConfig, run_config
 from ..compare import compare_runs
 from ..errors import UserError
 from .data import RECIPES, build_rows, summary_line, write_rows
+from .settings import Hyperparameters
 
 Progress = Callable[[], ContextManager[tuple[Callable, Callable]]]
 
@@ -62,7 +63,7 @@ def improve(
         raise UserError("--recipe: give at least one recipe")
     if len(set(recipes)) != len(recipes):
         raise UserError("--recipe: each recipe once")
-    from .trainer import Hyperparameters, check_trainable, train  # the train extra; checked before anything runs
+    from .trainer import check_trainable, train  # the train extra; checked before anything runs
 
     check_trainable(model)
     try:

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,6 +37,7 @@ from ..errors import UserError
 from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
 from ..models.identity import file_digest, files_digest
 from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE
+from .settings import Hyperparameters
 
 INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]'"
 # The attention and MLP projections of Llama-like models (SmolLM2, Llama, Qwen, Mistral).
@@ -55,44 +56,6 @@ SETTINGS = "settings.json"
 KEEP_CHECKPOINTS = 2
 # Log lines (and card losses) per training, about: one every total_steps / LOGS_PER_TRAINING steps.
 LOGS_PER_TRAINING = 100
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """How a training is made, besides its data and base (the flags of `selfcorrect train`)."""
-
-    epochs: float = 1.0
-    learning_rate: float = 2e-4
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0  # 0: no random stream in the steps at all (with dropout it is seeded, and resumed)
-    batch_size: int = 8
-    max_steps: int | None = None  # when given, the training stops there, whatever `epochs` says
-    seed: int = 0
-    beta: float = 0.1  # DPO's strength of the pull towards the reference; used for preference rows only
-    save_steps: int = 20  # steps between checkpoints; not part of what the adapter is
-
-    def check(self) -> None:
-        for flag, value, low in (("--epochs", self.epochs, 0), ("--lr", self.learning_rate, 0),
-                                 ("--lora-r", self.lora_r, 0), ("--lora-alpha", self.lora_alpha, 0),
-                                 ("--batch-size", self.batch_size, 0), ("--save-steps", self.save_steps, 0)):
-            if not value > low:
-                raise UserError(f"{flag} {value}: must be above {low}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"--max-steps {self.max_steps}: must be at least 1")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
-        if not self.beta > 0:
-            raise UserError(f"--beta {self.beta}: must be above 0")
-
-    def shaping(self, row_format: str) -> dict:
-        """The values the adapter depends on for rows of `row_format` (DPO's beta only for preference rows;
-        never `save_steps`, since resuming from any checkpoint gives the same adapter)."""
-        values = asdict(self)
-        del values["save_steps"]
-        if row_format != "preference":
-            del values["beta"]
-        return values
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,52 @@
+"""How a training is made, besides its data and base: `Hyperparameters`, the one place their defaults, flags
+and help live (`selfcorrect train` and `selfcorrect improve` take them as options generated from it). Imports
+nothing heavy, so that the command line can read it without torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import UserError
+
+
+def _setting(default, flag: str, help: str):
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    epochs: float = _setting(1.0, "--epochs", "passes over the data")
+    learning_rate: float = _setting(2e-4, "--lr", "learning rate (AdamW, decaying linearly to 0)")
+    lora_r: int = _setting(16, "--lora-r", "LoRA rank")
+    lora_alpha: int = _setting(32, "--lora-alpha", "LoRA alpha (the update is scaled by alpha / rank)")
+    # 0: no random stream in the steps at all (with dropout it is seeded, and resumed)
+    lora_dropout: float = _setting(0.0, "--lora-dropout", "LoRA dropout on the adapter's input")
+    batch_size: int = _setting(8, "--batch-size", "rows per optimizer step")
+    max_steps: int | None = _setting(None, "--max-steps", "stop after N steps, whatever --epochs says")
+    seed: int = _setting(0, "--seed", "seed of the LoRA initialisation and the data order")
+    # DPO's strength of the pull towards the reference; used for preference rows only
+    beta: float = _setting(0.1, "--beta", "DPO beta, for preference rows: how closely to stay with the base")
+    # Not part of what the adapter is
+    save_steps: int = _setting(20, "--save-steps", "steps between checkpoints (a killed run resumes there)")
+
+    def check(self) -> None:
+        for flag, value, low in (("--epochs", self.epochs, 0), ("--lr", self.learning_rate, 0),
+                                 ("--lora-r", self.lora_r, 0), ("--lora-alpha", self.lora_alpha, 0),
+                                 ("--batch-size", self.batch_size, 0), ("--save-steps", self.save_steps, 0)):
+            if not value > low:
+                raise UserError(f"{flag} {value}: must be above {low}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps {self.max_steps}: must be at least 1")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        if not self.beta > 0:
+            raise UserError(f"--beta {self.beta}: must be above 0")
+
+    def shaping(self, row_format: str) -> dict:
+        """The values the adapter depends on for rows of `row_format` (DPO's beta only for preference rows;
+        never `save_steps`, since resuming from any checkpoint gives the same adapter)."""
+        values = asdict(self)
+        del values["save_steps"]
+        if row_format != "preference":
+            del values["beta"]
+        return values
