@@ -28,7 +28,7 @@ from .run_config import RunConfig, check_grader_timeout, check_isolation_mode, r
 from .store import Store, db_path
 from .strategies import get_strategy
 from .strategies.examples import check_examples_possible, correction_examples
-from .tasks import Task, defining_identity, grader_version, load_task
+from .tasks import Grade, Task, defining_identity, grader_version, load_task
 
 
 @contextlib.contextmanager
@@ -243,6 +243,22 @@ def regrade(
         }
     finally:
         store.close()
+
+
+def grade_reply(task: str, item_id: str, reply: str, *, data: str | Path | None = None,
+                task_options: dict[str, str] | None = None, grader_timeout: float = DEFAULT_TIMEOUT_S,
+                isolation: str = "auto") -> Grade:
+    """The grade of `reply` to item `item_id` of `task`, by the task's grader in a grading process (within
+    `grader_timeout` seconds, model-written code inside `isolation`'s boundary), as a run would grade it."""
+    check_grader_timeout(grader_timeout)
+    check_isolation_mode(isolation)
+    the_task = load_task(task, Path(data).expanduser() if data is not None else None, task_options)
+    code_isolation(the_task, isolation)
+    found = [candidate for candidate in the_task.items if candidate.id == item_id]
+    if not found:
+        raise UserError(f"--item {item_id}: no such item in task '{task}' (ids look like {the_task.items[0].id!r})")
+    with GraderPool(grader_timeout, processes=1) as graders, using(isolation):
+        return graders.limit(the_task.grade)(found[0], reply)
 
 
 def _grade_all(task: Task, replies: list[tuple], grader_timeout: float) -> list:

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import functools
 import inspect
 import json
-import math
 import os
-import sqlite3
 import sys
-import threading
-import time
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -20,21 +14,21 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .api import code_isolation, evaluate, load_run
+from .api import evaluate, grade_reply, load_run
+from .export import write_export
+from .files import check_output_file, write_atomically
 from .api import regrade as regrade_run
 from .compare import compare_runs
 from .engine import dropped_turns_running
 from .errors import UserError
-from .estimators import estimator_named
-from .grader_pool import DEFAULT_TIMEOUT_S, GraderPool
-from .isolation import using
+from .grader_pool import DEFAULT_TIMEOUT_S
 from .html_report import render_html
 from .models import MODEL_SPECS, check_model_spec
 from .models.base import SERVER_DEFAULT
-from .run_config import RunConfig, check_grader_timeout, check_isolation_mode, with_protocol
+from .run_config import RunConfig, with_protocol
+from .progress import progress_seconds, run_progress
 from .report import grader_note, print_comparison, print_improvement, print_report, print_reproduction, print_table
 from .store import Store, db_path, default_db_path
 from .strategies import all_strategies
@@ -153,128 +147,6 @@ GRADER_TIMEOUT_HELP = (
 )
 
 
-PROGRESS_ENV = "SELFCORRECT_PROGRESS_SECONDS"
-DEFAULT_PROGRESS_SECONDS = 10.0
-
-
-def progress_seconds() -> float:
-    """Seconds between progress lines when standard error is not a terminal: $SELFCORRECT_PROGRESS_SECONDS, else
-    10; 0 turns the lines off."""
-    raw = os.environ.get(PROGRESS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_PROGRESS_SECONDS
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise UserError(f"{PROGRESS_ENV}={raw}: expected the seconds between progress lines, e.g. 10 (0 turns them off)")
-    return seconds
-
-
-def _duration(seconds: float) -> str:
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole} s"
-    minutes, whole = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} min {whole:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
-
-
-class ProgressLines:
-    """Progress as plain lines for a standard error that is not a terminal (a pipe, a log file, CI), where Rich's
-    bar shows nothing until the end: every `every` seconds while the run goes on (whether or not a turn finished
-    meanwhile) a line with the count, the share, the time so far and an estimate of the time left, and a last line
-    when it ends. The first of them is preceded by one naming the run, its size and what was stored before. A run
-    that ends within `every` seconds prints none, so a quick failure stays the one line of its error."""
-
-    def __init__(self, console: Console, every: float, unit_of: Callable[[str], str]):
-        self.console, self.every, self.unit_of = console, every, unit_of
-        self.lock = threading.Lock()
-        self.stopped = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.run_id, self.unit, self.total, self.done, self.before, self.started = "", "turns", 0, 0, 0, 0.0
-        self.printed = False
-
-    def start(self, run_id: str, total: int, done: int) -> None:
-        with self.lock:
-            self.run_id, self.unit, self.total, self.done, self.before = run_id, self.unit_of(run_id), total, done, done
-            self.started = time.monotonic()
-        if self.every > 0:
-            self.thread = threading.Thread(target=self._every, name="progress-lines", daemon=True)
-            self.thread.start()
-
-    def advance(self) -> None:
-        with self.lock:
-            self.done += 1
-
-    def _every(self) -> None:
-        while not self.stopped.wait(self.every):
-            self._line()
-
-    def _line(self, last: bool = False) -> None:
-        with self.lock:
-            done, total, elapsed = self.done, self.total, time.monotonic() - self.started
-            lines = []
-            if not self.printed:
-                lines.append(f"run {self.run_id} started: {total} {self.unit}, {self.before} already stored")
-            share = f" ({100 * done // total}%)" if total else ""
-            made = done - self.before
-            if last:
-                left = "done"
-            elif made and total > done:
-                left = f"about {_duration(elapsed / made * (total - done))} left"
-            else:
-                left = "time left not known yet" if total > done else "finishing"
-            lines.append(f"run {self.run_id}: {done}/{total} {self.unit}{share}, {_duration(elapsed)}, {left}")
-            for line in lines:
-                self.console.print(line, markup=False, highlight=False, soft_wrap=True)
-            self.printed = True
-
-    def __enter__(self) -> "ProgressLines":
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        self.stopped.set()
-        if self.thread is not None:
-            self.thread.join()
-            if kind is None and self.printed:
-                self._line(last=True)
-
-
-def _unit(run_id: str, db: Optional[Path]) -> str:
-    """What a run's progress counts: "scoring passes" for the exact estimator, else "turns" (read from the stored
-    config, read-only, as the run is going on)."""
-    path = db_path(db)
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as store:
-            config = json.loads(store.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0])
-        return estimator_named(config["estimator"]).unit
-    except (sqlite3.Error, TypeError, KeyError, ValueError):
-        return "turns"
-
-
-@contextlib.contextmanager
-def _progress(db: Optional[Path], every: float):
-    """(on_start, on_turn) for `evaluate`: Rich's bar on a terminal, else `ProgressLines`."""
-    if err.is_terminal:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=err, transient=True,
-        ) as progress:
-            bar = progress.add_task("loading", total=None)
-
-            def on_start(run_id: str, total: int, done: int) -> None:
-                progress.update(bar, description=f"run {run_id}", total=total, completed=done)
-
-            yield on_start, lambda: progress.advance(bar)
-        return
-    with ProgressLines(err, every, lambda run_id: _unit(run_id, db)) as lines:
-        yield lines.start, lines.advance
-
-
 def parse_temperature(text: str | None) -> float | str | None:
     """--temperature: a number, or "server" to leave sampling to an OpenAI-compatible server's defaults."""
     if text is None or text == SERVER_DEFAULT:
@@ -374,7 +246,7 @@ def run(
         grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
         allow_train_items=allow_train_items, isolation=isolation, concurrency=concurrency, rpm=rpm, tpm=tpm, **given,
     ), protocol, set(given))
-    with _progress(db, every) as (on_start, on_turn):
+    with run_progress(err, db, every) as (on_start, on_turn):
         backend = None
         if ray is not None:
             from .models.ray_pool import ray_backend
@@ -409,12 +281,11 @@ def report(
     """Show stored runs' metrics, or write them as one HTML file."""
     if html is not None and as_json:
         raise UserError("--html and --json: choose one")
-    if html is not None and not html.parent.is_dir():
-        raise UserError(f"--html {html}: no such directory {html.parent}")
+    if html is not None:
+        check_output_file(html, "--html")
     results = [load_run(run_id, db) for run_id in run_ids]
     if html is not None:
-        page = render_html(results)  # built whole before the file is opened: a failure writes nothing
-        html.write_text(page, encoding="utf-8")
+        write_atomically(html, render_html(results), "--html")
         out.print(f"wrote the report of {len(results)} run(s) to {html}", highlight=False, soft_wrap=True)
     elif as_json:
         reports = [result.report() for result in results]
@@ -542,7 +413,7 @@ def improve(
         output, recipe, task=task, task_options=parse_task_options(task_opt, field, grader), data=data, model=model,
         strategy=strategy, train_limit=train_limit, test_limit=test_limit, samples=samples, temperature=temperature,
         split_seed=split_seed, test_share=test_share, clt_share=clt_share, seed=seed, db=db,
-        train_options=hyperparameters, progress=lambda: _progress(db, every),
+        train_options=hyperparameters, progress=lambda: run_progress(err, db, every),
         say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
     )
     if as_json:
@@ -588,11 +459,11 @@ def reproduce(
         if not sep or not name or not path:
             raise UserError(f"--data {pair}: give TASK=PATH, e.g. --data boolq=boolq.jsonl")
         files[name.strip()] = Path(path).expanduser()
-    if html is not None and not html.parent.is_dir():
-        raise UserError(f"--html {html}: no such directory {html.parent}; create it first")
+    if html is not None:
+        check_output_file(html, "--html")
     every = progress_seconds()
     say = lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    with _progress(db, every) as (on_start, on_turn):
+    with run_progress(err, db, every) as (on_start, on_turn):
         cells = run_grid(
             model, [task.strip() for task in tasks.split(",") if task.strip()], protocol=protocol,
             strategies=tuple(name.strip() for name in strategies.split(",") if name.strip()), data=files,
@@ -602,7 +473,7 @@ def reproduce(
         )
     rows = table_rows(cells)
     if html is not None:
-        html.write_text(render_html([run for _, _, run in cells]), encoding="utf-8")
+        write_atomically(html, render_html([run for _, _, run in cells]), "--html")
     if as_json:
         print(json.dumps(rows))
         return
@@ -701,23 +572,16 @@ def grade(
     isolation: str = typer.Option("auto", help=ISOLATION_HELP),
 ):
     """Grade one reply to one item and print {"correct", "reason", "answer"} as JSON."""
-    check_grader_timeout(grader_timeout)
-    check_isolation_mode(isolation)
-    the_task = load_task(task, data, parse_task_options(task_opt, field, grader))
-    code_isolation(the_task, isolation)
-    found = [candidate for candidate in the_task.items if candidate.id == item]
-    if not found:
-        raise UserError(f"--item {item}: no such item in task '{task}' (ids look like {the_task.items[0].id!r})")
     if str(response) != "-" and not response.is_file():
         raise UserError(f"--response {response}: no such file; give a file with the reply, or - for standard input")
     raw = sys.stdin.buffer.read() if str(response) == "-" else response.read_bytes()
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"--response {response}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x}); "
+    except UnicodeDecodeError as error:
+        raise UserError(f"--response {response}: not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}); "
                         "save the reply as UTF-8") from None
-    with GraderPool(grader_timeout, processes=1) as graders, using(isolation):
-        verdict = graders.limit(the_task.grade)(found[0], text)
+    verdict = grade_reply(task, item, text, data=data, task_options=parse_task_options(task_opt, field, grader),
+                          grader_timeout=grader_timeout, isolation=isolation)
     print(json.dumps({"correct": verdict.correct, "reason": verdict.reason, "answer": verdict.answer,
                       "item_id": item, "extra": verdict.extra}))
 
@@ -786,9 +650,6 @@ def models():
     print_table(out, table, text=("what it runs",))
 
 
-EXPORT_FORMATS = ("jsonl", "json", "csv", "yang2025", "inspect")
-
-
 @app.command()
 @user_errors
 def export(
@@ -801,53 +662,7 @@ def export(
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
 ):
     """Write every turn of a run, one record per turn (per scoring pass for the exact estimator)."""
-    import io
-
-    if format not in EXPORT_FORMATS:
-        raise UserError(f"--format {format}: choose one of {', '.join(EXPORT_FORMATS)}")
-    if output is not None and output.is_dir():
-        raise UserError(f"--output {output}: is a directory; give the path of the file to write")
-    if output is not None and not output.parent.is_dir():
-        raise UserError(f"--output {output}: no such directory {output.parent}; create it first")
-    if format == "inspect" and output is None:
-        raise UserError("--format inspect: give --output FILE (.eval, or .json for JSON); an Inspect log is a file")
-    result = load_run(run_id, db)
-    if format == "inspect":  # inspect_ai's own log types and writer (selfcorrect.inspect_ext.log_export)
-        try:
-            from .inspect_ext.log_export import write_inspect_log
-        except ModuleNotFoundError as missing:
-            if not (missing.name or "").startswith("inspect_ai"):
-                raise
-            raise UserError("--format inspect: needs inspect_ai; pip install 'selfcorrect[inspect]'") from None
-        write_inspect_log(result, output)
-        return
-    if format == "yang2025":  # the log format of the paper's own scripts (selfcorrect.paper_logs)
-        from .paper_logs import logits_log, sampling_log
-
-        records = sampling_log(result) if result.estimation.stores_replies else logits_log(result)
-    else:
-        targets = {item["item_id"]: item["target"] for item in result.items}
-        rows = result.estimation.rows(result)
-        records = [{"run_id": result.run_id, **row.to_json(), "target": targets[row.item_id]} for row in rows]
-    handle = io.StringIO(newline="")  # all of it built before the file is opened: a failure writes nothing
-    if format in ("jsonl", "yang2025"):
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    elif format == "json":
-        json.dump(records, handle)
-    else:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]) if records else ["run_id"])
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in record.items()})
-    if output is None:
-        sys.stdout.write(handle.getvalue())
-        return
-    try:
-        with output.open("w", encoding="utf-8", newline="") as file:
-            file.write(handle.getvalue())
-    except OSError as error:
-        raise UserError(f"--output {output}: cannot write it ({error.strerror or error})") from None
+    write_export(run_id, format, output, db)
 
 
 def main() -> None:

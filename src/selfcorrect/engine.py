@@ -30,9 +30,9 @@ from typing import Callable, Iterator
 
 from .errors import UserError
 from .models import Backend, Message
-from .models.base import BackendError, Completion, counts_prompt_tokens, option_scoring_problem
+from .models.base import BackendError, Completion
 from .store import Store, Turn
-from .strategies import CorrectionRound, Strategy
+from .strategies import CorrectionRound, Strategy, round_outcome
 from .tasks import Item, Task, grader_version
 from .tasks.base import ExecutionFeedback
 
@@ -93,7 +93,9 @@ class Dialogue:
     def p_true(self, question: str, answer: str) -> float | None:
         """The model's probability that `answer` is right, read from its option scores; None when the
         backend cannot score. The scoring prompt's tokens count in the turn's cost."""
-        if not counts_prompt_tokens(self.backend) or option_scoring_problem(self.backend) is not None:
+        # Asked by name rather than through models.base.option_scoring_problem: this function's strings are part of
+        # every run's prompt version (prompt_version.py), so a change of its text would give every run a new id.
+        if not (callable(getattr(self.backend, "option_probs", None)) and callable(getattr(self.backend, "count_tokens", None))):
             return None
         messages = [{"role": "user", "content": P_TRUE_PROMPT.format(question=question, answer=answer)}]
         self.prompt_tokens += self.backend.count_tokens(messages, P_TRUE_PREFIX)
@@ -379,12 +381,7 @@ def _generate_turn(
         seed=lambda step: cell_seed(seed, item.id, sample, round_, step), critic=critic,
     )
     response, notes = play_round(task, strategy, item, round_, dialogue, previous, budget=budget, examples=examples)
-    if response is None:  # the strategy stopped: the previous answer stands, and all replies were feedback
-        response, feedback = previous.response, dialogue.replies
-    elif dialogue.replies and response == dialogue.replies[-1]:
-        feedback = dialogue.replies[:-1]
-    else:  # a baseline picked its answer among side samples: every reply in the conversation was feedback
-        feedback = dialogue.replies
+    response, feedback = round_outcome(response, previous.response if previous else "", dialogue.replies)
     grade = task.grade(item, response)  # time-limited where the caller made it so (api.evaluate: GraderPool)
     turn = Turn(
         item_id=item.id, sample=sample, round=round_, messages=dialogue.messages, response=response,

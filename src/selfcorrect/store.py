@@ -7,6 +7,7 @@ and fills the rest; the primary key makes a duplicate impossible.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -130,6 +131,16 @@ def default_db_path() -> Path:
         return Path(os.environ["SELFCORRECT_DB"]).expanduser()
     data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data_home / "selfcorrect" / "runs.sqlite"
+
+
+def stored_config(path: Path, run_id: str) -> dict | None:
+    """A run's config read through a read-only connection (for a reader beside the process that runs it), or None
+    when the store or the run cannot be read."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+            return json.loads(db.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0])
+    except (sqlite3.Error, TypeError, ValueError):
+        return None
 
 
 def db_path(db: str | Path | None) -> Path:

@@ -24,7 +24,7 @@ from inspect_ai.model import ChatMessageAssistant, ChatMessageUser
 from inspect_ai.solver import Generate, Solver, TaskState, solver
 
 from ..errors import UserError
-from ..strategies import CorrectionRound, Strategy, all_strategies, get_strategy
+from ..strategies import CorrectionRound, Strategy, all_strategies, get_strategy, round_outcome
 from .dataset import INSTRUCTION_KEY
 
 ROUNDS_KEY = "selfcorrect_rounds"
@@ -102,10 +102,7 @@ def selfcorrect_rounds(strategy: str = "reask", rounds: int = 1, instruction: st
             correction = CorrectionRound(question=question, instruction=instruction_for_sample,
                                          previous_reply=kept[-1]["response"], ask=ask)
             response = await anyio.to_thread.run_sync(partial(chosen.correct, correction))
-            if response is None:  # the strategy stopped: the previous answer stands, every reply was feedback
-                response, feedback = kept[-1]["response"], replies
-            else:
-                feedback = replies[:-1] if replies and response == replies[-1] else replies
+            response, feedback = round_outcome(response, kept[-1]["response"], replies)
             kept.append(round_record(round_, response, feedback, correction.notes))
         state.store.set(ROUNDS_KEY, kept)
         return state

@@ -19,6 +19,9 @@ import os
 import re
 from pathlib import Path
 
+from ..errors import UserError
+from ..files import write_atomically
+
 
 def hash_cache_path() -> Path:
     """$SELFCORRECT_HASH_CACHE, else $XDG_CACHE_HOME/selfcorrect/file_hashes.json (~/.cache/...)."""
@@ -47,10 +50,8 @@ def file_digest(path: Path) -> str:
     known[key] = digest.hexdigest()[:16]
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
-        partial.write_text(json.dumps(known))
-        partial.replace(cache_file)  # atomic, so a concurrent reader never sees half a file
-    except OSError:
+        write_atomically(cache_file, json.dumps(known))  # a concurrent reader never sees half a file
+    except (OSError, UserError):
         pass  # a read-only home: the hash is right, only computed again next time
     return known[key]
 

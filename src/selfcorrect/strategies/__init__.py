@@ -69,6 +69,18 @@ class CorrectionRound:
 CorrectFn = Callable[[CorrectionRound], "str | None"]
 
 
+def round_outcome(response: str | None, previous: str, replies: list[str]) -> tuple[str, list[str]]:
+    """(the answer a correction round leaves, the replies that were feedback on the way to it). A strategy that
+    stopped (None) leaves the previous answer standing, and every reply of the round was feedback; otherwise its
+    answer is its last reply, the ones before it feedback, or, for a baseline that picked its answer among side
+    samples, every reply was feedback."""
+    if response is None:
+        return previous, replies
+    if replies and response == replies[-1]:
+        return response, replies[:-1]
+    return response, replies
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str

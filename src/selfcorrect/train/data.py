@@ -18,10 +18,8 @@ its target or trace comes from, and the question's key from `split.question_key`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from ..errors import UserError
 from ..estimators import estimator_named
+from ..files import check_output_file, write_atomically
 from ..strategies import all_strategies
 from ..split import question_key
 
@@ -128,22 +127,8 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
     """Write `rows` as JSONL to `path` atomically (a temporary file beside it, then renamed over it): an error
     leaves no file, or the file that was there."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"--output {path}: is a directory; give the path of the JSONL file to write")
-    if not path.parent.is_dir():
-        raise UserError(f"--output {path}: no such directory {path.parent}; create it first")
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException as error:  # Ctrl-C too: no half-written file stays behind
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        if isinstance(error, OSError):
-            raise UserError(f"--output {path}: cannot write it ({error.strerror or error})") from None
-        raise
+    check_output_file(path, "--output")
+    write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _check_runs(runs: list[Run], recipe: str) -> None:

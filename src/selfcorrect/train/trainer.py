@@ -25,7 +25,6 @@ import copy
 import functools
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import UserError
+from ..files import write_atomically
 from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
 from ..models.identity import file_digest, files_digest
 from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE
@@ -280,7 +280,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
     gguf = ModelSpec.of(model).gguf
     if gguf is not None:
         card["gguf_adapter"] = _export_gguf(output, gguf)
-    _write_atomically(output / CARD_FILE, json.dumps(card, indent=1))  # last: a card marks a finished training
+    write_atomically(output / CARD_FILE, json.dumps(card, indent=1))  # last: a card marks a finished training
     return card
 
 
@@ -526,12 +526,6 @@ def _versions() -> dict:
     from importlib.metadata import version
 
     return {name: version(name) for name in ("torch", "transformers", "trl", "peft", "accelerate")}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 @contextlib.contextmanager
