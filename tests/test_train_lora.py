@@ -68,7 +68,10 @@ BAD_FILES = {
     "missing field": ([preference_rows()[0], {k: v for k, v in preference_rows()[1].items() if k != "rejected"}],
                       ":2: field 'rejected' is missing"),
     "missing source": ([{k: v for k, v in GOOD.items() if k != "source"}], ":1: field 'source' is missing"),
-    "no format": ([{"prompt": GOOD["prompt"], "source": GOOD["source"]}], ":1: no field 'completion'"),
+    # The format is the recipe's: an sft row without its completion lacks that field.
+    "no completion": ([{"prompt": GOOD["prompt"], "source": GOOD["source"]}], ":1: field 'completion' is missing"),
+    "unknown recipe": ([{**GOOD, "source": {**GOOD["source"], "recipe": "dpo"}}],
+                       ":1: field 'source.recipe' is 'dpo', not a recipe of selfcorrect data"),
     "mixed formats": ([GOOD, preference_rows()[0]], ":2: a preference row (prompt/chosen/rejected) in a file of "
                                                     "prompt/completion rows (line 1)"),
     "content not a string": ([GOOD, {**GOOD, "prompt": [{"role": "user", "content": 7}]}],

@@ -32,7 +32,7 @@ from .progress import progress_seconds, run_progress
 from .report import grader_note, print_comparison, print_improvement, print_report, print_reproduction, print_table
 from .store import Store, db_path, default_db_path
 from .strategies import all_strategies
-from .tasks import TASKS, load_task
+from .tasks import all_tasks, load_task
 from .train.settings import Hyperparameters
 
 app = typer.Typer(
@@ -312,9 +312,9 @@ def compare(
 
 
 def _recipes_help() -> str:
-    from .train.data import RECIPES  # dependency-free: no trainer is imported
+    from .train.data import all_recipes  # dependency-free: no trainer is imported
 
-    return "; ".join(f"{name}: {what}" for name, what in RECIPES.items())
+    return "; ".join(f"{name}: {recipe.description}" for name, recipe in all_recipes().items())
 
 
 @app.command()
@@ -538,7 +538,7 @@ def tasks(
             "exact_estimator": entry.multiple_choice and scores_options,
             "description": entry.description,
         }
-        for name, entry in sorted(TASKS.items())
+        for name, entry in sorted(all_tasks().items())
     ]
     if as_json:
         print(json.dumps(rows))

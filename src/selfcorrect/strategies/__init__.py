@@ -32,10 +32,10 @@ and make it known to the command line with an entry point in your package's pypr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Callable
 
 from ..errors import UserError
+from ..plugins import load_plugins
 from ..tasks.base import ExecutionFeedback
 
 
@@ -107,22 +107,15 @@ def register_strategy(
     return decorate
 
 
-def _load_plugins() -> None:
-    """Import the modules that packages list under the 'selfcorrect.strategies' entry point."""
-    for entry in entry_points(group="selfcorrect.strategies"):
-        if entry.name not in STRATEGIES:
-            entry.load()
-
-
 def all_strategies() -> dict[str, Strategy]:
     """Every strategy, plugins included."""
-    _load_plugins()
+    load_plugins("selfcorrect.strategies", STRATEGIES)
     return STRATEGIES
 
 
 def get_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
-        _load_plugins()
+        load_plugins("selfcorrect.strategies", STRATEGIES)
     if name not in STRATEGIES:
         raise UserError(f"--strategy {name}: unknown strategy; choose one of {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name]

@@ -1,5 +1,10 @@
 """Training data from stored runs, in TRL's conversational formats, for the recipes of RECIPES.
 
+A recipe is one function registered with `register_recipe`, which names its row format and what runs it needs
+(a correction round, gold solutions); `build_rows` checks the runs, calls it, checks its rows for gold and sums
+up. Packages add recipes the way they add strategies: a module listed under the 'selfcorrect.recipes' entry
+point, imported when a recipe is looked up.
+
 Every conversation of a run (an item and a sample) is a source of rows. The correction round used is the
 first one (round 1): its stored conversation, without its final reply, is the prompt of clt, cst and pam
 rows, so they show the question, the model's first reply, the run's correction prompt(s) and whatever the
@@ -22,12 +27,14 @@ import json
 import math
 import random
 from fractions import Fraction
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import UserError
 from ..estimators import estimator_named
 from ..files import check_output_file, write_atomically
+from ..plugins import load_plugins
 from ..strategies import all_strategies
 from ..split import question_key
 
@@ -35,18 +42,64 @@ if TYPE_CHECKING:
     from ..results import Run
     from ..store import Turn
 
-RECIPES = {
-    "sft": "the question, then the gold solution (plain supervised fine-tuning)",
-    "clt": "the question, a right first reply and the correction prompt(s), then that reply again (keep what is right)",
-    "cst": "the question, a wrong first reply and the correction prompt(s), then the gold solution (fix what is wrong)",
-    "cct": "clt and cst rows, --clt-share of them clt, reached by leaving rows out (Yang et al.)",
-    "sft+cct": "the sft rows and the cct rows of the same items",
-    "scl": "preference pairs from replies whose correctness flipped in the correction: the right one chosen (He et al.)",
-    "pam": "the correction conversation, then a verification (and where the first reply was wrong a corrected "
-           "solution); a wrong first reply carries no loss (Han et al.)",
+# The fields of each row format; `source` (selfcorrect's record of where a row came from) is common to all.
+FORMATS = {
+    "prompt/completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "span-masked": ("messages", "no_loss"),
 }
-NEEDS_CORRECTION = frozenset({"clt", "cst", "cct", "sft+cct", "scl", "pam"})
-NEEDS_GOLD = frozenset({"sft", "cst", "cct", "sft+cct", "pam"})
+
+
+@dataclass
+class Sources:
+    """What a recipe builds its rows from, and where it reports what it left out and skipped."""
+
+    runs: list[Run]
+    recipe: str
+    clt_share: float
+    seed: int
+    skipped: dict = field(default_factory=lambda: {"stopped": 0, "no_reply": 0, "incomplete": 0})
+    left_out: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    row_format: str  # one of FORMATS: the trainer reads it from the rows' recipe
+    build: Callable[[Sources], list[dict]]
+    needs_correction: bool  # rows come from a correction round (--rounds 1 or more)
+    needs_gold: bool  # rows carry gold solutions as targets
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str, description: str, row_format: str, *, needs_correction: bool = True,
+                    needs_gold: bool = True) -> Callable:
+    """Register the decorated function (Sources -> rows) as recipe `name`."""
+    if row_format not in FORMATS:
+        raise ValueError(f"recipe {name}: row format {row_format!r} is not one of {', '.join(FORMATS)}")
+
+    def decorate(build: Callable[[Sources], list[dict]]) -> Callable[[Sources], list[dict]]:
+        RECIPES[name] = Recipe(name, description, row_format, build, needs_correction, needs_gold)
+        return build
+
+    return decorate
+
+
+def all_recipes() -> dict[str, Recipe]:
+    """Every recipe, those of installed packages included."""
+    load_plugins("selfcorrect.recipes", RECIPES)
+    return RECIPES
+
+
+def get_recipe(name: str) -> Recipe:
+    recipe = all_recipes().get(name)
+    if recipe is None:
+        raise UserError(f"--recipe {name}: unknown recipe; choose one of {', '.join(RECIPES)}")
+    return recipe
+
 
 # The final message of a pam trace opens with the verdict on the first reply, then the answer that stands.
 PAM_KEPT = "I checked my answer again: it is right.\n\n"
@@ -66,40 +119,22 @@ def build_rows(runs: list[Run], recipe: str, clt_share: float = 0.4, seed: int =
     conversation does not end with the graded reply are skipped and counted in the summary.
     Raises UserError for runs that cannot give honest data and when the recipe gives no row.
     """
-    if recipe not in RECIPES:
-        raise UserError(f"--recipe {recipe}: unknown recipe; choose one of {', '.join(RECIPES)}")
+    chosen = get_recipe(recipe)
     if not 0 <= clt_share <= 1:
         raise UserError(f"--clt-share {clt_share:g}: must be from 0 to 1 (the share of cct rows that keep a right reply)")
     if not runs:
         raise UserError("no run given: name the runs to build training data from")
-    _check_runs(runs, recipe)
-    skipped = {"stopped": 0, "no_reply": 0, "incomplete": 0}
-    left_out: dict[str, int] = {}
-    rows: list[dict] = []
-    if recipe in ("sft", "sft+cct"):
-        rows += _sft_rows(runs, recipe, skipped)
-    if recipe in ("clt", "cst", "cct", "sft+cct"):
-        clt, cst = _correction_rows(runs, recipe, skipped)
-        if recipe in ("cct", "sft+cct"):
-            kept_clt, kept_cst = _cct_counts(len(clt), len(cst), Fraction(str(clt_share)))
-            left_out = {"clt": len(clt) - kept_clt, "cst": len(cst) - kept_cst}
-            rng = random.Random(seed)
-            clt, cst = _keep(clt, kept_clt, rng), _keep(cst, kept_cst, rng)
-        if recipe != "cst":
-            rows += clt
-        if recipe != "clt":
-            rows += cst
-    if recipe == "scl":
-        rows += _scl_rows(runs, skipped)
-    if recipe == "pam":
-        rows += _pam_rows(runs, skipped)
+    _check_runs(runs, chosen)
+    sources = Sources(runs, recipe, clt_share, seed)
+    rows = chosen.build(sources)
     _check_gold_free(rows, runs)
     parts: dict[str, int] = {}
     for row in rows:
         parts[row["source"]["part"]] = parts.get(row["source"]["part"], 0) + 1
     summary = {
         "recipe": recipe, "rows": len(rows), "parts": parts, "runs": len(runs),
-        "items": len({row["source"]["question_sha256"] for row in rows}), "left_out": left_out, "skipped": skipped,
+        "items": len({row["source"]["question_sha256"] for row in rows}), "left_out": sources.left_out,
+        "skipped": sources.skipped,
     }
     if not rows:
         raise UserError(f"--recipe {recipe}: gives no rows from run(s) {', '.join(run.run_id for run in runs)} "
@@ -131,7 +166,7 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
     write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def _check_runs(runs: list[Run], recipe: str) -> None:
+def _check_runs(runs: list[Run], recipe: Recipe) -> None:
     """Refuse runs that cannot give honest rows of `recipe`, with one line naming the run."""
     seen: set[str] = set()
     for run in runs:
@@ -158,15 +193,15 @@ def _check_runs(runs: list[Run], recipe: str) -> None:
         if config.get("split", {}).get("part") == "test":
             raise UserError(f"{name}: made on the held-out part (--split test), which must stay unseen by training; "
                             "build from --split train runs")
-        if recipe in NEEDS_CORRECTION and config["rounds"] == 0:
-            raise UserError(f"{name}: has no correction round (--rounds 0), which recipe {recipe} needs; build from a "
-                            "run with --rounds 1 or more")
-        if recipe in NEEDS_GOLD:
+        if recipe.needs_correction and config["rounds"] == 0:
+            raise UserError(f"{name}: has no correction round (--rounds 0), which recipe {recipe.name} needs; build "
+                            "from a run with --rounds 1 or more")
+        if recipe.needs_gold:
             lacking = [item["item_id"] for item in run.items if not item.get("solution")]
             if lacking:
                 raise UserError(
                     f"{name}: {len(lacking)} of its {len(run.items)} items have no gold solution (first: {lacking[0]}), "
-                    f"which recipe {recipe} needs: a run stored before gold solutions were kept gets them when the same "
+                    f"which recipe {recipe.name} needs: a run stored before gold solutions were kept gets them when the same "
                     "command runs it again (nothing is generated again); custom data needs a solution column"
                 )
     tasks = sorted({run.config["task"]["task"] for run in runs})
@@ -299,6 +334,54 @@ def _pam_rows(runs: list[Run], skipped: dict) -> list[dict]:
             rows.append({"messages": [*messages, _message("assistant", final)], "no_loss": no_loss,
                          "source": _source("pam", "pam", run, item, sample, 1)})
     return rows
+
+
+# ----- the built-in recipes -----
+
+
+@register_recipe("sft", "the question, then the gold solution (plain supervised fine-tuning)", "prompt/completion",
+                 needs_correction=False)
+def sft(sources: Sources) -> list[dict]:
+    return _sft_rows(sources.runs, sources.recipe, sources.skipped)
+
+
+@register_recipe("clt", "the question, a right first reply and the correction prompt(s), then that reply again "
+                 "(keep what is right)", "prompt/completion", needs_gold=False)
+def clt(sources: Sources) -> list[dict]:
+    return _correction_rows(sources.runs, sources.recipe, sources.skipped)[0]
+
+
+@register_recipe("cst", "the question, a wrong first reply and the correction prompt(s), then the gold solution "
+                 "(fix what is wrong)", "prompt/completion")
+def cst(sources: Sources) -> list[dict]:
+    return _correction_rows(sources.runs, sources.recipe, sources.skipped)[1]
+
+
+@register_recipe("cct", "clt and cst rows, --clt-share of them clt, reached by leaving rows out (Yang et al.)",
+                 "prompt/completion")
+def cct(sources: Sources) -> list[dict]:
+    clt_rows, cst_rows = _correction_rows(sources.runs, sources.recipe, sources.skipped)
+    kept_clt, kept_cst = _cct_counts(len(clt_rows), len(cst_rows), Fraction(str(sources.clt_share)))
+    sources.left_out.update({"clt": len(clt_rows) - kept_clt, "cst": len(cst_rows) - kept_cst})
+    rng = random.Random(sources.seed)
+    return _keep(clt_rows, kept_clt, rng) + _keep(cst_rows, kept_cst, rng)
+
+
+@register_recipe("sft+cct", "the sft rows and the cct rows of the same items", "prompt/completion")
+def sft_and_cct(sources: Sources) -> list[dict]:
+    return sft(sources) + cct(sources)
+
+
+@register_recipe("scl", "preference pairs from replies whose correctness flipped in the correction: the right one "
+                 "chosen (He et al.)", "preference", needs_gold=False)
+def scl(sources: Sources) -> list[dict]:
+    return _scl_rows(sources.runs, sources.skipped)
+
+
+@register_recipe("pam", "the correction conversation, then a verification (and where the first reply was wrong a "
+                 "corrected solution); a wrong first reply carries no loss (Han et al.)", "span-masked")
+def pam(sources: Sources) -> list[dict]:
+    return _pam_rows(sources.runs, sources.skipped)
 
 
 def _check_gold_free(rows: list[dict], runs: list[Run]) -> None:

@@ -18,7 +18,7 @@ from ..api import Run, evaluate
 from ..run_config import RunConfig, run_config
 from ..compare import compare_runs
 from ..errors import UserError
-from .data import RECIPES, build_rows, summary_line, write_rows
+from .data import build_rows, get_recipe, summary_line, write_rows
 from .settings import Hyperparameters
 
 Progress = Callable[[], ContextManager[tuple[Callable, Callable]]]
@@ -56,9 +56,8 @@ def improve(
     The training run samples `samples` first answers per item at `temperature` (every sample is a row source);
     the held-out runs are greedy, one sample per item, so base and trained models are compared reply for reply.
     """
-    unknown = [recipe for recipe in recipes if recipe not in RECIPES]
-    if unknown:
-        raise UserError(f"--recipe {unknown[0]}: unknown recipe; choose from {', '.join(RECIPES)}")
+    for recipe in recipes:
+        get_recipe(recipe)
     if not recipes:
         raise UserError("--recipe: give at least one recipe")
     if len(set(recipes)) != len(recipes):

@@ -1,7 +1,7 @@
 """Fine-tuning: a LoRA adapter trained with TRL and PEFT on a training-data file, written with a training card.
 
 `train(data, model, output)` (the `train` command) reads one of the three row formats `selfcorrect data` writes
-(train/data.py describes them): prompt/completion rows go to TRL's SFTTrainer with the loss on the completion only,
+(train/data.py describes them; a row's format is its recipe's, named in its `source`): prompt/completion rows go to TRL's SFTTrainer with the loss on the completion only,
 preference rows to its DPOTrainer (the reference is the base itself: TRL disables the adapter of a PEFT model
 to compute it), and span-masked traces (`messages` + `no_loss`) are tokenized here into `input_ids` and a
 `completion_mask` that TRL 1.16's SFTTrainer turns into labels (-100 where the mask is 0) when
@@ -37,18 +37,13 @@ from ..files import write_atomically
 from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
 from ..models.identity import file_digest, files_digest
 from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE
+from .data import FORMATS, RECIPES, all_recipes
 from .settings import Hyperparameters
 
 INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]'"
 # The attention and MLP projections of Llama-like models (SmolLM2, Llama, Qwen, Mistral).
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROLES = ("system", "user", "assistant")
-# The fields of each row format; `source` (selfcorrect's record of where a row came from) is common to all.
-FORMATS = {
-    "prompt/completion": ("prompt", "completion"),
-    "preference": ("prompt", "chosen", "rejected"),
-    "span-masked": ("messages", "no_loss"),
-}
 CHECKPOINTS = "checkpoints"
 # What a training in `checkpoints/` was started with: a rerun resumes it only when these are the same.
 SETTINGS = "settings.json"
@@ -135,7 +130,7 @@ def read_training_data(path: Path) -> TrainingData:
             raise UserError(f"{where}: not JSON ({error.msg}); each line is one row") from None
         if not isinstance(row, dict):
             raise UserError(f"{where}: a row is a JSON object, not {type(row).__name__}")
-        this_format = _row_format(row, where)
+        this_format = _row_format(row, where)  # its recipe's
         if row_format is None:
             row_format, first_line = this_format, number
         elif this_format != row_format:
@@ -152,27 +147,27 @@ def read_training_data(path: Path) -> TrainingData:
 
 
 def _row_format(row: dict, where: str) -> str:
-    if "messages" in row or "no_loss" in row:
-        return "span-masked"
-    if "chosen" in row or "rejected" in row:
-        return "preference"
-    if "completion" in row:
-        return "prompt/completion"
-    raise UserError(f"{where}: no field 'completion', 'chosen'/'rejected' or 'messages'; a row holds "
-                    + "; or ".join("/".join(fields) for fields in FORMATS.values()) + ", and source")
-
-
-def _check_row(row: dict, row_format: str, where: str) -> None:
-    for field in (*FORMATS[row_format], "source"):
-        if field not in row:
-            raise UserError(f"{where}: field '{field}' is missing (a {row_format} row holds "
-                            f"{', '.join(FORMATS[row_format])} and source)")
+    """The row format of the recipe the row's `source` names (train/data.py registers each recipe's)."""
+    if "source" not in row:
+        raise UserError(f"{where}: field 'source' is missing (every row names its recipe and question there)")
     source = row["source"]
     if not isinstance(source, dict):
         raise UserError(f"{where}: field 'source' must be an object with recipe and question_sha256")
     for key in ("recipe", "question_sha256"):
         if not isinstance(source.get(key), str) or not source[key]:
             raise UserError(f"{where}: field 'source.{key}' must be a non-empty string")
+    recipe = all_recipes().get(source["recipe"])
+    if recipe is None:
+        raise UserError(f"{where}: field 'source.recipe' is {source['recipe']!r}, not a recipe of selfcorrect data "
+                        f"({', '.join(RECIPES)})")
+    return recipe.row_format
+
+
+def _check_row(row: dict, row_format: str, where: str) -> None:
+    for field in FORMATS[row_format]:
+        if field not in row:
+            raise UserError(f"{where}: field '{field}' is missing (a {row_format} row holds "
+                            f"{', '.join(FORMATS[row_format])} and source)")
     if row_format == "span-masked":
         messages = _check_messages(row["messages"], where, "messages")
         no_loss = row["no_loss"]
