@@ -24,7 +24,6 @@ from .compare import compare_runs
 from .engine import dropped_turns_running
 from .errors import UserError
 from .grader_pool import DEFAULT_TIMEOUT_S
-from .html_report import render_html
 from .models import MODEL_SPECS, check_model_spec
 from .models.base import SERVER_DEFAULT
 from .run_config import RunConfig, with_protocol
@@ -285,6 +284,8 @@ def report(
         check_output_file(html, "--html")
     results = [load_run(run_id, db) for run_id in run_ids]
     if html is not None:
+        from .html_report import render_html  # plotly: imported only for an HTML report
+
         write_atomically(html, render_html(results), "--html")
         out.print(f"wrote the report of {len(results)} run(s) to {html}", highlight=False, soft_wrap=True)
     elif as_json:
@@ -473,6 +474,8 @@ def reproduce(
         )
     rows = table_rows(cells)
     if html is not None:
+        from .html_report import render_html  # plotly: imported only for an HTML report
+
         write_atomically(html, render_html([run for _, _, run in cells]), "--html")
     if as_json:
         print(json.dumps(rows))

@@ -13,7 +13,7 @@ other module compares estimator names. A run's config keeps the name (`estimator
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -24,12 +24,20 @@ from .exact import item_probabilities, run_scoring, scoring_problem
 from .grader_pool import GraderPool
 from .isolation import using
 from .models import Backend
-from .store import Store
-
-if TYPE_CHECKING:
-    from .results import Run
+from .store import OptionScore, Store, Turn
 
 CHOICES = ("auto", "exact", "sampling")  # what --estimator takes
+
+
+class Run(Protocol):
+    """What an estimator reads of a stored run (results.Run has it)."""
+
+    config: dict
+    items: list[dict]
+    turns: list[Turn]
+    scores: list[OptionScore]
+
+    def correctness(self) -> tuple[list[str], np.ndarray]: ...
 
 
 @dataclass(frozen=True)
