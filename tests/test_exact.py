@@ -1,5 +1,5 @@
 """The exact multiple-choice estimator: its formula on a hand-worked item, its bookkeeping, and its
-agreement with sampling through the real model's own sampler on the same items."""
+agreement with a Monte Carlo of the same turns drawn from the real model's own next-token distributions."""
 
 from __future__ import annotations
 
@@ -104,21 +104,42 @@ def test_exact_where_impossible_is_a_clear_error(tmp_path, shared_data):
     assert run.estimator == "sampling"
 
 
-def _sample_label(backend, messages, labels, seed):
-    """One answer drawn by llama.cpp's own sampler at temperature 1 with the reply started by the answer
-    prefix, redrawn until it names an option (conditioning on an option, as the exact estimator does)."""
+def _label_distribution(backend, messages: list[dict], labels: list[str]) -> np.ndarray:
+    """The distribution of the option a reply names when llama.cpp's own sampler draws its first token at
+    temperature 1 with nothing truncated (top_k 0, top_p 1, min_p 0, no penalty: the softmax of the logits),
+    after the answer prefix, redrawn until it names an option: the next-token distribution of the main
+    context, summed over the tokens whose text is each label and renormalised over them. Computed from the
+    model's logits (one prompt evaluation) instead of drawing token by token, which costs a prompt evaluation
+    per draw; the prompt is tokenized as create_completion tokenizes it, not by the scoring code under test."""
     prompt = backend.chat_format(messages=messages).prompt + ANSWER_PREFIX
-    for attempt in range(50):
-        text = backend.llm.create_completion(
-            prompt, max_tokens=1, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed * 100 + attempt
-        )["choices"][0]["text"].strip()
-        if text in labels:
-            return text
-    raise AssertionError(f"the model named no option in 50 draws: {text!r}")
+    tokens = backend.llm.tokenize(prompt.encode("utf-8"), special=True)
+    with backend.scoring_lock:
+        backend._eval_reusing_prefix(tokens)  # the question's prefix is evaluated once per item
+        logits = np.array(backend.llm.scores[backend.llm.n_tokens - 1], dtype=np.float64)
+    weights = np.exp(logits - logits.max())
+    named = _label_tokens(backend, tuple(labels))
+    mass = np.array([weights[named[label]].sum() for label in labels])
+    assert mass.sum() > 0, f"the model gives no weight to any option {labels}"
+    return mass / mass.sum()
+
+
+_LABEL_TOKENS: dict = {}
+
+
+def _label_tokens(backend, labels: tuple[str, ...]) -> dict[str, list[int]]:
+    """label -> the ids of every token whose text, stripped, is that label (as create_completion's text is)."""
+    if labels not in _LABEL_TOKENS:
+        texts = [backend.llm.detokenize([token]).decode("utf-8", errors="ignore").strip()
+                 for token in range(backend.llm.n_vocab())]
+        _LABEL_TOKENS[labels] = {label: [t for t, text in enumerate(texts) if text == label] for label in labels}
+    return _LABEL_TOKENS[labels]
 
 
 @pytest.mark.slow
 def test_exact_agrees_with_sampling_on_the_embedded_model(tmp_path, shared_data, embedded):
+    """The exact estimator's figures lie inside the bootstrap intervals of a Monte Carlo of the same two turns:
+    first answers drawn from the model's own distribution over the options, then a reask after each drawn
+    answer and a second answer drawn from the distribution that follows it."""
     data = shared_data / "commonsense_qa.jsonl"
     n_items, n_samples = 16, 12
     exact = evaluate(task="mcq", data=data, limit=n_items, estimator="exact", backend=embedded, db=tmp_path / "r.sqlite")
@@ -126,20 +147,22 @@ def test_exact_agrees_with_sampling_on_the_embedded_model(tmp_path, shared_data,
     assert exact_report["n_items"] == n_items
 
     task = load_task("mcq", data)
+    rng = np.random.default_rng(0)
     a = np.zeros((n_items, n_samples), dtype=bool)
     b = np.zeros((n_items, n_samples), dtype=bool)
     for i, item in enumerate(task.items[:n_items]):
         labels, question = task.labels(item), task.prompt(item)
-        # An item's first answers, then its second answers in the order of the first: llama.cpp keeps the KV cache
-        # of the prompt it computed last, so each distinct prompt is computed once, not once per draw.
-        firsts = [_sample_label(embedded, [{"role": "user", "content": question}], labels, seed=2 * (i * n_samples + j))
-                  for j in range(n_samples)]
-        for j in sorted(range(n_samples), key=lambda j: firsts[j]):
-            context = [{"role": "user", "content": question},
-                       {"role": "assistant", "content": f"{ANSWER_PREFIX} {firsts[j]}."},
-                       {"role": "user", "content": question}]  # reask
-            second = _sample_label(embedded, context, labels, seed=2 * (i * n_samples + j) + 1)
-            a[i, j], b[i, j] = firsts[j] == item.target, second == item.target
+        first = _label_distribution(embedded, [{"role": "user", "content": question}], labels)
+        firsts = rng.choice(labels, size=n_samples, p=first)
+        after: dict[str, np.ndarray] = {}  # one evaluation per distinct first answer
+        for j, given in enumerate(firsts):
+            if given not in after:
+                context = [{"role": "user", "content": question},
+                           {"role": "assistant", "content": f"{ANSWER_PREFIX} {given}."},
+                           {"role": "user", "content": question}]  # reask
+                after[given] = _label_distribution(embedded, context, labels)
+            second = rng.choice(labels, p=after[given])
+            a[i, j], b[i, j] = given == item.target, second == item.target
     sampled = metrics.pair_metrics(a, b, n_boot=2000, seed=0)
     for name in ("acc1", "acc2", "cl", "cs"):
         low, high = sampled["ci"][name]

@@ -16,14 +16,17 @@ what llama.cpp checks against the base tensor's [in, out].
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..models.identity import file_digest
 
 # The architectures whose q/k rows llama.cpp's converter permutes (transformers' GGUF loader reverses it for
 # the same ones). Others are refused rather than exported without being checked against llama.cpp.
@@ -37,22 +40,57 @@ def llama_permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+@dataclass(frozen=True)
+class GgufBase:
+    """What the export needs of a GGUF base: its architecture, the metadata of that architecture
+    (`{arch}.block_count`, ...), and every tensor's shape in GGUF order ([in, out])."""
+
+    architecture: str | None
+    metadata: dict
+    shapes: dict[str, tuple[int, ...]]
+
+    def field(self, key: str, path: Path):
+        if key not in self.metadata:
+            raise UserError(f"{path}: the GGUF metadata has no {key}")
+        return self.metadata[key]
+
+
+def read_base(path: Path) -> GgufBase:
+    """`path`'s GgufBase, read once per file content in a process (reading parses every tensor's header: about
+    2 s for the embedded model; a training checks the base before it starts and exports for it at the end)."""
+    return _read_base(path, file_digest(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_base(path: Path, digest: str) -> GgufBase:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    # Only the architecture's own keys: the tokenizer's (tens of thousands of strings) are not needed.
+    metadata = {key: value.contents() for key, value in reader.fields.items() if arch and key.startswith(f"{arch}.")}
+    return GgufBase(arch, metadata, {tensor.name: tuple(int(n) for n in tensor.shape) for tensor in reader.tensors})
+
+
 def write_gguf_adapter(adapter_dir: Path, out_path: Path, base_gguf: Path) -> None:
     """Write the PEFT adapter in `adapter_dir` (adapter_config.json, adapter_model.safetensors) as a llama.cpp
     LoRA adapter for `base_gguf` at `out_path`; the file appears whole or not at all."""
     import gguf
 
     alpha = _lora_alpha(adapter_dir / "adapter_config.json")
-    reader = gguf.GGUFReader(base_gguf)
-    arch = _field(reader, "general.architecture", base_gguf)
+    base = read_base(base_gguf)
+    arch = base.architecture
+    if arch is None:
+        raise UserError(f"{base_gguf}: the GGUF metadata has no general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{base_gguf}: a LoRA adapter for llama.cpp can be written for a {' or '.join(sorted(SUPPORTED_ARCHITECTURES))} "
                         f"GGUF, not {arch}; use an hf: base to measure it on transformers")
-    n_head = int(_field(reader, f"{arch}.attention.head_count", base_gguf))
-    kv_key = f"{arch}.attention.head_count_kv"  # absent when every head has its own keys
-    n_head_kv = int(reader.fields[kv_key].contents()) if kv_key in reader.fields else n_head
-    n_blocks = int(_field(reader, f"{arch}.block_count", base_gguf))
-    base_shapes = {tensor.name: tuple(int(n) for n in tensor.shape) for tensor in reader.tensors}  # GGUF order: [in, out]
+    n_head = int(base.field(f"{arch}.attention.head_count", base_gguf))
+    # absent when every head has its own keys
+    n_head_kv = int(base.metadata.get(f"{arch}.attention.head_count_kv", n_head))
+    n_blocks = int(base.field(f"{arch}.block_count", base_gguf))
+    base_shapes = base.shapes
     model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(model_arch, n_blocks)
 
@@ -131,8 +169,3 @@ def _peft_tensors(path: Path) -> dict[str, np.ndarray]:
     except (OSError, SafetensorError) as err:
         raise UserError(f"{path}: cannot read the adapter weights ({err})") from None
 
-
-def _field(reader, key: str, path: Path):
-    if key not in reader.fields:
-        raise UserError(f"{path}: the GGUF metadata has no {key}")
-    return reader.fields[key].contents()

@@ -87,27 +87,17 @@ def check_trainable(spec: str) -> None:
 def _check_llama_cpp_adapter(spec: ModelSpec) -> None:
     """A model trained from a llama.cpp base runs on llama.cpp with its adapter written as GGUF, which
     export_gguf can do for some architectures only: refuse the others before training rather than after."""
-    from .export_gguf import SUPPORTED_ARCHITECTURES
+    from .export_gguf import SUPPORTED_ARCHITECTURES, read_base
 
     path = spec.gguf
     try:
-        architecture = _gguf_architecture(path, file_digest(path))
+        architecture = read_base(path).architecture
     except (OSError, ValueError) as error:
         raise UserError(f"--model {spec.text}: cannot read it as GGUF ({error})") from None
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"--model {spec.text}: a {architecture} model cannot be fine-tuned for llama.cpp here (its LoRA "
                         f"is written for {', '.join(sorted(SUPPORTED_ARCHITECTURES))} models); train hf:{path} "
                         "to measure it on transformers")
-
-
-@functools.lru_cache(maxsize=4)
-def _gguf_architecture(path: Path, digest: str) -> str | None:
-    """general.architecture of a GGUF file (reading it parses every tensor's header: 2 s for the embedded
-    model), kept per file content."""
-    import gguf
-
-    field = gguf.GGUFReader(path).fields.get("general.architecture")
-    return field.contents() if field is not None else None
 
 
 def read_training_data(path: Path) -> TrainingData:
