@@ -236,7 +236,8 @@ def test_sft_is_each_question_as_asked_then_its_solution(reask, verify):
         for index in range(N)
     ]
     assert rows[0]["prompt"] == [_user(load_task("arithmetic").prompt(_items()[0]))]  # the instruction included
-    assert summary == {"recipe": "sft", "rows": 10, "parts": {"sft": 10}, "runs": 2, "items": 10, "left_out": {},
+    assert summary == {"recipe": "sft", "rows": 10, "parts": {"sft": 10}, "runs": 2, "items": 10, "clt_share": 0.4,
+                       "kept": {}, "repeated": {}, "left_out": {},
                        "skipped": {"stopped": 0, "no_reply": 0, "incomplete": 0}}
 
 
@@ -284,6 +285,93 @@ def test_cct_reaches_the_clt_share_by_leaving_rows_out(reask, share, kept_clt, k
     assert kept == relabel  # every row one of the candidates, none repeated, in the candidates' order
     assert summary["left_out"] == {"clt": 6 - kept_clt, "cst": 4 - kept_cst}
     assert build_rows([reask], "cct", clt_share=share, seed=3)[0] == rows  # seeded
+
+
+@pytest.mark.parametrize("share, clt_rows, cst_rows", [
+    (0.4, 6, 9),  # 6 clt for 4 cst is too many: the cst side grows to round(0.6 * 6 / 0.4) = 9 (4 kept, 5 repeats)
+    (0.8, 16, 4),  # too few clt: they grow to round(0.8 * 4 / 0.2) = 16 (6 kept, 10 repeats)
+    (0.6, 6, 4),  # the share the candidates have: nothing repeated
+])
+def test_cct_repeat_reaches_the_clt_share_by_repeating_the_smaller_side(reask, share, clt_rows, cst_rows):
+    rows, summary = build_rows([reask], "cct", clt_share=share, balance="repeat", seed=3)
+    parts = [row["source"]["part"] for row in rows]
+    assert parts == ["clt"] * clt_rows + ["cst"] * cst_rows
+    candidates = {side: build_rows([reask], side)[0] for side in ("clt", "cst")}
+    for side, count in (("clt", clt_rows), ("cst", cst_rows)):
+        mine = [{**row, "source": {**row["source"], "recipe": side}} for row in rows if row["source"]["part"] == side]
+        whole, rest = divmod(count, len(candidates[side]))
+        # every candidate as many whole times as fit, then distinct candidates for the rest, none left out
+        assert mine[: whole * len(candidates[side])] == candidates[side] * whole
+        extra = mine[whole * len(candidates[side]):]
+        assert len(extra) == rest and all(row in candidates[side] for row in extra)
+        assert len({json.dumps(row, sort_keys=True) for row in extra}) == rest
+    assert summary["kept"] == {"clt": 6, "cst": 4} and summary["left_out"] == {"clt": 0, "cst": 0}
+    assert summary["repeated"] == {"clt": clt_rows - 6, "cst": cst_rows - 4}
+    assert build_rows([reask], "cct", clt_share=share, balance="repeat", seed=3)[0] == rows  # seeded
+    line = summary_line(summary)
+    assert f"for a clt share of {share:g}: clt 6 kept" in line and "cst 4 kept" in line
+    assert ("repeats" in line) == (share != 0.6)
+
+
+def test_gold_clt_rows_put_the_solution_in_place_of_the_previous_reply(reask):
+    rows, summary = build_rows([reask], "clt", clt_source="gold")
+    question = load_task("arithmetic").prompt(_items()[0])
+    assert rows == [
+        {"prompt": [_user(load_task("arithmetic").prompt(_items()[index])), _assistant(_solution(index)),
+                    _user(load_task("arithmetic").prompt(_items()[index]))],
+         "completion": [_assistant(_solution(index))],
+         "source": {**_source(reask, "clt", "clt", index, 1), "previous_reply": "gold"}}
+        for index in range(N)  # every correction round, right or wrong before it
+    ]
+    assert rows[0]["prompt"][0] == _user(question)
+    # cct with gold clt rows: 10 clt for 4 cst; at the share 0.4, 10 clt need 15 cst, so repeat grows cst
+    rows, summary = build_rows([reask], "cct", clt_source="gold", balance="repeat")
+    assert summary["kept"] == {"clt": 10, "cst": 4} and summary["repeated"] == {"clt": 0, "cst": 11}
+
+
+def test_gold_clt_rows_are_refused_for_strategies_whose_prompt_answers_the_reply(reask, verify):
+    with pytest.raises(UserError, match=r"strategy 'verify-then-revise' asks for replies in its correction round"):
+        build_rows([reask, verify], "cct", clt_source="gold")
+    with pytest.raises(UserError, match=r"^--clt-source gold: recipe scl has no clt rows"):
+        build_rows([reask], "scl", clt_source="gold")
+    with pytest.raises(UserError, match=r"^--balance keep: choose one of drop, repeat$"):
+        build_rows([reask], "cct", balance="keep")
+    with pytest.raises(UserError, match=r"^--clt-source theirs: choose one of own, gold$"):
+        build_rows([reask], "cct", clt_source="theirs")
+
+
+def test_gold_anywhere_else_in_a_prompt_is_still_caught(reask, monkeypatch):
+    """The check lets the gold previous reply of a gold clt row through, and nothing else: gold put into another
+    message of such a row is an internal error."""
+    import selfcorrect.train.data as data
+
+    real = data._correction_rows
+
+    def leaking(sources, with_cst=True):
+        clt, cst = real(sources, with_cst)
+        clt[0]["prompt"][-1] = _user(clt[0]["prompt"][-1]["content"] + "\n" + _solution(0))
+        return clt, cst
+
+    monkeypatch.setattr(data, "_correction_rows", leaking)
+    with pytest.raises(RuntimeError, match="gold solution is in a user message"):
+        build_rows([reask], "clt", clt_source="gold")
+
+
+def test_every_correction_round_of_a_multi_round_run_gives_rows(db):
+    """Three reask rounds: round r's rows take round r - 1's reply as the previous reply (item 0 is right, then
+    wrong after its first correction, and stays wrong)."""
+    run = load_run(evaluate(limit=N, strategy="reask", rounds=3, backend=ScriptedBackend(_reask_reply, "scripted:reask3"),
+                            db=db).run_id, db)
+    clt, _ = build_rows([run], "clt")
+    cst, _ = build_rows([run], "cst")
+    by_round = {r: sorted(row["source"]["item"] for row in clt if row["source"]["round"] == r) for r in (1, 2, 3)}
+    right_after_first = {i for i in range(N) if (i in RIGHT_FIRST) != (i in FLIPS)}
+    assert by_round[1] == sorted(f"arith-{i}" for i in RIGHT_FIRST)
+    assert by_round[2] == by_round[3] == sorted(f"arith-{i}" for i in right_after_first)
+    assert len(clt) + len(cst) == 3 * N
+    row = next(row for row in cst if row["source"]["round"] == 3 and row["source"]["item"] == "arith-0")
+    assert row["prompt"] == _turn(run, 0, 3).messages[:-1] and row["completion"] == [_assistant(_solution(0))]
+    assert len(build_rows([run], "pam")[0]) == 3 * N
 
 
 def test_cct_rounds_halves_up_over_several_runs(reask, verify):
@@ -455,7 +543,11 @@ def test_the_data_command_writes_the_rows_and_says_what_they_are(db, reask):
     assert done.returncode == 0, done.stderr
     assert [json.loads(line) for line in path.read_text().splitlines()] == build_rows([reask], "cct")[0]
     assert done.stdout.strip() == (f"wrote {path}: cct: 7 rows (3 clt, 4 cst) from 7 items of 1 run(s); "
-                                   "left out 3 clt rows for the clt share")
+                                   "for a clt share of 0.4: clt 3 kept, 3 left out; cst 4 kept")
+    repeated = cli("data", reask.run_id[:8], "--recipe", "cct", "--balance", "repeat", "--clt-source", "gold",
+                   "--output", str(path), "--db", str(db))
+    assert repeated.returncode == 0, repeated.stderr
+    assert repeated.stdout.strip().endswith("for a clt share of 0.4: clt 10 kept; cst 4 kept and 11 repeats")
 
 
 def test_the_data_command_refuses_in_one_line_and_writes_nothing(tmp_path):

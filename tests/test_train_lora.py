@@ -189,6 +189,10 @@ def test_every_training_option_reaches_the_training_from_both_commands(tmp_path,
     for flag, refusal in (("--lora-r", "--lora-r 0: must be above 0"), ("--max-steps", "--max-steps 0: must be at least 1")):
         refused = cli(command, *where, flag, "0")
         assert refused.returncode == 2 and refused.stderr.strip() == f"error: {refusal}", refused.stderr
+    if command == "improve":  # and every data option of `data`
+        assert "--balance" in shown and "--clt-source" in shown and "--clt-share" in shown
+        refused = cli(command, *where, "--strategy", "critique", "--clt-source", "gold")
+        assert refused.returncode == 2 and "strategy 'critique' asks for replies" in refused.stderr, refused.stderr
     assert not (tmp_path / "runs.sqlite").exists() and not (tmp_path / "loop").exists()
     assert not (tmp_path / "adapter").exists()
 

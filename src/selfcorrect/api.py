@@ -245,11 +245,13 @@ def regrade(
         store.close()
 
 
-def grade_reply(task: str, item_id: str, reply: str, *, data: str | Path | None = None,
+def grade_reply(task: str, item_id: str, reply: str | Callable[[], str], *, data: str | Path | None = None,
                 task_options: dict[str, str] | None = None, grader_timeout: float = DEFAULT_TIMEOUT_S,
                 isolation: str = "auto") -> Grade:
     """The grade of `reply` to item `item_id` of `task`, by the task's grader in a grading process (within
-    `grader_timeout` seconds, model-written code inside `isolation`'s boundary), as a run would grade it."""
+    `grader_timeout` seconds, model-written code inside `isolation`'s boundary), as a run would grade it.
+    `reply` may be a function that returns it, called once everything else is checked (a reply read from
+    standard input is not waited for when a flag is wrong)."""
     check_grader_timeout(grader_timeout)
     check_isolation_mode(isolation)
     the_task = load_task(task, Path(data).expanduser() if data is not None else None, task_options)
@@ -257,8 +259,9 @@ def grade_reply(task: str, item_id: str, reply: str, *, data: str | Path | None 
     found = [candidate for candidate in the_task.items if candidate.id == item_id]
     if not found:
         raise UserError(f"--item {item_id}: no such item in task '{task}' (ids look like {the_task.items[0].id!r})")
+    text = reply() if callable(reply) else reply
     with GraderPool(grader_timeout, processes=1) as graders, using(isolation):
-        return graders.limit(the_task.grade)(found[0], reply)
+        return graders.limit(the_task.grade)(found[0], text)
 
 
 def _grade_all(task: Task, replies: list[tuple], grader_timeout: float) -> list:

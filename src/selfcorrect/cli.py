@@ -32,6 +32,7 @@ from .report import grader_note, print_comparison, print_improvement, print_repo
 from .store import Store, db_path, default_db_path
 from .strategies import all_strategies
 from .tasks import all_tasks, load_task
+from .train.data import DataSettings
 from .train.settings import Hyperparameters
 
 app = typer.Typer(
@@ -144,6 +145,33 @@ GRADER_TIMEOUT_HELP = (
     "seconds one grade may take; a grade that takes longer is recorded as wrong ('grader timeout'). "
     "Code graders are bounded by the sandbox's own timeout instead"
 )
+
+
+def options_from(settings: type, into: str) -> Callable[[Callable], Callable]:
+    """A decorator: the command gets a flag for each field of the dataclass `settings` that it does not declare
+    itself (flag, default and help from the field's metadata), handed to it together as the dict `into`. The
+    defaults of such settings (training hyperparameters, data settings) live in one place, and every command
+    that takes them takes all of them."""
+    def decorate(command: Callable) -> Callable:
+        own = inspect.signature(command).parameters
+        added = [setting for setting in fields(settings) if setting.name not in own]
+        types = typing.get_type_hints(settings)
+
+        @functools.wraps(command)
+        def with_options(**given):
+            return command(**given | {into: {setting.name: given.pop(setting.name) for setting in added}})
+
+        options = [inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[setting.name],
+                                     default=typer.Option(setting.default, setting.metadata["flag"],
+                                                          help=setting.metadata["help"]))
+                   for setting in added]
+        with_options.__signature__ = inspect.Signature([*(p for p in own.values() if p.name != into), *options])
+        with_options.__annotations__ = {**typing.get_type_hints(command), **{p.name: p.annotation for p in options}}
+        with_options.__annotations__.pop(into, None)
+        del with_options.__wrapped__  # Typer reads the signature above, not the command's own
+        return with_options
+
+    return decorate
 
 
 def parse_temperature(text: str | None) -> float | str | None:
@@ -313,55 +341,34 @@ def compare(
 
 
 def _recipes_help() -> str:
-    from .train.data import all_recipes  # dependency-free: no trainer is imported
+    from .train.data import all_recipes
 
     return "; ".join(f"{name}: {recipe.description}" for name, recipe in all_recipes().items())
 
 
 @app.command()
 @user_errors
+@options_from(DataSettings, "settings")
 def data(
     run_ids: list[str] = typer.Argument(..., help="runs to build from (ids or unique prefixes), all of one task"),
     recipe: str = typer.Option(..., help=_recipes_help()),
     output: Path = typer.Option(..., help="the JSONL file to write (TRL's conversational formats)"),
-    clt_share: float = typer.Option(0.4, help="cct, sft+cct: the share of cct rows that keep a right first reply"),
-    seed: int = typer.Option(0, help="seed of which rows cct leaves out to reach --clt-share"),
+    seed: int = typer.Option(0, help="seed of which rows cct leaves out or repeats to reach --clt-share"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
+    settings: dict = None,
 ):
-    """Build training data from stored runs: every sample a source of rows, gold solutions only as targets."""
+    """Build training data from stored runs: every sample and correction round a source of rows, gold solutions
+    as targets."""
     from .train.data import build_rows, summary_line, write_rows
 
-    rows, summary = build_rows([load_run(run_id, db) for run_id in run_ids], recipe, clt_share=clt_share, seed=seed)
+    rows, summary = build_rows([load_run(run_id, db) for run_id in run_ids], recipe, DataSettings(**settings), seed=seed)
     write_rows(rows, output)
     out.print(f"wrote {output}: {summary_line(summary)}", highlight=False, soft_wrap=True)
 
 
-def training_options(command: Callable) -> Callable:
-    """`command` with a flag for each field of train.settings.Hyperparameters that it does not declare itself
-    (name, default and help from the field), handed to it together as `hyperparameters` (a dict): the training
-    options' defaults live in one place, and every command that trains takes all of them."""
-    own = inspect.signature(command).parameters
-    added = [setting for setting in fields(Hyperparameters) if setting.name not in own]
-    types = typing.get_type_hints(Hyperparameters)
-
-    @functools.wraps(command)
-    def with_options(**given):
-        return command(**given | {"hyperparameters": {setting.name: given.pop(setting.name) for setting in added}})
-
-    options = [inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[setting.name],
-                                 default=typer.Option(setting.default, setting.metadata["flag"],
-                                                      help=setting.metadata["help"]))
-               for setting in added]
-    with_options.__signature__ = inspect.Signature([*(p for p in own.values() if p.name != "hyperparameters"), *options])
-    with_options.__annotations__ = {**typing.get_type_hints(command), **{p.name: p.annotation for p in options}}
-    with_options.__annotations__.pop("hyperparameters", None)
-    del with_options.__wrapped__  # Typer reads the signature above, not the command's own
-    return with_options
-
-
 @app.command("train")
 @user_errors
-@training_options
+@options_from(Hyperparameters, "hyperparameters")
 def train_command(
     data: Path = typer.Argument(..., help="training data (JSONL) written by `selfcorrect data`"),
     model: str = typer.Option("embedded", help="base model: embedded | llamacpp:PATH.gguf | hf:PATH_OR_ID"),
@@ -383,7 +390,8 @@ def train_command(
 
 @app.command()
 @user_errors
-@training_options
+@options_from(Hyperparameters, "hyperparameters")
+@options_from(DataSettings, "data_settings")
 def improve(
     output: Path = typer.Option(..., help="folder for each recipe's training data and adapter (OUTPUT/RECIPE/)"),
     recipe: list[str] = typer.Option(["cct"], help="training recipe (repeatable: one adapter each); see `selfcorrect data --help`"),
@@ -400,11 +408,11 @@ def improve(
     temperature: float = typer.Option(0.0, help="sampling temperature of the training run"),
     split_seed: int = typer.Option(0, help="seed of the split of the questions into training and held-out parts"),
     test_share: float = typer.Option(0.5, help="share of the questions held out"),
-    clt_share: float = typer.Option(0.4, help="cct: the share of rows that keep a right answer"),
     seed: int = typer.Option(0, help="seed for the split of rows, the training and the bootstrap"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     hyperparameters: dict = None,
+    data_settings: dict = None,
 ):
     """Measure, build training data, fine-tune, measure again: base and trained models on held-out items, compared."""
     from .train.loop import improve as run_loop
@@ -413,7 +421,7 @@ def improve(
     result = run_loop(
         output, recipe, task=task, task_options=parse_task_options(task_opt, field, grader), data=data, model=model,
         strategy=strategy, train_limit=train_limit, test_limit=test_limit, samples=samples, temperature=temperature,
-        split_seed=split_seed, test_share=test_share, clt_share=clt_share, seed=seed, db=db,
+        split_seed=split_seed, test_share=test_share, data_settings=DataSettings(**data_settings), seed=seed, db=db,
         train_options=hyperparameters, progress=lambda: run_progress(err, db, every),
         say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
     )
@@ -577,13 +585,16 @@ def grade(
     """Grade one reply to one item and print {"correct", "reason", "answer"} as JSON."""
     if str(response) != "-" and not response.is_file():
         raise UserError(f"--response {response}: no such file; give a file with the reply, or - for standard input")
-    raw = sys.stdin.buffer.read() if str(response) == "-" else response.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"--response {response}: not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}); "
-                        "save the reply as UTF-8") from None
-    verdict = grade_reply(task, item, text, data=data, task_options=parse_task_options(task_opt, field, grader),
+
+    def reply() -> str:
+        raw = sys.stdin.buffer.read() if str(response) == "-" else response.read_bytes()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"--response {response}: not UTF-8 text (byte {error.start} is {raw[error.start]:#04x}); "
+                            "save the reply as UTF-8") from None
+
+    verdict = grade_reply(task, item, reply, data=data, task_options=parse_task_options(task_opt, field, grader),
                           grader_timeout=grader_timeout, isolation=isolation)
     print(json.dumps({"correct": verdict.correct, "reason": verdict.reason, "answer": verdict.answer,
                       "item_id": item, "extra": verdict.extra}))

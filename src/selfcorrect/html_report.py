@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from .estimators import ESTIMATORS
+from .estimators import ESTIMATORS, estimator_named
 from .results import Run
 from .report import _num, _run_labels, http_line, isolation_line
 from .store import Turn
@@ -102,8 +102,8 @@ def _runs_table(reports: list[dict], labels: dict[str, str]) -> str:
             *(_cell(_num(r["acc"][t] if r["acc"] else None), "num") for t in (0, -1)),
             *(_cell(_num(first_last.get(name)), "num") for name in ("cl", "cs", "rss")),
         ]) + "</tr>")
-    notes = "".join(f"<li>{escape(estimator.note)}</li>" for name, estimator in ESTIMATORS.items()
-                    if any(r["estimator"] == name for r in reports))
+    used = {estimator_named(r["estimator"]) for r in reports}
+    notes = "".join(f"<li>{escape(estimator.note)}</li>" for estimator in ESTIMATORS.values() if estimator in used)
     isolation = [(labels[r["run_id"]], isolation_line(r["grading"]["isolation"], r["grading"]["isolation_notes"])) for r in reports]
     isolation_notes = "".join(f'<p class="note">{escape(label)}: {escape(line)}</p>' for label, line in isolation if line)
     traffic = [(labels[r["run_id"]], http_line(r.get("http"))) for r in reports]

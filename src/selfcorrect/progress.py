@@ -113,8 +113,11 @@ class ProgressLines:
 def _unit(run_id: str, db: str | Path | None) -> str:
     """What a run's progress counts (its estimator's unit: turns, or scoring passes), read from its stored config
     as the run is going on; "turns" if it cannot be read."""
-    config = stored_config(db_path(db), run_id)
-    return estimator_named(config["estimator"]).unit if config else "turns"
+    config = stored_config(db_path(db), run_id) or {}
+    try:
+        return estimator_named(config["estimator"]).unit
+    except KeyError:  # not readable yet, or of an estimator this version does not know
+        return "turns"
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from rich.table import Table
 from .estimators import estimator_named
 from .models.spec import ModelSpec
 from .protocols import YANG2025_TASKS
-from .tasks import TASKS
+from .tasks import all_tasks
 
 
 METRIC_LABELS = (
@@ -89,7 +89,7 @@ def grader_note(config: dict) -> str:
     if no_grades := estimator_named(config["estimator"]).no_grades:
         return no_grades
     identity = config["task"]
-    entry = TASKS.get(identity["task"])
+    entry = all_tasks().get(identity["task"])
     name = identity.get("grader") or (entry.grader if entry is not None and not entry.grader.startswith("-") else None)
     if name is None:
         return f"unknown (task '{identity['task']}' is not registered here and the run did not record its grader)"

@@ -58,8 +58,10 @@ def run_grid(
     check_model_spec(model)
     if samples is not None and samples < 1:
         raise UserError(f"--samples {samples}: must be at least 1")
+    common = RunConfig(model=model, rounds=1, limit=limit, seed=seed, db=db, concurrency=concurrency, rpm=rpm, tpm=tpm,
+                       max_tokens=max_tokens)
+    common.check()  # before the model is loaded
     backend = load_model(model, concurrency=concurrency, rpm=rpm, tpm=tpm)
-    common = RunConfig(model=model, rounds=1, limit=limit, seed=seed, db=db, concurrency=concurrency, rpm=rpm, tpm=tpm)
     cells = []
     for task in tasks:
         cell = replace(common, task=YANG2025_TASKS[task], data=data.get(task))
@@ -68,7 +70,7 @@ def run_grid(
         problem = None if sampled else scoring_problem(backend)
         # --samples shrinks the sampled tasks only (the exact estimator draws no samples), --max-tokens every task.
         shrunk = {"samples": samples} if samples is not None and (sampled or problem) else {}
-        if max_tokens is not None:
+        if max_tokens is not None:  # given, so the preset's cap gives way
             shrunk["max_tokens"] = max_tokens
         config = with_protocol(replace(cell, **shrunk), protocol, set(shrunk), sampled=bool(problem))
         if problem:

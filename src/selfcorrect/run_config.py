@@ -57,6 +57,10 @@ class RunConfig:
     tpm: float | None = None
     db: str | Path | None = None
 
+    def __post_init__(self):
+        if self.task_options is None:  # as evaluate() has always taken it: no options
+            object.__setattr__(self, "task_options", {})
+
     def check(self) -> None:
         """Refuse (UserError) settings that are wrong whatever the task and model."""
         if self.rounds < 0:
@@ -98,8 +102,9 @@ def run_config(config: RunConfig | None = None, **settings) -> RunConfig:
     unknown = sorted(set(settings) - {f.name for f in fields(RunConfig)})
     if unknown:
         raise UserError(f"evaluate: unknown setting {unknown[0]}; the settings are RunConfig's fields")
-    if settings.get("task_options", {}) is None:
-        settings["task_options"] = {}
+    if config is not None and not isinstance(config, RunConfig):
+        raise UserError(f"evaluate: the first argument is a RunConfig, not {config!r}; give settings as keywords, "
+                        "e.g. evaluate(task=\"gsm8k\")")
     return replace(config or RunConfig(), **settings)
 
 

@@ -39,12 +39,18 @@ class Backend(Protocol):
         ...
 
 
+def scores_options(backend: Backend) -> bool:
+    """Whether `backend` has option scoring at all (`option_probs`); a server may still refuse it, which
+    `option_scoring_problem` asks."""
+    return callable(getattr(backend, "option_probs", None))
+
+
 def option_scoring_problem(backend: Backend) -> str | None:
     """Why `backend` cannot score option labels (the exact estimator, P(True)), or None when it can; the one
     place this is decided. A backend without `option_probs` cannot. One with an `option_scoring_problem` of
     its own (an HTTP server, a Ray pool of them) is asked: a server is probed once, and BackendError says that
     it could not be reached. Any other (a model computed in this process) can."""
-    if not callable(getattr(backend, "option_probs", None)):
+    if not scores_options(backend):
         return "it cannot score option labels"
     ask = getattr(backend, "option_scoring_problem", None)
     return ask() if ask is not None else None

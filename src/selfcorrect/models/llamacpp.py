@@ -13,7 +13,7 @@ import numpy as np
 from .base import Completion, Message
 from .identity import file_digest, llama_cpp_build
 from .llamacpp_batch import BatchDecoder, attach_lora
-from .spec import embedded_model_path as embedded_model_path  # where the docs and earlier versions import it from
+from .spec import embedded_model_path as embedded_model_path  # where earlier versions imported it from
 
 
 class LlamaCppBackend:

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from ..errors import UserError
-from .base import BackendError, Completion, Message, counts_prompt_tokens, option_scoring_problem
+from .base import BackendError, Completion, Message, counts_prompt_tokens, option_scoring_problem, scores_options
 from .spec import ModelSpec, check_model_spec
 
 INSTALL_HINT = "needs the ray extra: pip install 'selfcorrect[ray]'"
@@ -128,7 +128,7 @@ class ModelActor:
         return {
             "identity": self.backend.identity,
             "max_in_flight": getattr(self.backend, "max_in_flight", 1),
-            "scores_options": callable(getattr(self.backend, "option_probs", None)),
+            "scores_options": scores_options(self.backend),
             "counts_tokens": counts_prompt_tokens(self.backend),
             "node": ray.util.get_node_ip_address(),
         }

@@ -70,7 +70,7 @@ class ModelSpec:
     @cached_property
     def trained(self) -> TrainedModel | None:
         """The adapter directory, card and base of a `lora:` model (read and checked once); None otherwise."""
-        return read_trained_model(self.text) if self.kind == "lora" else None
+        return read_trained_model(self.text, self.source) if self.kind == "lora" else None
 
     @cached_property
     def base(self) -> ModelSpec | None:
@@ -89,6 +89,12 @@ class ModelSpec:
     def is_adapter(self) -> bool:
         """A trained LoRA adapter: `lora:DIR`, or `hf:DIR` where DIR holds a PEFT adapter."""
         return self.kind == "lora" or (self.kind == "hf" and (Path(self.source).expanduser() / PEFT_CONFIG_FILE).is_file())
+
+    @property
+    def trainable(self) -> bool:
+        """Whether `selfcorrect train` can fine-tune it: a model whose weights are here (embedded, a GGUF file, an
+        hf: model), not a trained adapter and not a server."""
+        return self.kind in ("embedded", "llamacpp", "hf") and not self.is_adapter
 
     @property
     def over_http(self) -> bool:

@@ -39,9 +39,8 @@ class TrainedModel:
         return set(questions)
 
 
-def read_trained_model(spec: str) -> TrainedModel:
-    """The adapter directory `lora:DIR` names and its card."""
-    folder = spec.removeprefix("lora:")
+def read_trained_model(spec: str, folder: str) -> TrainedModel:
+    """The adapter directory `folder` (what follows `lora:` in the spec `spec`) and its card."""
     directory = Path(folder).expanduser()
     if not folder or not directory.is_dir():
         raise UserError(f"--model {spec}: no such directory; give the --output directory of selfcorrect train")

@@ -91,6 +91,9 @@ class Strategy:
     needs_critic: bool = False
     # A compute-matched baseline: picks its answer among fresh samples instead of correcting (--budget).
     baseline: bool = False
+    # Its correction turn is one prompt that does not depend on the previous reply (reask, confident, critical):
+    # another reply can stand in for the one it answered (training data with --clt-source gold).
+    fixed_prompt: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -98,10 +101,11 @@ STRATEGIES: dict[str, Strategy] = {}
 
 def register_strategy(
     name: str, description: str, *, oracle: bool = False, needs_execution_feedback: bool = False,
-    needs_critic: bool = False, baseline: bool = False,
+    needs_critic: bool = False, baseline: bool = False, fixed_prompt: bool = False,
 ) -> Callable[[CorrectFn], CorrectFn]:
     def decorate(correct: CorrectFn) -> CorrectFn:
-        STRATEGIES[name] = Strategy(name, description, correct, oracle, needs_execution_feedback, needs_critic, baseline)
+        STRATEGIES[name] = Strategy(name, description, correct, oracle, needs_execution_feedback, needs_critic, baseline,
+                                    fixed_prompt)
         return correct
 
     return decorate

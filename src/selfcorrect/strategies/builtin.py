@@ -8,7 +8,7 @@ from typing import Callable
 from . import CorrectionRound, register_strategy
 
 
-@register_strategy("reask", "ask the same question again with the previous answer in context (Yang et al.)")
+@register_strategy("reask", "ask the same question again with the previous answer in context (Yang et al.)", fixed_prompt=True)
 def reask(round: CorrectionRound) -> str:
     return round.ask(round.question)
 
@@ -21,7 +21,7 @@ def critique(round: CorrectionRound) -> str:
 
 # The two ends of Yang et al.'s confidence-critique trade-off: a prompt that licenses keeping the answer
 # moves CL up (and CS down); one that presumes a mistake moves CS up (and CL down).
-@register_strategy("confident", "reconsider, keeping the answer unless sure it is wrong (raises CL)")
+@register_strategy("confident", "reconsider, keeping the answer unless sure it is wrong (raises CL)", fixed_prompt=True)
 def confident(round: CorrectionRound) -> str:
     return round.ask(
         "Please double-check your previous answer. If you are confident it is correct, keep it; change it "
@@ -29,7 +29,7 @@ def confident(round: CorrectionRound) -> str:
     )
 
 
-@register_strategy("critical", "assume the answer may be wrong and look for the error (raises CS)")
+@register_strategy("critical", "assume the answer may be wrong and look for the error (raises CS)", fixed_prompt=True)
 def critical(round: CorrectionRound) -> str:
     return round.ask(
         "Your previous answer may contain a mistake. Check every step critically, find the error and give "

@@ -5,12 +5,15 @@ A recipe is one function registered with `register_recipe`, which names its row 
 up. Packages add recipes the way they add strategies: a module listed under the 'selfcorrect.recipes' entry
 point, imported when a recipe is looked up.
 
-Every conversation of a run (an item and a sample) is a source of rows. The correction round used is the
-first one (round 1): its stored conversation, without its final reply, is the prompt of clt, cst and pam
-rows, so they show the question, the model's first reply, the run's correction prompt(s) and whatever the
-strategy asked in between, exactly as the model saw them. Gold solutions (`items.solution`) are only ever
-targets; runs whose conversations carried gold (oracle strategies, in-context examples) are refused, and
-every row is checked for gold in its prompt parts before it is returned.
+Every conversation of a run (an item and a sample) is a source of rows, and every correction round of it: a
+round's stored conversation, without its final reply, is the prompt of clt, cst, scl and pam rows, so they
+show the question, the model's reply before the round (the "previous reply"), the run's correction prompt(s)
+and whatever the strategy asked in between, exactly as the model saw them. Gold solutions (`items.solution`)
+are targets; the one place gold stands in a prompt is the previous reply of a clt row built with
+`--clt-source gold` (the reference solution put in as the reply to keep, as Yang et al. build CCT from
+supervised data), which only strategies whose correction turn is a fixed prompt can take. Runs whose
+conversations carried gold (oracle strategies, in-context examples) are refused, and every row is checked for
+gold in its prompt parts before it is returned.
 
 Row formats (one JSON object per line; every row has `source`: recipe, part, run, item, sample, the round
 its target or trace comes from, and the question's key from `split.question_key`):
@@ -23,11 +26,12 @@ its target or trace comes from, and the question's key from `split.question_key`
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
 from fractions import Fraction
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -50,15 +54,46 @@ FORMATS = {
 }
 
 
+def _setting(default, flag: str, help: str):
+    return field(default=default, metadata={"flag": flag, "help": help})
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How the rows of the correction recipes are chosen (the flags of `selfcorrect data` and `improve`)."""
+
+    clt_share: float = _setting(0.4, "--clt-share", "cct, sft+cct: the share of cct rows that keep a right reply")
+    balance: str = _setting("drop", "--balance", "cct, sft+cct: reach --clt-share by leaving rows of the larger side "
+                            "out (drop) or by repeating rows of the smaller side (repeat, seeded)")
+    clt_source: str = _setting("own", "--clt-source", "clt rows from the model's own right replies (own) or with the "
+                               "gold solution put in as the previous reply (gold: reask, confident, critical runs)")
+
+    def check(self) -> None:
+        if not 0 <= self.clt_share <= 1:
+            raise UserError(f"--clt-share {self.clt_share:g}: must be from 0 to 1 (the share of cct rows that keep a "
+                            "right reply)")
+        if self.balance not in BALANCES:
+            raise UserError(f"--balance {self.balance}: choose one of {', '.join(BALANCES)}")
+        if self.clt_source not in CLT_SOURCES:
+            raise UserError(f"--clt-source {self.clt_source}: choose one of {', '.join(CLT_SOURCES)}")
+
+
+BALANCES = ("drop", "repeat")
+CLT_SOURCES = ("own", "gold")
+
+
 @dataclass
 class Sources:
-    """What a recipe builds its rows from, and where it reports what it left out and skipped."""
+    """What a recipe builds its rows from, and where it reports what it kept, repeated, left out and skipped."""
 
     runs: list[Run]
     recipe: str
-    clt_share: float
+    settings: DataSettings
     seed: int
     skipped: dict = field(default_factory=lambda: {"stopped": 0, "no_reply": 0, "incomplete": 0})
+    # Per side of cct (clt, cst): rows kept once, rows added as repeats, rows left out for the share.
+    kept: dict = field(default_factory=dict)
+    repeated: dict = field(default_factory=dict)
     left_out: dict = field(default_factory=dict)
 
 
@@ -70,19 +105,20 @@ class Recipe:
     build: Callable[[Sources], list[dict]]
     needs_correction: bool  # rows come from a correction round (--rounds 1 or more)
     needs_gold: bool  # rows carry gold solutions as targets
+    has_clt: bool  # rows include clt rows, which --clt-source chooses
 
 
 RECIPES: dict[str, Recipe] = {}
 
 
 def register_recipe(name: str, description: str, row_format: str, *, needs_correction: bool = True,
-                    needs_gold: bool = True) -> Callable:
+                    needs_gold: bool = True, has_clt: bool = False) -> Callable:
     """Register the decorated function (Sources -> rows) as recipe `name`."""
     if row_format not in FORMATS:
         raise ValueError(f"recipe {name}: row format {row_format!r} is not one of {', '.join(FORMATS)}")
 
     def decorate(build: Callable[[Sources], list[dict]]) -> Callable[[Sources], list[dict]]:
-        RECIPES[name] = Recipe(name, description, row_format, build, needs_correction, needs_gold)
+        RECIPES[name] = Recipe(name, description, row_format, build, needs_correction, needs_gold, has_clt)
         return build
 
     return decorate
@@ -106,26 +142,37 @@ PAM_KEPT = "I checked my answer again: it is right.\n\n"
 PAM_CORRECTED = "I checked my answer again: it is wrong. Here is a corrected solution.\n\n"
 
 
-def build_rows(runs: list[Run], recipe: str, clt_share: float = 0.4, seed: int = 0) -> tuple[list[dict], dict]:
-    """(rows, summary) of `recipe` built from `runs` (as `load_run` returns them, all of one task).
+def build_rows(runs: list[Run], recipe: str, settings: DataSettings | None = None, seed: int = 0,
+               **options) -> tuple[list[dict], dict]:
+    """(rows, summary) of `recipe` built from `runs` (as `load_run` returns them, all of one task), chosen as
+    `settings` says (a DataSettings, or its fields as keywords: `clt_share=0.5, balance="repeat"`).
 
     sft: one row per distinct question of the runs (the round-0 turn's first user message, then the gold
-    solution). clt / cst: one row per conversation whose first reply is right / wrong. cct: both, with
-    `clt_share` of the rows clt: the side above its share is cut down to
-    round(clt_share * n_cst / (1 - clt_share)) clt rows, or round((1 - clt_share) * n_clt / clt_share) cst rows
-    (halves rounded up), chosen with `seed`; rows are never repeated. sft+cct: the sft rows, then the cct rows.
-    scl: one pair per conversation whose correctness flipped between round 0 and round 1. pam: one trace per
-    conversation. Correction turns where the strategy stopped (kept its answer without a new reply) or whose
-    conversation does not end with the graded reply are skipped and counted in the summary.
+    solution). clt / cst: one row per correction round whose previous reply is right / wrong (with
+    `settings.clt_source` "gold", a clt row for every correction round, the gold solution in place of the previous
+    reply). cct: both, with `settings.clt_share` of the rows clt, reached (`settings.balance`) by cutting the side
+    above its share down ("drop": to round(share * n_cst / (1 - share)) clt rows, or round((1 - share) * n_clt /
+    share) cst rows, halves rounded up) or by repeating rows of the side below it up to those counts ("repeat":
+    whole copies, then a seeded draw of the rest), chosen with `seed`. sft+cct: the sft rows, then the cct rows.
+    scl: one pair per correction round whose correctness flipped. pam: one trace per correction round.
+    Correction turns where the strategy stopped (kept its answer without a new reply) or whose conversation does
+    not end with the graded reply are skipped and counted in the summary.
     Raises UserError for runs that cannot give honest data and when the recipe gives no row.
     """
     chosen = get_recipe(recipe)
-    if not 0 <= clt_share <= 1:
-        raise UserError(f"--clt-share {clt_share:g}: must be from 0 to 1 (the share of cct rows that keep a right reply)")
+    try:
+        settings = replace(settings or DataSettings(), **options)
+    except TypeError as error:
+        raise UserError(f"data: {error}") from None
+    settings.check()
     if not runs:
         raise UserError("no run given: name the runs to build training data from")
-    _check_runs(runs, chosen)
-    sources = Sources(runs, recipe, clt_share, seed)
+    gold_clt = settings.clt_source == "gold"
+    if gold_clt and not chosen.has_clt:
+        raise UserError(f"--clt-source gold: recipe {recipe} has no clt rows; it applies to "
+                        f"{', '.join(name for name, other in RECIPES.items() if other.has_clt)}")
+    _check_runs(runs, chosen, gold_clt)
+    sources = Sources(runs, recipe, settings, seed)
     rows = chosen.build(sources)
     _check_gold_free(rows, runs)
     parts: dict[str, int] = {}
@@ -133,8 +180,8 @@ def build_rows(runs: list[Run], recipe: str, clt_share: float = 0.4, seed: int =
         parts[row["source"]["part"]] = parts.get(row["source"]["part"], 0) + 1
     summary = {
         "recipe": recipe, "rows": len(rows), "parts": parts, "runs": len(runs),
-        "items": len({row["source"]["question_sha256"] for row in rows}), "left_out": sources.left_out,
-        "skipped": sources.skipped,
+        "items": len({row["source"]["question_sha256"] for row in rows}), "clt_share": settings.clt_share,
+        "kept": sources.kept, "repeated": sources.repeated, "left_out": sources.left_out, "skipped": sources.skipped,
     }
     if not rows:
         raise UserError(f"--recipe {recipe}: gives no rows from run(s) {', '.join(run.run_id for run in runs)} "
@@ -146,9 +193,13 @@ def summary_line(summary: dict) -> str:
     """`build_rows`' summary as one line: rows per part, what was left out and skipped."""
     parts = ", ".join(f"{count} {part}" for part, count in summary["parts"].items()) or "none"
     line = f"{summary['recipe']}: {summary['rows']} rows ({parts}) from {summary['items']} items of {summary['runs']} run(s)"
-    if any(summary["left_out"].values()):
-        dropped = " and ".join(f"{count} {part}" for part, count in summary["left_out"].items() if count)
-        line += f"; left out {dropped} rows for the clt share"
+    if summary["kept"]:
+        sides = []
+        for side, kept in summary["kept"].items():
+            repeated, left_out = summary["repeated"].get(side, 0), summary["left_out"].get(side, 0)
+            sides.append(f"{side} {kept} kept" + (f" and {repeated} repeats" if repeated else "")
+                         + (f", {left_out} left out" if left_out else ""))
+        line += f"; for a clt share of {summary['clt_share']:g}: {'; '.join(sides)}"
     skipped = summary["skipped"]
     if skipped["stopped"] or skipped["no_reply"]:
         line += (f"; skipped {skipped['stopped'] + skipped['no_reply']} correction turns ({skipped['stopped']} where "
@@ -166,7 +217,15 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
     write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def _check_runs(runs: list[Run], recipe: Recipe) -> None:
+def check_gold_clt(strategy, where: str) -> None:
+    """Refuse --clt-source gold for runs of `strategy` unless its correction turn is a fixed prompt."""
+    if not strategy.fixed_prompt:
+        raise UserError(f"{where}: strategy '{strategy.name}' asks for replies in its correction round, so a gold "
+                        "solution cannot stand in for the reply it answered; --clt-source gold takes runs of "
+                        "strategies whose correction turn is a fixed prompt (reask, confident, critical)")
+
+
+def _check_runs(runs: list[Run], recipe: Recipe, gold_clt: bool) -> None:
     """Refuse runs that cannot give honest rows of `recipe`, with one line naming the run."""
     seen: set[str] = set()
     for run in runs:
@@ -196,7 +255,9 @@ def _check_runs(runs: list[Run], recipe: Recipe) -> None:
         if recipe.needs_correction and config["rounds"] == 0:
             raise UserError(f"{name}: has no correction round (--rounds 0), which recipe {recipe.name} needs; build "
                             "from a run with --rounds 1 or more")
-        if recipe.needs_gold:
+        if gold_clt:
+            check_gold_clt(strategy, name)
+        if recipe.needs_gold or gold_clt:
             lacking = [item["item_id"] for item in run.items if not item.get("solution")]
             if lacking:
                 raise UserError(
@@ -219,33 +280,32 @@ def _copy(messages: list[dict]) -> list[dict]:
 
 
 def _source(recipe: str, part: str, run: Run, item: dict, sample: int, round_: int) -> dict:
+    """Where a row came from (its `source` field); `round` is the round its target or trace comes from."""
     return {"recipe": recipe, "part": part, "run": run.run_id, "item": item["item_id"], "sample": sample,
             "round": round_, "question_sha256": question_key(item["question"])}
 
 
-def _conversations(run: Run) -> Iterator[tuple[dict, int, Turn | None, Turn | None]]:
-    """(item, sample, its round-0 turn, its round-1 turn) for every conversation of the run, in the run's order;
-    a turn not stored is None."""
+def _corrected(run: Run, skipped: dict) -> Iterator[tuple[dict, int, Turn, Turn]]:
+    """(item, sample, the turn before, the correction turn) for every correction round of every conversation of
+    the run that can give rows, in the run's order: both turns stored, the strategy did not stop, the turn before
+    ends with the reply that stands (its previous reply), and the round's conversation continues it and ends with
+    the graded reply. The others are counted in `skipped`."""
     cells = {(turn.item_id, turn.sample, turn.round): turn for turn in run.turns}
     for item in run.items:
         for sample in range(run.config["samples"]):
-            yield item, sample, cells.get((item["item_id"], sample, 0)), cells.get((item["item_id"], sample, 1))
-
-
-def _corrected(run: Run, skipped: dict) -> Iterator[tuple[dict, int, Turn, Turn]]:
-    """The conversations whose first correction can give rows: both turns stored, the strategy did not stop,
-    and the round-1 conversation continues the first turn's and ends with the graded reply. The others are
-    counted in `skipped`."""
-    for item, sample, first, correction in _conversations(run):
-        if first is None or correction is None:
-            skipped["incomplete"] += 1
-        elif correction.notes.get("stopped"):
-            skipped["stopped"] += 1
-        elif (correction.messages[: len(first.messages)] != first.messages
-              or correction.messages[-1] != _message("assistant", correction.response)):
-            skipped["no_reply"] += 1
-        else:
-            yield item, sample, first, correction
+            for round_ in range(1, run.config["rounds"] + 1):
+                before = cells.get((item["item_id"], sample, round_ - 1))
+                correction = cells.get((item["item_id"], sample, round_))
+                if before is None or correction is None:
+                    skipped["incomplete"] += 1
+                elif correction.notes.get("stopped"):
+                    skipped["stopped"] += 1
+                elif (before.messages[-1] != _message("assistant", before.response)
+                      or correction.messages[: len(before.messages)] != before.messages
+                      or correction.messages[-1] != _message("assistant", correction.response)):
+                    skipped["no_reply"] += 1
+                else:
+                    yield item, sample, before, correction
 
 
 def _sft_rows(runs: list[Run], recipe: str, skipped: dict) -> list[dict]:
@@ -269,24 +329,33 @@ def _sft_rows(runs: list[Run], recipe: str, skipped: dict) -> list[dict]:
     return rows
 
 
-def _correction_rows(runs: list[Run], recipe: str, skipped: dict) -> tuple[list[dict], list[dict]]:
-    """(clt rows, cst rows): the round-1 conversation without its final reply, then the first reply again where
-    it was right, the gold solution where it was wrong."""
+def _correction_rows(sources: Sources, with_cst: bool = True) -> tuple[list[dict], list[dict]]:
+    """(clt rows, cst rows) of every correction round: its conversation without its final reply, then the
+    previous reply again where it was right, the gold solution where it was wrong. With --clt-source gold, a clt
+    row for every round instead: the gold solution in place of the previous reply, then the gold solution again."""
     clt, cst = [], []
-    for run in runs:
-        for item, sample, first, correction in _corrected(run, skipped):
+    gold_clt = sources.settings.clt_source == "gold"
+    for run in sources.runs:
+        for item, sample, before, correction in _corrected(run, sources.skipped):
             prompt = _copy(correction.messages[:-1])
-            if first.correct:
-                clt.append({"prompt": prompt, "completion": [_message("assistant", first.response)],
-                            "source": _source(recipe, "clt", run, item, sample, 1)})
-            elif recipe != "clt":  # a clt build needs no gold: do not touch it
+            source = functools.partial(_source, sources.recipe, run=run, item=item, sample=sample,
+                                       round_=correction.round)
+            if gold_clt:
+                at = len(before.messages) - 1  # the previous reply's place in the conversation
+                gold = _message("assistant", item["solution"])
+                clt.append({"prompt": [*prompt[:at], gold, *prompt[at + 1:]], "completion": [gold],
+                            "source": {**source(part="clt"), "previous_reply": "gold"}})
+            elif before.correct:
+                clt.append({"prompt": prompt, "completion": [_message("assistant", before.response)],
+                            "source": source(part="clt")})
+            if with_cst and not before.correct:  # a clt build needs no gold: it does not touch it
                 cst.append({"prompt": prompt, "completion": [_message("assistant", item["solution"])],
-                            "source": _source(recipe, "cst", run, item, sample, 1)})
+                            "source": source(part="cst")})
     return clt, cst
 
 
 def _cct_counts(n_clt: int, n_cst: int, share: Fraction) -> tuple[int, int]:
-    """(clt rows, cst rows) to keep so that about `share` of them are clt: the side above its share is cut down,
+    """(clt rows, cst rows) so that about `share` of them are clt, by cutting the side above its share down;
     the other kept whole."""
     if share == 0:
         return 0, n_cst
@@ -297,42 +366,69 @@ def _cct_counts(n_clt: int, n_cst: int, share: Fraction) -> tuple[int, int]:
     return n_clt, min(n_cst, _round_half_up((1 - share) * n_clt / share))
 
 
+def _cct_growth(n_clt: int, n_cst: int, share: Fraction) -> tuple[int, int]:
+    """(clt rows, cst rows) so that about `share` of them are clt, by repeating rows of the side below its share;
+    the other kept whole. A side with no row cannot grow: then the other is cut as `_cct_counts` cuts it."""
+    if share in (0, 1) or n_clt == 0 or n_cst == 0:
+        return _cct_counts(n_clt, n_cst, share)
+    if n_clt * (1 - share) > n_cst * share:  # too few cst rows for the share
+        return n_clt, max(n_cst, _round_half_up((1 - share) * n_clt / share))
+    return max(n_clt, _round_half_up(share * n_cst / (1 - share))), n_cst
+
+
 def _round_half_up(value: Fraction) -> int:
     return math.floor(value + Fraction(1, 2))
 
 
 def _keep(rows: list[dict], count: int, rng: random.Random) -> list[dict]:
-    """`count` of `rows` drawn by `rng`, in their original order."""
-    return [rows[index] for index in sorted(rng.sample(range(len(rows)), count))]
+    """`count` rows of `rows`, in their original order: a draw by `rng` of fewer than all, else every row as
+    many whole times as fit, then a draw for the rest."""
+    copies, rest = divmod(count, len(rows)) if rows else (0, 0)
+    return rows * copies + [rows[index] for index in sorted(rng.sample(range(len(rows)), rest))]
 
 
-def _scl_rows(runs: list[Run], skipped: dict) -> list[dict]:
-    """A preference pair per conversation whose correctness flipped in round 1, the right reply chosen."""
+def _balanced(sources: Sources, clt_rows: list[dict], cst_rows: list[dict]) -> list[dict]:
+    """cct: the clt and cst rows brought to the clt share (`settings.balance`), the counts in `sources`."""
+    settings = sources.settings
+    counts = _cct_growth if settings.balance == "repeat" else _cct_counts
+    wanted = dict(zip(("clt", "cst"), counts(len(clt_rows), len(cst_rows), Fraction(str(settings.clt_share)))))
+    rng = random.Random(sources.seed)
+    chosen = []
+    for side, rows in (("clt", clt_rows), ("cst", cst_rows)):
+        sources.kept[side] = min(wanted[side], len(rows))
+        sources.repeated[side] = max(0, wanted[side] - len(rows))
+        sources.left_out[side] = max(0, len(rows) - wanted[side])
+        chosen += _keep(rows, wanted[side], rng)
+    return chosen
+
+
+def _scl_rows(sources: Sources) -> list[dict]:
+    """A preference pair per correction round whose correctness flipped, the right reply chosen."""
     rows = []
-    for run in runs:
-        for item, sample, first, correction in _corrected(run, skipped):
-            if first.correct == correction.correct:
+    for run in sources.runs:
+        for item, sample, before, correction in _corrected(run, sources.skipped):
+            if before.correct == correction.correct:
                 continue
-            right, wrong = (first, correction) if first.correct else (correction, first)
-            rows.append({"prompt": _copy(first.messages[:1]), "chosen": [_message("assistant", right.response)],
+            right, wrong = (before, correction) if before.correct else (correction, before)
+            rows.append({"prompt": _copy(before.messages[:1]), "chosen": [_message("assistant", right.response)],
                          "rejected": [_message("assistant", wrong.response)],
-                         "source": _source("scl", "scl", run, item, sample, 1)})
+                         "source": _source("scl", "scl", run, item, sample, correction.round)})
     return rows
 
 
-def _pam_rows(runs: list[Run], skipped: dict) -> list[dict]:
-    """The round-1 conversation without its final reply, then the verdict and the answer that stands; only a
-    right first reply and the final message carry loss."""
+def _pam_rows(sources: Sources) -> list[dict]:
+    """A correction round's conversation without its final reply, then the verdict and the answer that stands;
+    only a right previous reply and the final message carry loss."""
     rows = []
-    for run in runs:
-        for item, sample, first, correction in _corrected(run, skipped):
+    for run in sources.runs:
+        for item, sample, before, correction in _corrected(run, sources.skipped):
             messages = _copy(correction.messages[:-1])
-            first_reply = len(first.messages) - 1
+            previous_reply = len(before.messages) - 1
             no_loss = [index for index, message in enumerate(messages)
-                       if message["role"] == "assistant" and not (index == first_reply and first.correct)]
-            final = PAM_KEPT + first.response if first.correct else PAM_CORRECTED + item["solution"]
+                       if message["role"] == "assistant" and not (index == previous_reply and before.correct)]
+            final = PAM_KEPT + before.response if before.correct else PAM_CORRECTED + item["solution"]
             rows.append({"messages": [*messages, _message("assistant", final)], "no_loss": no_loss,
-                         "source": _source("pam", "pam", run, item, sample, 1)})
+                         "source": _source("pam", "pam", run, item, sample, correction.round)})
     return rows
 
 
@@ -345,50 +441,48 @@ def sft(sources: Sources) -> list[dict]:
     return _sft_rows(sources.runs, sources.recipe, sources.skipped)
 
 
-@register_recipe("clt", "the question, a right first reply and the correction prompt(s), then that reply again "
-                 "(keep what is right)", "prompt/completion", needs_gold=False)
+@register_recipe("clt", "the question, a right previous reply and the correction prompt(s), then that reply again "
+                 "(keep what is right)", "prompt/completion", needs_gold=False, has_clt=True)
 def clt(sources: Sources) -> list[dict]:
-    return _correction_rows(sources.runs, sources.recipe, sources.skipped)[0]
+    return _correction_rows(sources, with_cst=False)[0]
 
 
-@register_recipe("cst", "the question, a wrong first reply and the correction prompt(s), then the gold solution "
+@register_recipe("cst", "the question, a wrong previous reply and the correction prompt(s), then the gold solution "
                  "(fix what is wrong)", "prompt/completion")
 def cst(sources: Sources) -> list[dict]:
-    return _correction_rows(sources.runs, sources.recipe, sources.skipped)[1]
+    return _correction_rows(sources)[1]
 
 
-@register_recipe("cct", "clt and cst rows, --clt-share of them clt, reached by leaving rows out (Yang et al.)",
-                 "prompt/completion")
+@register_recipe("cct", "clt and cst rows, --clt-share of them clt (Yang et al.), reached by leaving rows out or "
+                 "by repeating them (--balance)", "prompt/completion", has_clt=True)
 def cct(sources: Sources) -> list[dict]:
-    clt_rows, cst_rows = _correction_rows(sources.runs, sources.recipe, sources.skipped)
-    kept_clt, kept_cst = _cct_counts(len(clt_rows), len(cst_rows), Fraction(str(sources.clt_share)))
-    sources.left_out.update({"clt": len(clt_rows) - kept_clt, "cst": len(cst_rows) - kept_cst})
-    rng = random.Random(sources.seed)
-    return _keep(clt_rows, kept_clt, rng) + _keep(cst_rows, kept_cst, rng)
+    return _balanced(sources, *_correction_rows(sources))
 
 
-@register_recipe("sft+cct", "the sft rows and the cct rows of the same items", "prompt/completion")
+@register_recipe("sft+cct", "the sft rows and the cct rows of the same items", "prompt/completion", has_clt=True)
 def sft_and_cct(sources: Sources) -> list[dict]:
     return sft(sources) + cct(sources)
 
 
-@register_recipe("scl", "preference pairs from replies whose correctness flipped in the correction: the right one "
+@register_recipe("scl", "preference pairs from replies whose correctness flipped in a correction: the right one "
                  "chosen (He et al.)", "preference", needs_gold=False)
 def scl(sources: Sources) -> list[dict]:
-    return _scl_rows(sources.runs, sources.skipped)
+    return _scl_rows(sources)
 
 
-@register_recipe("pam", "the correction conversation, then a verification (and where the first reply was wrong a "
-                 "corrected solution); a wrong first reply carries no loss (Han et al.)", "span-masked")
+@register_recipe("pam", "the correction conversation, then a verification (and where the previous reply was wrong a "
+                 "corrected solution); a wrong previous reply carries no loss (Han et al.)", "span-masked")
 def pam(sources: Sources) -> list[dict]:
-    return _pam_rows(sources.runs, sources.skipped)
+    return _pam_rows(sources)
 
 
 def _check_gold_free(rows: list[dict], runs: list[Run]) -> None:
     """Raise (an internal error: the refusals above should make it impossible) when an item's gold solution is
-    in a user or system message of a row: gold may only be a loss-carrying target. A model's own reply may state
-    the gold answer word for word ("The answer is B."), and a strategy may quote that reply or a critic's
-    review, so text a model wrote in the conversation (its replies, the turn's notes) explains such a match."""
+    in a message of a row's prompt (everything before the reply it trains): gold may only be a loss-carrying
+    target, or the previous reply a clt row of --clt-source gold puts in on purpose (its `source` says so; that
+    message is the solution exactly). A model's own reply may state the gold answer word for word ("The answer is
+    B."), and a strategy may quote that reply or a critic's review, so text a model wrote in the conversation (its
+    replies, the turn's notes) explains such a match."""
     solutions = {(run.run_id, item["item_id"]): item.get("solution") for run in runs for item in run.items}
     conversations: dict[tuple[str, str, int], list[Turn]] = {}
     for run in runs:
@@ -399,8 +493,10 @@ def _check_gold_free(rows: list[dict], runs: list[Run]) -> None:
         solution = (solutions[(source["run"], source["item"])] or "").strip()
         if not solution:
             continue
-        shown = [message for message in row.get("prompt", row.get("messages", []))
-                 if message["role"] != "assistant" and solution in message["content"]]
+        put_in = source.get("previous_reply") == "gold"
+        prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
+        shown = [message for message in prompt if solution in message["content"]
+                 and not (put_in and message["role"] == "assistant" and message["content"].strip() == solution)]
         if not shown:
             continue
         conversation = conversations[(source["run"], source["item"], source["sample"])]

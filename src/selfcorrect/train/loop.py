@@ -18,7 +18,8 @@ from ..api import Run, evaluate
 from ..run_config import RunConfig, run_config
 from ..compare import compare_runs
 from ..errors import UserError
-from .data import build_rows, get_recipe, summary_line, write_rows
+from ..strategies import get_strategy
+from .data import DataSettings, build_rows, check_gold_clt, get_recipe, summary_line, write_rows
 from .settings import Hyperparameters
 
 Progress = Callable[[], ContextManager[tuple[Callable, Callable]]]
@@ -42,7 +43,7 @@ def improve(
     temperature: float = 0.0,
     split_seed: int = 0,
     test_share: float = 0.5,
-    clt_share: float = 0.4,
+    data_settings: DataSettings = DataSettings(),
     seed: int = 0,
     db: str | Path | None = None,
     train_options: dict | None = None,
@@ -58,6 +59,9 @@ def improve(
     """
     for recipe in recipes:
         get_recipe(recipe)
+    data_settings.check()
+    if data_settings.clt_source == "gold":
+        check_gold_clt(get_strategy(strategy), f"--strategy {strategy}")
     if not recipes:
         raise UserError("--recipe: give at least one recipe")
     if len(set(recipes)) != len(recipes):
@@ -84,7 +88,7 @@ def improve(
     cards = {}
     for recipe in recipes:
         rows_file, adapter = output / f"{recipe}.jsonl", output / recipe
-        rows, summary = build_rows([train_run], recipe, clt_share=clt_share, seed=seed)
+        rows, summary = build_rows([train_run], recipe, data_settings, seed=seed)
         output.mkdir(parents=True, exist_ok=True)
         write_rows(rows, rows_file)
         say(f"2. {recipe} data: {rows_file} ({summary_line(summary)})")

@@ -69,7 +69,7 @@ def check_trainable(spec: str) -> None:
     model = check_model_spec(spec)
     if model.is_adapter:
         raise UserError(f"--model {spec}: is a trained adapter; train from its base model")
-    if model.kind not in ("embedded", "llamacpp", "hf"):
+    if not model.trainable:
         raise UserError(f"--model {spec}: only embedded, llamacpp:PATH.gguf and hf:PATH_OR_ID models can be "
                         "fine-tuned (their weights are needed)")
     from ..models.hf import import_torch
@@ -236,7 +236,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
     checkpoints = output / CHECKPOINTS
     trainer, progress = build_trainer(base, tokenizer, rows, settings, checkpoints, callbacks)
     checkpoints.mkdir(parents=True, exist_ok=True)  # the first write, once the rows are tokenized
-    (checkpoints / SETTINGS).write_text(json.dumps(started, indent=1))
+    write_atomically(checkpoints / SETTINGS, json.dumps(started, indent=1))
     resume = _last_whole_checkpoint(checkpoints)
     if resume:
         print(f"resuming from {resume}", file=sys.stderr, flush=True)
