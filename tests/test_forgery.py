@@ -1,0 +1,184 @@
+"""A grade that is hard to forge: programs written to pass the tests without solving the problem fail, in both
+isolation modes. The tests run outside the sandbox (selfcorrect.sandbox.TestPlan) and see what the program
+returns only as plain data; each attack below targets one thing an in-process verdict rested on.
+
+Every attack is a real HumanEval/MBPP-style grade through the task's own grader, next to the honest solution of
+the same item, which passes: the attacks fail for what they do, not because the grader fails everything."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfcorrect import isolation
+from selfcorrect.sandbox import run_program
+from selfcorrect.sandbox import TestPlan as Tests  # not collected by pytest as a test class
+from selfcorrect.tasks import load_task
+from selfcorrect.tasks.code import code_block
+
+from conftest import need_bubblewrap
+
+# HumanEval/0: has_close_elements(numbers, threshold) -> bool; its tests expect True for some inputs, False for
+# others, so a constant answer fails honestly.
+ATTACKS = {
+    # The nonce and the status pipe of the runner sit in its frames while the program runs: write "passed" with
+    # them, then leave before the tests can fail.
+    "nonce from the runner's frames": """
+import os, sys
+def has_close_elements(numbers, threshold):
+    return False
+frame = sys._getframe()
+while frame is not None:
+    names = frame.f_locals
+    if "nonce" in names and "status_fd" in names:
+        os.write(names["status_fd"], f"{names['nonce']} passed\\n".encode())
+    frame = frame.f_back
+os._exit(0)
+""",
+    "exit 0 before the tests": """
+import os
+def has_close_elements(numbers, threshold):
+    return False
+os._exit(0)
+""",
+    "a value equal to anything": """
+class Anything:
+    def __eq__(self, other):
+        return True
+    def __ne__(self, other):
+        return False
+    def __bool__(self):
+        return True
+def has_close_elements(numbers, threshold):
+    return Anything()
+""",
+    "a value equal to anything that prints as True": """
+class Anything:
+    def __eq__(self, other):
+        return True
+    def __repr__(self):
+        return "True"
+def has_close_elements(numbers, threshold):
+    return Anything()
+""",
+    "builtins the tests call replaced": """
+import builtins
+builtins.isinstance = lambda *args: True
+builtins.abs = lambda value: 0
+builtins.sorted = lambda values, **options: values
+def has_close_elements(numbers, threshold):
+    return abs(threshold) == 0
+""",
+    "answers written ahead into the reply pipe": """
+import os
+def has_close_elements(numbers, threshold):
+    return True
+for fd in range(3, 20):
+    try:
+        os.write(fd, b'{"value": "True"}\\n' * 50)
+    except OSError:
+        pass
+""",
+}
+
+
+@pytest.fixture(params=["process", "strict"], ids=["process-only", "bubblewrap"])
+def mode(request):
+    if request.param == "strict":
+        need_bubblewrap()
+    with isolation.using(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="module")
+def humaneval_0():
+    task = load_task("humaneval")
+    return task, task.items[0]
+
+
+def test_the_honest_solution_passes(mode, humaneval_0):
+    task, item = humaneval_0
+    grade = task.grade(item, item.solution)
+    assert grade.correct, grade.reason
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_an_attack_on_the_verdict_fails(mode, humaneval_0, attack):
+    task, item = humaneval_0
+    grade = task.grade(item, code_block(ATTACKS[attack]))
+    assert not grade.correct, f"{attack} forged a pass: {grade.reason}"
+    assert grade.extra["isolation"] == ("bubblewrap" if mode == "strict" else "process only")
+
+
+def test_values_cross_as_data_and_builtin_exceptions_as_their_type(mode):
+    """The tests see lists, tuples, dicts, sets, floats (nan and inf too) and None as they are, a builtin
+    exception the code raises as that exception (tests may expect one), and the code's own exception as a
+    failure naming it."""
+    program = """
+def values():
+    return [1, (2.5, "x"), {"k": {3}}, float("nan"), -float("inf"), None, True]
+def divide(a, b):
+    return a / b
+class Custom(Exception):
+    pass
+def custom():
+    raise Custom("mine")
+"""
+    tests = """
+import math
+got = values()
+assert got[:3] == [1, (2.5, "x"), {"k": {3}}] and math.isnan(got[3]) and got[4] == -math.inf
+assert got[5:] == [None, True] and type(got[1]) is tuple
+try:
+    divide(1, 0)
+    raise AssertionError("no error")
+except ZeroDivisionError as error:
+    assert "division by zero" in str(error)
+custom()
+"""
+    result = run_program(program, timeout_s=5, tests=Tests(setup="", tests=tests))
+    assert not result.passed
+    assert result.reason.startswith("custom() raised Custom at line 9: mine (line 11 of the tests: custom())"), result.reason
+    passing = run_program(program, timeout_s=5, tests=Tests(setup="", tests=tests.replace("custom()\n", "")))
+    assert passing.passed, passing.reason
+
+
+def test_mbpp_tests_call_the_functions_they_name_and_import_the_modules_they_use(mode):
+    """MBPP's tests name the function to call and use modules the solution imported (`math.isclose`): the
+    functions are called in the sandbox, the modules imported here."""
+    tests = "assert math.isclose(area(2), 12.566, rel_tol=1e-3)\nassert area(0) == 0"
+    program = "import math\ndef area(r):\n    return math.pi * r * r\n"
+    assert run_program(program, timeout_s=5, tests=Tests(setup="", tests=tests)).passed
+    wrong = run_program(program.replace("r * r", "r"), timeout_s=5, tests=Tests(setup="", tests=tests))
+    assert not wrong.passed and wrong.reason.startswith("AssertionError at line 1 of the tests: assert math.isclose")
+
+
+def test_an_argument_that_cannot_cross_fails_the_test_not_the_grader(mode):
+    result = run_program("def f(x):\n    return 1\n", timeout_s=5,
+                         tests=Tests(setup="", tests="assert f(object()) == 1"))
+    assert not result.passed and "an argument that is not plain data" in result.reason
+
+
+def test_a_program_that_does_not_load_fails_with_its_own_error(mode):
+    result = run_program("def f(x):\n    return x +\n", timeout_s=5, tests=Tests(setup="", tests="assert f(1) == 1"))
+    assert not result.passed and result.reason.startswith("SyntaxError at line 2"), result.reason
+
+
+def test_a_call_that_hangs_times_out(mode):
+    result = run_program("def f():\n    while True:\n        pass\n", timeout_s=2,
+                         tests=Tests(setup="", tests="assert f() == 1"))
+    assert not result.passed and ("timeout" in result.reason or "in time" in result.reason
+                                  or "CPU time" in result.reason), result.reason
+
+
+def test_a_reply_of_the_wrong_shape_is_a_failure(mode):
+    """Whatever the program writes on the reply pipe is read as data or refused: never a pass."""
+    program = ("import os\n"
+               "def f():\n"
+               "    for fd in range(3, 20):\n"
+               "        try:\n"
+               "            os.write(fd, b'not json\\n')\n"
+               "        except OSError:\n"
+               "            pass\n"
+               "    return 1\n")
+    result = run_program(program, timeout_s=5, tests=Tests(setup="", tests="assert f() == 1\nassert f() == 1"))
+    assert not result.passed, result.reason
