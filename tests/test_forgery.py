@@ -11,7 +11,7 @@ import pytest
 
 from selfcorrect import isolation
 from selfcorrect.sandbox import run_program
-from selfcorrect.sandbox import TestPlan as Tests  # not collected by pytest as a test class
+from selfcorrect.sandbox import TestPlan as Plan  # under its own name pytest would try to collect it
 from selfcorrect.tasks import load_task
 from selfcorrect.tasks.code import code_block
 
@@ -72,9 +72,9 @@ def has_close_elements(numbers, threshold):
 import os
 def has_close_elements(numbers, threshold):
     return True
-for fd in range(3, 20):
+for fd in map(int, os.listdir("/proc/self/fd")):  # every descriptor the runner has, the replies' among them
     try:
-        os.write(fd, b'{"value": "True"}\\n' * 50)
+        os.write(fd, b'{"value": "True"}\\n' * 50) if fd > 2 else None
     except OSError:
         pass
 """,
@@ -135,10 +135,10 @@ except ZeroDivisionError as error:
     assert "division by zero" in str(error)
 custom()
 """
-    result = run_program(program, timeout_s=5, tests=Tests(setup="", tests=tests))
+    result = run_program(program, timeout_s=5, tests=Plan(setup="", tests=tests))
     assert not result.passed
     assert result.reason.startswith("custom() raised Custom at line 9: mine (line 11 of the tests: custom())"), result.reason
-    passing = run_program(program, timeout_s=5, tests=Tests(setup="", tests=tests.replace("custom()\n", "")))
+    passing = run_program(program, timeout_s=5, tests=Plan(setup="", tests=tests.replace("custom()\n", "")))
     assert passing.passed, passing.reason
 
 
@@ -147,25 +147,25 @@ def test_mbpp_tests_call_the_functions_they_name_and_import_the_modules_they_use
     functions are called in the sandbox, the modules imported here."""
     tests = "assert math.isclose(area(2), 12.566, rel_tol=1e-3)\nassert area(0) == 0"
     program = "import math\ndef area(r):\n    return math.pi * r * r\n"
-    assert run_program(program, timeout_s=5, tests=Tests(setup="", tests=tests)).passed
-    wrong = run_program(program.replace("r * r", "r"), timeout_s=5, tests=Tests(setup="", tests=tests))
+    assert run_program(program, timeout_s=5, tests=Plan(setup="", tests=tests)).passed
+    wrong = run_program(program.replace("r * r", "r"), timeout_s=5, tests=Plan(setup="", tests=tests))
     assert not wrong.passed and wrong.reason.startswith("AssertionError at line 1 of the tests: assert math.isclose")
 
 
 def test_an_argument_that_cannot_cross_fails_the_test_not_the_grader(mode):
     result = run_program("def f(x):\n    return 1\n", timeout_s=5,
-                         tests=Tests(setup="", tests="assert f(object()) == 1"))
+                         tests=Plan(setup="", tests="assert f(object()) == 1"))
     assert not result.passed and "an argument that is not plain data" in result.reason
 
 
 def test_a_program_that_does_not_load_fails_with_its_own_error(mode):
-    result = run_program("def f(x):\n    return x +\n", timeout_s=5, tests=Tests(setup="", tests="assert f(1) == 1"))
+    result = run_program("def f(x):\n    return x +\n", timeout_s=5, tests=Plan(setup="", tests="assert f(1) == 1"))
     assert not result.passed and result.reason.startswith("SyntaxError at line 2"), result.reason
 
 
 def test_a_call_that_hangs_times_out(mode):
     result = run_program("def f():\n    while True:\n        pass\n", timeout_s=2,
-                         tests=Tests(setup="", tests="assert f() == 1"))
+                         tests=Plan(setup="", tests="assert f() == 1"))
     assert not result.passed and ("timeout" in result.reason or "in time" in result.reason
                                   or "CPU time" in result.reason), result.reason
 
@@ -174,11 +174,11 @@ def test_a_reply_of_the_wrong_shape_is_a_failure(mode):
     """Whatever the program writes on the reply pipe is read as data or refused: never a pass."""
     program = ("import os\n"
                "def f():\n"
-               "    for fd in range(3, 20):\n"
+               "    for fd in map(int, os.listdir('/proc/self/fd')):\n"  # every descriptor it has, the replies' too
                "        try:\n"
-               "            os.write(fd, b'not json\\n')\n"
+               "            os.write(fd, b'not json\\n') if fd > 2 else None\n"
                "        except OSError:\n"
                "            pass\n"
                "    return 1\n")
-    result = run_program(program, timeout_s=5, tests=Tests(setup="", tests="assert f() == 1\nassert f() == 1"))
+    result = run_program(program, timeout_s=5, tests=Plan(setup="", tests="assert f() == 1\nassert f() == 1"))
     assert not result.passed, result.reason

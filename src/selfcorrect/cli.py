@@ -273,6 +273,7 @@ def run(
         grader_timeout=grader_timeout, split=split, split_seed=split_seed, test_share=test_share,
         allow_train_items=allow_train_items, isolation=isolation, concurrency=concurrency, rpm=rpm, tpm=tpm, **given,
     ), protocol, set(given))
+    config.check()  # before a Ray cluster is started or joined
     with run_progress(err, db, every) as (on_start, on_turn):
         backend = None
         if ray is not None:

@@ -77,6 +77,7 @@ def improve(
     # The held-out runs are greedy, one sample per item; the training run samples as asked.
     held_out = run_config(task=task, task_options=task_options, data=data, model=model, strategy=strategy, rounds=1,
                           seed=seed, db=db, split="test", split_seed=split_seed, test_share=test_share, limit=test_limit)
+    held_out.check()  # a bad --test-limit is refused now, not after the training
 
     def measure(label: str, config: RunConfig) -> Run:
         say(f"{label}: {config.model} on the {config.split} part")
