@@ -1,8 +1,8 @@
 """Benchmark: what the bubblewrap boundary costs per HumanEval grade.
 
-Grades every HumanEval item's canonical solution (prompt, solution, the item's hidden tests) with the
-task's own grader, once in the process-only sandbox and once inside bubblewrap, alternating per item so that
-both modes see the same machine load. Also times an empty program in each mode: the fixed cost of starting
+Grades every HumanEval item's canonical solution with the task's own grader (the code in the sandbox, the
+item's hidden tests calling it from the grading process), once in the process-only sandbox and once inside
+bubblewrap, alternating per item so that both modes see the same machine load. Also times an empty program in each mode: the fixed cost of starting
 a sandbox. Run it alone: other processes on the same cores distort both.
 
     python bench/bench_sandbox.py [--items N] [--repeats R]
