@@ -67,7 +67,7 @@ from typing import Callable, Iterator
 
 from . import isolation
 from .isolation import BUBBLEWRAP, PROCESS_ONLY, IsolationUnavailable
-from .sandbox_child import PROGRAM_FILE
+from .sandbox_child import PROGRAM_FILE, innermost_line, one_line
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 # Once the program has exited, how long to keep reading what is already in its pipes.
@@ -409,12 +409,7 @@ def _plain_value(text: str):
 def _test_failure(error: BaseException, filename: str) -> str:
     """One line for a failed test, as the sandbox's runner gives one for a failed program: the error and the
     line of the tests it came from."""
-    line = None
-    trace = error.__traceback__
-    while trace is not None:
-        if trace.tb_frame.f_code.co_filename == filename:
-            line = trace.tb_lineno
-        trace = trace.tb_next
+    line = innermost_line(error, filename)
     source = linecache.getline(filename, line).strip() if line else ""
     message = str(error)
     where = f"{type(error).__name__} at line {line} of the tests" if line else type(error).__name__
@@ -424,7 +419,7 @@ def _test_failure(error: BaseException, filename: str) -> str:
         text = f"{where}: {source}{f' ({message})' if message else ''}"
     else:
         text = f"{where}: {message or source}"
-    return " ".join(text.split())[:500]
+    return one_line(text)
 
 
 @contextlib.contextmanager

@@ -233,14 +233,25 @@ def _install_guard(root: str) -> None:
         confine(os, name, parameters, lambda arguments: True)
 
 
-def _describe(error: BaseException) -> str:
-    """One line naming the error and the program line it came from, as feedback for the model."""
+def innermost_line(error: BaseException, filename: str) -> int | None:
+    """The line of `filename` in the innermost frame of `error`'s traceback that runs that file's code."""
     line = None
     trace = error.__traceback__
-    while trace is not None:  # the innermost frame that is the program's own
-        if trace.tb_frame.f_code.co_filename == PROGRAM_FILE:
+    while trace is not None:
+        if trace.tb_frame.f_code.co_filename == filename:
             line = trace.tb_lineno
         trace = trace.tb_next
+    return line
+
+
+def one_line(text: str) -> str:
+    """`text` as one line of at most 500 characters: a grade's reason."""
+    return " ".join(text.split())[:500]
+
+
+def _describe(error: BaseException) -> str:
+    """One line naming the error and the program line it came from, as feedback for the model."""
+    line = innermost_line(error, PROGRAM_FILE)
     message = str(error)
     if isinstance(error, SyntaxError) and error.filename == PROGRAM_FILE:
         line, message = error.lineno, error.msg
@@ -255,7 +266,7 @@ def _describe(error: BaseException) -> str:
         text = f"{where}: {source}{f' ({message})' if message else ''}"
     else:
         text = f"{where}: {message or source}"
-    return " ".join(text.split())[:500]
+    return one_line(text)
 
 
 if __name__ == "__main__":
