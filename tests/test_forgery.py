@@ -150,7 +150,7 @@ custom()
 """
     result = run_program(program, timeout_s=5, tests=Plan(setup="", tests=tests))
     assert not result.passed
-    assert result.reason.startswith("custom() raised Custom at line 9: mine (line 11 of the tests: custom())"), result.reason
+    assert result.reason.startswith("Custom at line 9: mine, calling custom() (line 11 of the tests: custom())"), result.reason
     passing = run_program(program, timeout_s=5, tests=Plan(setup="", tests=tests.replace("custom()\n", "")))
     assert passing.passed, passing.reason
 

@@ -407,9 +407,11 @@ class _Tester:
         if raised is not None:
             # A builtin exception crosses as its type, so tests that expect one (pytest.raises-like checks) work.
             kind = {exception.__name__: exception for exception in CROSSING_EXCEPTIONS}.get(str(reply.get("type")))
+            # The error's type leads, as in a traceback; the call that raised it follows.
+            message = f"{raised}, calling {name}()"
             if kind is not None:
-                raise kind(f"{name}() raised {raised}")
-            raise CandidateError(f"{name}() raised {raised}")
+                raise kind(message)
+            raise CandidateError(message)
         return value
 
     def _line(self, name: str) -> bytes:
