@@ -3,6 +3,7 @@ agreement with a Monte Carlo of the same turns drawn from the real model's own n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 
 from selfcorrect import evaluate, metrics
 from selfcorrect.errors import UserError
-from selfcorrect.exact import ANSWER_PREFIX, item_probabilities
+from selfcorrect.exact import ANSWER_PREFIX, _score_correction, item_probabilities
+from selfcorrect.strategies import get_strategy
 from selfcorrect.store import OptionScore
 from selfcorrect.tasks import load_task
 
@@ -89,6 +91,23 @@ def test_critique_round_generates_the_review_before_scoring(tmp_path, shared_dat
     assert len(backend.scored) == 2 * 3 and len(backend.calls) == 2 * 2 * 2
     corrected = [m for m in backend.scored if len(m) > 1]
     assert all(m[2]["content"].startswith("Review your previous answer") for m in corrected)
+
+
+def test_a_fixed_prompt_round_is_scored_without_generating_the_reply_it_replaces(shared_data):
+    task = load_task("mcq", shared_data / "boolq.jsonl")
+    item = task.items[0]
+    labels = task.labels(item)
+    first = [*task.system_messages(), {"role": "user", "content": task.prompt(item)}]
+    reask = get_strategy("reask")
+    scored = {}
+    for strategy in (reask, dataclasses.replace(reask, fixed_prompt=False)):  # the same round, generated
+        backend = ScoringBackend()
+        result = _score_correction(task, strategy, backend, item, first, labels[1], labels, 64, 0, None, "")
+        scored[strategy.fixed_prompt] = (result, len(backend.calls))
+    # Scored at the same point of the same conversation, so the same probabilities; only the reply is saved.
+    assert scored[True][0] == scored[False][0]
+    assert scored[True][0][1][-1] == {"role": "user", "content": task.prompt(item)}
+    assert (scored[True][1], scored[False][1]) == (0, 1)
 
 
 def test_exact_where_impossible_is_a_clear_error(tmp_path, shared_data):

@@ -20,7 +20,7 @@ from typing import Callable
 from .engine import Dialogue, cell_seed, play_round
 from .errors import UserError
 from .models import Backend, Message
-from .models.base import BackendError, option_scoring_problem
+from .models.base import BackendError, Completion, option_scoring_problem
 from .store import OptionScore, Store, Turn
 from .strategies import Strategy
 from .tasks import Item, Task
@@ -82,7 +82,7 @@ def _score_correction(
     that stops keeps the given answer, so p2 puts all its mass there."""
     previous_reply = task.stated_answer(given) if task.stated_answer else f"{ANSWER_PREFIX} {given}."
     dialogue = Dialogue(
-        backend, [*first, {"role": "assistant", "content": previous_reply}], max_tokens=max_tokens, temperature=0.0,
+        _ScoredReplyNotGenerated(backend) if strategy.fixed_prompt else backend, [*first, {"role": "assistant", "content": previous_reply}], max_tokens=max_tokens, temperature=0.0,
         seed=lambda step: cell_seed(seed, item.id, 0, 1, step), critic=critic,
     )
     # The given answer as a graded first turn: an oracle strategy may see whether it is right.
@@ -93,6 +93,19 @@ def _score_correction(
         return [1.0 if label == given else 0.0 for label in labels], dialogue.messages, dialogue.replies
     context = dialogue.messages[:-1]  # up to the prompt that the graded reply answered
     return backend.option_probs(context, task.answer_prefix or ANSWER_PREFIX, labels), context, dialogue.replies[:-1]
+
+
+class _ScoredReplyNotGenerated:
+    """The backend of a fixed-prompt strategy's scored round (reask, confident, critical). Its one reply is the
+    reply that scoring replaces, so generating it would cost a whole greedy reply and change nothing: an empty
+    reply stands in. Strategies that ask several times get the real backend, since their last prompt may
+    depend on what the model said before."""
+
+    def __init__(self, backend: Backend):
+        self.identity = backend.identity
+
+    def complete(self, messages: list[Message], max_tokens: int, temperature: float, seed: int) -> Completion:
+        return Completion("", 0, 0)
 
 
 def item_probabilities(scores: list[OptionScore], target: str) -> tuple[float, float, float] | None:
