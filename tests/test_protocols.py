@@ -187,3 +187,19 @@ def test_the_grid_on_the_embedded_model_prints_the_papers_table_and_resumes(tmp_
     assert [row["generated"] for row in json.loads(again.stdout)] == [0, 0, 0, 0]
     table = cli(*args)
     assert "second turn" in table.stdout and "boolq" in table.stdout and "critical" in table.stdout
+
+
+@pytest.mark.parametrize("args, line", [
+    # a bare grid names every task that needs a file, at once
+    ([], "--tasks commonsense_qa,mmlu,boolq: need their questions: --data commonsense_qa=PATH --data mmlu=PATH "
+         "--data boolq=PATH"),
+    (["--tasks", "gsm8k,mmlu"], "--tasks mmlu: need their questions: --data mmlu=PATH "),
+    (["--tasks", "gsm9k"], "--tasks gsm9k: not in the yang2025 grid"),
+    (["--tasks", "gsm8k", "--data", f"boolq={SHARED_DATA / 'boolq.jsonl'}"], "--data boolq=...: task boolq is not among"),
+])
+def test_grid_refusals_are_one_line_before_any_run(tmp_path, args, line):
+    from conftest import cli
+
+    refused = cli("reproduce", *args, "--db", str(tmp_path / "runs.sqlite"))
+    assert refused.returncode == 2 and line in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
+    assert not (tmp_path / "runs.sqlite").exists()

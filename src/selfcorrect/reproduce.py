@@ -50,9 +50,10 @@ def run_grid(
     if stray:
         raise UserError(f"--data {stray[0]}=...: task {stray[0]} is not among --tasks")
     missing = [task for task in tasks if task in NEEDS_DATA and task not in data]
-    if missing:
-        raise UserError(f"--tasks {missing[0]}: needs its questions, --data {missing[0]}=PATH (JSONL with question, "
-                        "choices or a true/false answer; e.g. the paper's data/ files); or leave it out of --tasks")
+    if missing:  # every one at once: a first try of the whole grid should not take one refusal per file
+        give = " ".join(f"--data {task}=PATH" for task in missing)
+        raise UserError(f"--tasks {','.join(missing)}: need their questions: {give} (JSONL with question, choices or "
+                        "a true/false answer; see docs/reproduce.md for where to get them); or leave them out of --tasks")
     for strategy in strategies:
         get_strategy(strategy)
     check_model_spec(model)
