@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -193,6 +194,16 @@ def check_turns(task, run) -> None:
         else:
             assert replies and replies[-1] == turn.response and turn.feedback == replies[:-1], where
             assert turn.messages[-1] == {"role": "assistant", "content": turn.response}, where
+
+
+@functools.cache
+def browser_helpers():
+    """scripts/screenshot_report.py, which holds the one headless Chromium setup (shared with the README's
+    screenshot): `headless_chromium(profile_dir)` and `open_report(driver, page)`."""
+    spec = importlib.util.spec_from_file_location("screenshot_report", REPO / "scripts" / "screenshot_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -165,6 +165,13 @@ def test_mbpp_tests_call_the_functions_they_name_and_import_the_modules_they_use
     assert not wrong.passed and wrong.reason.startswith("AssertionError at line 1 of the tests: assert math.isclose")
 
 
+def test_nan_and_inf_cross_as_arguments_too(mode):
+    program = "import math\ndef kind(x):\n    return 'nan' if math.isnan(x) else 'inf' if math.isinf(x) else 'finite'\n"
+    tests = "assert kind(float('nan')) == 'nan'\nassert kind(-float('inf')) == 'inf'\nassert kind(1.5) == 'finite'"
+    result = run_program(program, timeout_s=5, tests=Plan(setup="", tests=tests))
+    assert result.passed, result.reason
+
+
 def test_an_argument_that_cannot_cross_fails_the_test_not_the_grader(mode):
     result = run_program("def f(x):\n    return 1\n", timeout_s=5,
                          tests=Plan(setup="", tests="assert f(object()) == 1"))

@@ -5,7 +5,6 @@ the stored turns hold, the oracle run marked as an upper bound, and replies show
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 
 import pytest
@@ -14,20 +13,12 @@ from selenium.webdriver.common.by import By
 from selfcorrect import evaluate, load_run
 from selfcorrect.html_report import render_html
 
-from conftest import REPO, cli
+from conftest import browser_helpers, cli
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]  # its fixtures run real runs and start Chromium: ~60 s
 
 
-def _browser_helpers():
-    """scripts/screenshot_report.py holds the one Chromium setup, shared with the README's screenshot."""
-    spec = importlib.util.spec_from_file_location("screenshot_report", REPO / "scripts" / "screenshot_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-browser = _browser_helpers()
+browser = browser_helpers()
 SAMPLED = ("reask", "critique", "oracle-stop")
 
 

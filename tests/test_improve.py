@@ -11,7 +11,7 @@ from selfcorrect.api import load_run
 from selfcorrect.models.identity import file_digest
 from selfcorrect.split import question_key
 
-from conftest import cli
+from conftest import browser_helpers, cli
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -59,6 +59,47 @@ def test_the_same_command_again_resumes_every_step(loop):
     assert {key: repeated[key] for key in ("train_run", "base_run", "trained_runs")} == {
         key: result[key] for key in ("train_run", "base_run", "trained_runs")}
     assert "step 1/" not in again.stderr  # the finished training is not run again
+    # ... and the loop says what it reused: the training, and every turn of the three runs from the store.
+    assert f"3. train cct: found the finished training in {output / 'cct'}, not repeated" in again.stderr
+    for run_id in (result["train_run"], result["base_run"], result["trained_runs"]["cct"]):
+        turns = len(load_run(run_id, db).turns)
+        line = f"run {run_id}: {turns} turns, {turns} already stored, 0 from the response cache, 0 generated"
+        assert line in again.stderr, again.stderr
+
+
+def _cl_cs(run) -> tuple[float, float]:
+    """CL and CS counted from the stored turns (one sample, one round): the page must plot these."""
+    pairs = {}
+    for turn in run.turns:
+        pairs.setdefault(turn.item_id, {})[turn.round] = turn.correct
+    right = [p[1] for p in pairs.values() if p[0]]
+    wrong = [p[1] for p in pairs.values() if not p[0]]
+    return sum(right) / len(right), sum(wrong) / len(wrong)
+
+
+def test_the_improve_page_draws_each_model_and_the_training_curve(loop, tmp_path):
+    browser = browser_helpers()
+    db, output, result = loop
+    assert result["page"] == str(output / "improve.html")
+    with browser.headless_chromium(tmp_path / "profile") as chromium:
+        browser.open_report(chromium, output / "improve.html")
+        assert [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"] == []
+
+        def traces(div_id):
+            return chromium.execute_script(
+                f"return document.getElementById('{div_id}').data.map(t => [t.name, t.x, t.y])")
+
+        plane = {name: (x, y) for name, x, y in traces("improve-plane")}
+        for name, run_id in (("base", result["base_run"]), ("cct", result["trained_runs"]["cct"])):
+            cl, cs = _cl_cs(load_run(run_id, db))
+            assert plane[name][0][0] == pytest.approx(cs) and plane[name][1][0] == pytest.approx(cl), name
+            assert f"{name}: RSS = 0.5" in plane  # its own no-change line
+        card = json.loads((output / "cct" / "training_card.json").read_text())
+        (name, steps, losses), = traces("curve-loss")
+        assert name == "cct" and losses == [log["loss"] for log in card["losses"]]
+        assert steps == [log["step"] for log in card["losses"]]
+        text = chromium.find_element("tag name", "body").text
+        assert result["base_run"] in text and "McNemar" in text
 
 
 def test_a_trained_model_is_refused_its_training_questions(loop):

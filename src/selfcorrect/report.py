@@ -372,28 +372,39 @@ def _with_interval(value: float | None, ci: list[float] | None) -> str:
     return _num(value) if value is None or ci is None else f"{_num(value)} {_interval(ci)}"
 
 
-def print_improvement(result: dict, console: Console) -> None:
-    """What `improve` found: per model on the held-out items, Acc1, Acc2, CL, CS and RSS with their intervals, the
-    paired difference in final accuracy from the base with McNemar's test, and each training's time."""
+IMPROVEMENT_COLUMNS = ("model", "Acc1", "Acc2", "CL", "CS", "RSS", "Acc2 - base", "McNemar p", "training")
+
+
+def improvement_rows(result: dict) -> list[tuple[str, ...]]:
+    """What `improve` found, one row of `IMPROVEMENT_COLUMNS` per model (the base first): on the held-out items,
+    Acc1, Acc2, CL, CS and RSS with their intervals, the paired difference in final accuracy from the base with
+    McNemar's test, and each training's size and time. The terminal table and the improve page show these."""
     comparison = result["comparison"]
     rows = {row["run_id"]: row for row in comparison["runs"]}
-    base = rows[result["base_run"]]
     differences = {pair["b"]: pair for pair in comparison["pairs"] if pair["a"] == result["base_run"]}
-    table = Table(title=f"Held-out items ({comparison['n_items']}): base and trained models, "
-                        "95% bootstrap intervals over items")
-    for column in ("model", "Acc1", "Acc2", "CL", "CS", "RSS", "Acc2 - base", "McNemar p", "training"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    named = [("base", base, None)] + [(recipe, rows[run_id], result["cards"][recipe])
-                                      for recipe, run_id in result["trained_runs"].items()]
+    named = [("base", rows[result["base_run"]], None)] + [(recipe, rows[run_id], result["cards"][recipe])
+                                                         for recipe, run_id in result["trained_runs"].items()]
+    found = []
     for name, row, card in named:
         pair = differences.get(row["run_id"])
-        table.add_row(
+        found.append((
             name, *(_with_interval(row[field], row["ci"].get(key)) for key, field in
                     (("acc1", "acc_first"), ("acc2", "acc_final"), ("cl", "cl"), ("cs", "cs"), ("rss", "rss"))),
             "" if pair is None else _with_interval(pair["diff"], pair["diff_ci"]),
             "" if pair is None else _num(pair["mcnemar_p"], 4),
             "" if card is None else f"{card['data']['rows']} rows, {card['seconds']:.0f} s",
-        )
+        ))
+    return found
+
+
+def print_improvement(result: dict, console: Console) -> None:
+    """What `improve` found (`improvement_rows`), as a table."""
+    table = Table(title=f"Held-out items ({result['comparison']['n_items']}): base and trained models, "
+                        "95% bootstrap intervals over items")
+    for column in IMPROVEMENT_COLUMNS:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in improvement_rows(result):
+        table.add_row(*row)
     print_table(console, table)
 
 

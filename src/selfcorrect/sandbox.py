@@ -70,7 +70,7 @@ from typing import Callable, Iterator
 
 from . import isolation
 from .isolation import BUBBLEWRAP, PROCESS_ONLY, IsolationUnavailable
-from .sandbox_child import PROGRAM_FILE, innermost_line, one_line
+from .sandbox_child import PROGRAM_FILE, innermost_line, one_line, plain_value
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 # Once the program has exited, how long to keep reading what is already in its pipes.
@@ -388,7 +388,7 @@ class _Tester:
     def call(self, name: str, args: tuple, kwargs: dict):
         arguments = repr((args, kwargs))
         try:
-            ast.literal_eval(arguments)
+            plain_value(arguments)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise CandidateError(f"the tests pass {name}() an argument that is not plain data") from None
         request = (json.dumps([name, arguments]) + "\n").encode()
@@ -401,7 +401,7 @@ class _Tester:
         try:
             reply = json.loads(line)
             raised = reply.get("raised")
-            value = None if raised is not None else _plain_value(reply["value"])
+            value = None if raised is not None else plain_value(reply["value"])
         except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, MemoryError, RecursionError):
             raise CandidateError(f"{name}() returned something that is not a plain value (a literal)") from None
         if raised is not None:
@@ -430,16 +430,6 @@ class _Tester:
         line, _, rest = bytes(self.pending).partition(b"\n")
         self.pending = bytearray(rest)
         return line
-
-
-class _Floats(ast.NodeTransformer):
-    def visit_Name(self, node: ast.Name) -> ast.AST:
-        return ast.Constant(float(node.id)) if node.id in ("nan", "inf") else node
-
-
-def _plain_value(text: str):
-    """The Python literal `text`, nan and inf included (repr writes them as names)."""
-    return ast.literal_eval(_Floats().visit(ast.parse(text, mode="eval")))
 
 
 def _test_failure(error: BaseException, filename: str) -> str:

@@ -109,6 +109,17 @@ def _as_data(value, depth: int = 0):
     return value
 
 
+class _Floats(ast.NodeTransformer):
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(float(node.id)) if node.id in ("nan", "inf") else node
+
+
+def plain_value(text: str):
+    """The Python literal `text`, nan and inf included (repr writes them as names): how arguments and return values
+    cross between the tests and the program, both ways."""
+    return ast.literal_eval(_Floats().visit(ast.parse(text, mode="eval")))
+
+
 def _serve(namespace: dict, requests_fd: int, replies_fd: int) -> None:
     """Answer calls until the parent closes the request pipe: each request is a line [name, repr((args,
     kwargs))], each reply a line {"value": repr(what the call returned)} or {"raised": what it raised}. Only the
@@ -119,7 +130,7 @@ def _serve(namespace: dict, requests_fd: int, replies_fd: int) -> None:
         for line in requests:
             try:
                 name, arguments = json.loads(line)
-                args, kwargs = ast.literal_eval(arguments)
+                args, kwargs = plain_value(arguments)
                 if name not in namespace:
                     raise NameError(f"name '{name}' is not defined")
                 reply = {"value": repr(_as_data(namespace[name](*args, **kwargs)))}

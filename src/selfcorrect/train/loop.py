@@ -18,9 +18,14 @@ from ..api import Run, evaluate
 from ..run_config import RunConfig, run_config
 from ..compare import compare_runs
 from ..errors import UserError
+from ..files import write_atomically
+from ..improve_page import render_improvement
+from ..models.trained import CARD_FILE
 from ..strategies import get_strategy
 from .data import DataSettings, build_rows, check_gold_clt, get_recipe, summary_line, write_rows
 from .settings import Hyperparameters
+
+PAGE = "improve.html"  # in the output folder, beside the adapters
 
 Progress = Callable[[], ContextManager[tuple[Callable, Callable]]]
 
@@ -66,7 +71,7 @@ def improve(
         raise UserError("--recipe: give at least one recipe")
     if len(set(recipes)) != len(recipes):
         raise UserError("--recipe: each recipe once")
-    from .trainer import check_trainable, train  # the train extra; checked before anything runs
+    from .trainer import CHECKPOINTS, check_trainable, train  # the train extra; checked before anything runs
 
     check_trainable(model)
     try:
@@ -82,7 +87,9 @@ def improve(
     def measure(label: str, config: RunConfig) -> Run:
         say(f"{label}: {config.model} on the {config.split} part")
         with progress() as (on_start, on_turn):
-            return evaluate(config, on_start=on_start, on_turn=on_turn)
+            run = evaluate(config, on_start=on_start, on_turn=on_turn)
+        say(_reused(run))
+        return run
 
     train_run = measure("1. measure the training items", replace(held_out, split="train", limit=train_limit,
                                                                   samples=samples, temperature=temperature))
@@ -93,11 +100,27 @@ def improve(
         output.mkdir(parents=True, exist_ok=True)
         write_rows(rows, rows_file)
         say(f"2. {recipe} data: {rows_file} ({summary_line(summary)})")
-        say(f"3. train {recipe}: {model} into {adapter}")
+        if (adapter / CARD_FILE).is_file():  # train returns its card, or refuses if it was trained otherwise
+            say(f"3. train {recipe}: found the finished training in {adapter}, not repeated")
+        elif (adapter / CHECKPOINTS).is_dir():
+            say(f"3. train {recipe}: {model} into {adapter}, resuming the unfinished training there")
+        else:
+            say(f"3. train {recipe}: {model} into {adapter}")
         cards[recipe] = train(rows_file, model, adapter, seed=seed, **(train_options or {}))
     base_run = measure("4. measure the base", held_out)
     trained = {recipe: measure(f"5. measure {recipe}", replace(held_out, model=f"lora:{output / recipe}"))
                for recipe in recipes}
-    return {"train_run": train_run.run_id, "base_run": base_run.run_id,
-            "trained_runs": {recipe: run.run_id for recipe, run in trained.items()}, "cards": cards,
-            "comparison": compare_runs([base_run, *trained.values()], seed=seed)}
+    result = {"train_run": train_run.run_id, "base_run": base_run.run_id,
+              "trained_runs": {recipe: run.run_id for recipe, run in trained.items()}, "cards": cards,
+              "comparison": compare_runs([base_run, *trained.values()], seed=seed), "page": str(output / PAGE)}
+    write_atomically(output / PAGE, render_improvement(result))
+    say(f"6. the page: {output / PAGE}")
+    return result
+
+
+def _reused(run: Run) -> str:
+    """What a measurement took from earlier work, so that a loop run again shows it repeated nothing."""
+    done = len(run.turns if run.estimation.stores_replies else run.scores)
+    before = done - run.generated - run.cache_hits
+    return (f"   run {run.run_id}: {done} {run.estimation.unit}, {before} already stored, {run.cache_hits} from the "
+            f"response cache, {run.generated} generated")

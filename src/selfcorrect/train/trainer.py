@@ -255,7 +255,9 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
                      "target_modules": TARGET_MODULES, "steps": state.global_step, "device": str(trainer.args.device),
                      "dtype": str(base.dtype).removeprefix("torch."), "optimizer": str(trainer.args.optim.value),
                      "lr_scheduler": str(trainer.args.lr_scheduler_type.value), "software": _versions()},
-        "losses": [{"step": log["step"], "loss": log["loss"], "seconds": log.get("seconds")}
+        # Every number of each log line: the loss, and what else the trainer logs (DPO's rewards and margins,
+        # the learning rate, the gradient norm), for the curves of the improve page.
+        "losses": [{key: value for key, value in log.items() if isinstance(value, (int, float))}
                    for log in state.log_history if "loss" in log],
         "seconds": round(seconds, 3),
         "trained_tokens": state.num_input_tokens_seen,
