@@ -13,8 +13,8 @@ from plotly.offline import get_plotlyjs
 from .html_report import STYLE, _error_bars, _figure, _iso_line
 from .report import IMPROVEMENT_COLUMNS, _num, improvement_rows
 
-# What a card's log lines hold besides values to plot.
-NOT_CURVES = ("step", "seconds", "epoch")
+# What a card's log lines hold besides values to plot: the x axis and the time.
+NOT_CURVES = ("step", "seconds")
 
 
 def render_improvement(result: dict) -> str:

@@ -45,6 +45,10 @@ INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]'"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROLES = ("system", "user", "assistant")
 CHECKPOINTS = "checkpoints"
+# Counters and timings the trainers put in their log lines beside what they measure (the card keeps `step` and
+# our own `seconds`).
+LOG_BOOKKEEPING = ("epoch", "num_tokens", "num_input_tokens_seen", "total_flos", "train_runtime", "train_loss",
+                   "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second")
 # What a training in `checkpoints/` was started with: a rerun resumes it only when these are the same.
 SETTINGS = "settings.json"
 # Checkpoints kept: the last one, and the one before in case the process was killed while writing the last.
@@ -255,9 +259,10 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
                      "target_modules": TARGET_MODULES, "steps": state.global_step, "device": str(trainer.args.device),
                      "dtype": str(base.dtype).removeprefix("torch."), "optimizer": str(trainer.args.optim.value),
                      "lr_scheduler": str(trainer.args.lr_scheduler_type.value), "software": _versions()},
-        # Every number of each log line: the loss, and what else the trainer logs (DPO's rewards and margins,
-        # the learning rate, the gradient norm), for the curves of the improve page.
-        "losses": [{key: value for key, value in log.items() if isinstance(value, (int, float))}
+        # What each log line measured: the loss, and what else the trainer logs (learning rate, gradient norm,
+        # token accuracy, DPO's rewards and margins), for the curves of the improve page; not its bookkeeping.
+        "losses": [{key: value for key, value in log.items()
+                    if isinstance(value, (int, float)) and key not in LOG_BOOKKEEPING}
                    for log in state.log_history if "loss" in log],
         "seconds": round(seconds, 3),
         "trained_tokens": state.num_input_tokens_seen,
