@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,33 @@ def test_output_that_holds_something_else_is_refused(tmp_path):
     with pytest.raises(UserError, match="is not empty and holds no training"):
         train(data, "embedded", tmp_path / "adapter")
     assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("rows", [sft_rows, preference_rows], ids=["sft", "dpo"])
+def test_a_second_training_into_one_directory_is_refused_naming_the_first(tmp_path, rows):
+    """While one process trains into a directory (here: holds its training lock, as `train` does until it ends),
+    a training into it by another process, with either trainer, stops at once: one line naming the first, exit 2,
+    nothing written. Once the first has ended (killed here), the next one goes on, and leaves no lock behind."""
+    from selfcorrect.train.trainer import training_lock
+
+    data, output = write_jsonl(tmp_path / "data.jsonl", rows()), tmp_path / "adapter"
+    holding = ("import sys, time; from pathlib import Path; from selfcorrect.train.trainer import training_lock; "
+               "lock = training_lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)")
+    first = subprocess.Popen([sys.executable, "-c", holding, str(output)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "held\n"
+        second = cli("train", str(data), "--output", str(output))
+    finally:
+        first.kill()
+        first.communicate()
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert lines[0].startswith(f"error: a training into --output {output} is already running (pid {first.pid} on "
+                               f"host {socket.gethostname()}, since "), lines[0]
+    assert not output.exists()
+    with training_lock(output):
+        pass
+    assert not Path(f"{output}.locks").exists()
 
 
 @pytest.mark.parametrize("setting, refusal", [

@@ -209,40 +209,49 @@ def regrade(
     or Ctrl-C leaves the store as it was. Returns a summary: turns regraded and skipped, verdicts changed.
     A run stored before runs kept how their task was loaded needs `task_spec` ({"task", "data",
     "options"}, as `evaluate` took them); the run's items must come out of it unchanged. `isolation` as for
-    `evaluate`.
+    `evaluate`. It holds the run's lock as `evaluate` does: while another process runs or regrades the run,
+    this raises UserError naming it.
     """
     check_grader_timeout(grader_timeout)
     check_isolation_mode(isolation)
     store = Store(db_path(db), create=False)
     try:
         run_id = store.find_run(run_id)
-        today = grader_version()
-        summary = {"run_id": run_id, "grader_version": today, "regraded": 0, "skipped": 0, "changed": 0,
-                   "now_right": 0, "now_wrong": 0, "timeouts": 0, "note": None}
-        config = store.config(run_id)
-        if not estimator_named(config["estimator"]).stores_replies:
-            return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
-                                       "probabilities): nothing to regrade"}
-        task, items = _task_again(store, run_id, config, task_spec)
-        code_isolation(task, isolation)
-        turns = store.turns(run_id)
-        due = [turn for turn in turns if all_turns or turn.grader_version != today or turn.extra.get("grader_timeout")]
-        with using(isolation):
-            grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
-        regraded = [
-            replace(turn, answer=new.answer, correct=new.correct, reason=new.reason, extra=new.extra,
-                    grader_version=today)
-            for turn, new in zip(due, grades)
-        ]
-        store.regrade_turns(run_id, regraded)
-        flipped = [new for old, new in zip(due, regraded) if old.correct != new.correct]
-        return {
-            **summary, "regraded": len(regraded), "skipped": len(turns) - len(due), "changed": len(flipped),
-            "now_right": sum(turn.correct for turn in flipped), "now_wrong": sum(not turn.correct for turn in flipped),
-            "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in regraded),
-        }
+        # A run going on would add turns graded as they come while these are graded again: one at a time.
+        with store.lock_run(run_id):
+            return _regrade(store, run_id, grader_timeout, all_turns, task_spec, isolation)
     finally:
         store.close()
+
+
+def _regrade(store: Store, run_id: str, grader_timeout: float, all_turns: bool, task_spec: dict | None,
+             isolation: str) -> dict:
+    """`regrade` of the run `run_id` of the open `store`, holding the run's lock."""
+    today = grader_version()
+    summary = {"run_id": run_id, "grader_version": today, "regraded": 0, "skipped": 0, "changed": 0,
+               "now_right": 0, "now_wrong": 0, "timeouts": 0, "note": None}
+    config = store.config(run_id)
+    if not estimator_named(config["estimator"]).stores_replies:
+        return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
+                                   "probabilities): nothing to regrade"}
+    task, items = _task_again(store, run_id, config, task_spec)
+    code_isolation(task, isolation)
+    turns = store.turns(run_id)
+    due = [turn for turn in turns if all_turns or turn.grader_version != today or turn.extra.get("grader_timeout")]
+    with using(isolation):
+        grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
+    regraded = [
+        replace(turn, answer=new.answer, correct=new.correct, reason=new.reason, extra=new.extra,
+                grader_version=today)
+        for turn, new in zip(due, grades)
+    ]
+    store.regrade_turns(run_id, regraded)
+    flipped = [new for old, new in zip(due, regraded) if old.correct != new.correct]
+    return {
+        **summary, "regraded": len(regraded), "skipped": len(turns) - len(due), "changed": len(flipped),
+        "now_right": sum(turn.correct for turn in flipped), "now_wrong": sum(not turn.correct for turn in flipped),
+        "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in regraded),
+    }
 
 
 def grade_reply(task: str, item_id: str, reply: str | Callable[[], str], *, data: str | Path | None = None,
