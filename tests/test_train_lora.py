@@ -17,7 +17,7 @@ import pytest
 
 from selfcorrect.errors import UserError
 
-from conftest import cli
+from conftest import ScriptedBackend, cli
 
 ROWS = 16  # prompt/completion rows: four steps of four rows make one epoch
 
@@ -223,6 +223,31 @@ def test_every_training_option_reaches_the_training_from_both_commands(tmp_path,
         assert refused.returncode == 2 and "strategy 'critique' asks for replies" in refused.stderr, refused.stderr
     assert not (tmp_path / "runs.sqlite").exists() and not (tmp_path / "loop").exists()
     assert not (tmp_path / "adapter").exists()
+
+
+def test_improve_runs_every_measurement_inside_the_isolation_asked(tmp_path, monkeypatch):
+    """`improve --isolation` reaches each run the loop makes (the training part, the base and the trained model
+    on the held-out part). The runs are made for real by a scripted model, the training is left out."""
+    from dataclasses import replace
+
+    from selfcorrect.train import loop, trainer
+
+    real_evaluate, measured = loop.evaluate, []
+
+    def evaluate(config, **progress):
+        measured.append((config.split, config.model, config.isolation))
+        return real_evaluate(replace(config, model="embedded"), backend=ScriptedBackend(identity=f"scripted:{config.model}"),
+                             **progress)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "check_trainable", lambda spec: None)
+    monkeypatch.setattr(trainer, "train", lambda rows, model, adapter, **options: {"data": {"rows": 1}, "seconds": 0.0})
+    output = tmp_path / "loop"
+    done = cli("improve", "--output", str(output), "--recipe", "sft", "--task-opt", "n=12", "--isolation", "process",
+               "--json", "--db", str(tmp_path / "runs.sqlite"))
+    assert done.returncode == 0, done.stderr
+    assert measured == [("train", "embedded", "process"), ("test", "embedded", "process"),
+                        ("test", f"lora:{output / 'sft'}", "process")]
 
 
 # --- real trainings of the embedded model ----------------------------------------------------------------------

@@ -410,6 +410,7 @@ def improve(
     split_seed: int = typer.Option(0, help="seed of the split of the questions into training and held-out parts"),
     test_share: float = typer.Option(0.5, help="share of the questions held out"),
     seed: int = typer.Option(0, help="seed for the split of rows, the training and the bootstrap"),
+    isolation: str = typer.Option("auto", help=ISOLATION_HELP + "; for every run of the loop"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     hyperparameters: dict = None,
@@ -423,7 +424,7 @@ def improve(
         output, recipe, task=task, task_options=parse_task_options(task_opt, field, grader), data=data, model=model,
         strategy=strategy, train_limit=train_limit, test_limit=test_limit, samples=samples, temperature=temperature,
         split_seed=split_seed, test_share=test_share, data_settings=DataSettings(**data_settings), seed=seed, db=db,
-        train_options=hyperparameters, progress=lambda: run_progress(err, db, every),
+        isolation=isolation, train_options=hyperparameters, progress=lambda: run_progress(err, db, every),
         say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
     )
     if as_json:
