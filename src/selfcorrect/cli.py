@@ -35,7 +35,35 @@ from .tasks import all_tasks, load_task
 from .train.data import DataSettings
 from .train.settings import Hyperparameters
 
-app = typer.Typer(
+class _FlagsShowNoValue:
+    """Typer 0.29's help prints each option's type after it, `<bool>` after a flag, which takes no value; it
+    prints an option's metavar instead when one is set, so every flag (--help too) gets an empty one."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsShowNoValue, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagsShowNoValue, typer.core.TyperGroup):
+    pass
+
+
+class _App(typer.Typer):
+    """The application, whose commands are `_Command`s."""
+
+    def command(self, *args, cls=_Command, **kwargs):
+        return super().command(*args, cls=cls, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     help="Measure how well a language model corrects itself: accuracy per round, CL, CS, RSS.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
