@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 from dataclasses import replace
@@ -33,7 +34,7 @@ from selfcorrect.inspect_ext.solver import ROUNDS_KEY  # noqa: E402
 from selfcorrect.strategies import CorrectionRound, get_strategy  # noqa: E402
 from selfcorrect.tasks import load_task  # noqa: E402
 
-from conftest import API_KEY, SERVED_AS, cli  # noqa: E402
+from conftest import API_KEY, SERVED_AS, ScriptedBackend, cli  # noqa: E402
 
 INSPECT = str(Path(sys.executable).with_name("inspect"))
 LIMIT = 6  # the first 6 arithmetic problems: the model gets some right (1 here), so CL, CS and RSS are defined
@@ -182,6 +183,21 @@ def test_export_refusals_are_one_line(stored_run, tmp_path):
     assert done.returncode == 2 and "--output" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     with pytest.raises(UserError, match="exact estimator"):
         eval_log(replace(run, config={**run.config, "estimator": "exact"}))
+
+
+def test_export_spans_the_run_from_its_start_to_its_latest_turn(tmp_path):
+    """The log's stats start when the run was made and end when its latest turn was stored (here one turn
+    is dated a year on, as a run resumed then would be), so `inspect view` shows how long it took."""
+    db = tmp_path / "runs.sqlite"
+    run = evaluate(task="arithmetic", limit=3, rounds=1, backend=ScriptedBackend(), db=db)
+    with sqlite3.connect(db) as store:
+        store.execute("UPDATE turns SET created_at = '2031-05-06T07:08:09+00:00' WHERE item_id = ? AND round = 1",
+                      (run.items[1]["item_id"],))
+        (created,) = store.execute("SELECT created_at FROM runs").fetchone()
+    done = cli("export", run.run_id, "--db", str(db), "--format", "inspect", "--output", str(tmp_path / "run.eval"))
+    assert done.returncode == 0, done.stderr
+    stats = read_eval_log(str(tmp_path / "run.eval")).stats
+    assert (stats.started_at, stats.completed_at) == (created, "2031-05-06T07:08:09+00:00")
 
 
 # --- the solver's and scorer's arguments, and the metrics' grouping of epochs -------------------------------

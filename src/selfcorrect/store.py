@@ -473,6 +473,15 @@ class Store:
             for r in rows
         ]
 
+    @_locked
+    def run_times(self, run_id: str) -> tuple[str, str | None]:
+        """When the run was first made, and when its latest turn was stored (None before any turn)."""
+        return self.db.execute(
+            """SELECT r.created_at, (SELECT MAX(t.created_at) FROM turns t WHERE t.run_id = r.run_id)
+               FROM runs r WHERE r.run_id = ?""",
+            (run_id,),
+        ).fetchone()
+
     def lock_run(self, run_id: str) -> "RunLock":
         """Claim the run for this process until the returned lock is released (see RunLock); raises
         UserError naming the process that holds it."""
