@@ -216,6 +216,40 @@ def test_strategies_that_only_talk_to_the_model_are_accepted(name):
     assert callable(selfcorrect_rounds(strategy=name, rounds=2))
 
 
+REFUSED_TASK_FILE = '''
+from inspect_ai import Task, task
+from selfcorrect.inspect_ext import selfcorrect_dataset, selfcorrect_scorer
+
+@task
+def arithmetic():
+    return Task(dataset=selfcorrect_dataset("arithmetic"), scorer=selfcorrect_scorer(task="arithmetic"))
+
+@task
+def unknown():
+    return Task(dataset=selfcorrect_dataset("arithmetic-2"), scorer=selfcorrect_scorer(task="arithmetic"))
+'''
+
+
+@pytest.mark.parametrize("task, arguments, refused", [
+    ("arithmetic", ["--solver", "selfcorrect/selfcorrect_rounds", "-S", "strategy=critic"],
+     lambda: selfcorrect_rounds(strategy="critic")),
+    ("unknown", [], lambda: load_task("arithmetic-2")),
+], ids=["solver", "dataset"])
+def test_inspect_eval_prints_a_refusal_as_one_line_without_a_traceback(tmp_path, task, arguments, refused):
+    """`inspect eval` of a task whose solver (from the command line) or dataset (in the task file) we refuse:
+    the refusal is our one line, as Inspect prints its own (no model is asked: the mock model is never reached)."""
+    with pytest.raises(UserError) as caught:
+        refused()
+    (tmp_path / "task.py").write_text(REFUSED_TASK_FILE)
+    done = subprocess.run(
+        [INSPECT, "eval", f"task.py@{task}", *arguments, "--model", "mockllm/model", "--limit", "1",
+         "--log-dir", str(tmp_path / "logs"), "--display", "plain"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "300"},
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if line.strip()] == [f"error: {caught.value}"], done.stdout
+
+
 def test_bad_rounds_and_scorer_arguments_are_refused():
     with pytest.raises(UserError, match="rounds"):
         selfcorrect_rounds(rounds=0)
