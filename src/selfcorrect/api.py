@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -32,19 +33,22 @@ from .tasks import Grade, Task, defining_identity, grader_version, load_task
 
 
 @contextlib.contextmanager
-def _traffic_recorded(backend, store: Store, run_id: str):
-    """Within the block, count the requests of an HTTP model (its `metered`), and store what they met with the
-    run however the block ends (an error, Ctrl-C), when it sent any."""
-    metered = getattr(backend, "metered", None)
-    if metered is None:
-        yield
-        return
-    with metered() as meter:
+def _traffic_recorded(backends: list[Backend], store: Store, run_id: str):
+    """Within the block, count the requests of the HTTP clients of `backends` (the run's model and its critic:
+    each one's `metered`, one meter per client), and store what each client's requests met with the run however
+    the block ends (an error, Ctrl-C), when it sent any."""
+    counted = []
+    with contextlib.ExitStack() as metering:
+        for backend in backends:
+            if hasattr(backend, "metered"):
+                counted.append(metering.enter_context(backend.metered()))
         try:
             yield
         finally:
-            if meter.requests:
-                store.add_traffic(run_id, meter.as_dict())
+            metering.close()  # a Ray pool's meters count in its actors, and are read when they close
+            for meter in itertools.chain(*counted):
+                if meter.requests:
+                    store.add_traffic(run_id, meter.as_dict())
 
 
 def run_id_for(config: dict) -> str:
@@ -160,6 +164,9 @@ def evaluate(
     def examples(item) -> str:
         return correction_examples(the_task, item, asked.icl_confident, asked.icl_critical, asked.seed)
 
+    # The models whose HTTP requests are counted, each once (a critic may be the model itself), before the cache
+    # wraps them.
+    models = [backend] if critic in (None, backend) else [backend, critic]
     store = Store(db_path(asked.db))
     try:  # one process at a time per run: a second one stops here, before it writes anything
         run_lock = store.lock_run(run_id)
@@ -172,7 +179,7 @@ def evaluate(
     try:
         store.create_run(run_id, stored, items, task_spec={"task": asked.task, "data": _data_argument(asked.data),
                                                            "options": asked.task_options})
-        with _traffic_recorded(backend, store, run_id):
+        with _traffic_recorded(models, store, run_id):
             on_start(run_id, chosen.total(the_task, items, asked.samples, asked.rounds), store.count(run_id, chosen.table))
             generated, cache_hits = chosen.run(
                 run_id, the_task, items, the_strategy, backend, store, samples=asked.samples, rounds=asked.rounds,
