@@ -35,6 +35,7 @@ from .tasks import all_tasks, load_task
 from .train.data import DataSettings
 from .train.settings import Hyperparameters
 
+
 class _FlagsShowNoValue:
     """Typer 0.29's help prints each option's type after it, `<bool>` after a flag, which takes no value; it
     prints an option's metavar instead when one is set, so every flag (--help too) gets an empty one."""

@@ -264,19 +264,23 @@ class RayPool:
         """`with pool.metered() as meters:` counts the HTTP requests the actors' models send in the block, as a
         local HTTP model counts its own: one `TrafficMeter` per actor with such a model (each keeps its own
         limit on requests in flight). They count in the actors' processes: `meters` is filled when the block
-        ends, from every actor still there."""
-        keys = [self._call(index, "open_meter") for index in range(len(self.actors))]
+        ends, from every actor still there (one that is gone took its count with it; the run meets it at its
+        first request, and says so)."""
+
+        def call(index: int, method: str, *args):
+            try:
+                return self._call(index, method, *args)
+            except BackendError:  # the actor is gone
+                return None
+
+        keys = [call(index, "open_meter") for index in range(len(self.actors))]
         meters: list[TrafficMeter] = []
         try:
             yield meters
         finally:
             for index, key in enumerate(keys):
-                if key is None:
-                    continue
-                try:
-                    meters.extend(TrafficMeter(**counted) for counted in self._call(index, "close_meter", key))
-                except BackendError:  # the actor is gone, and its count with it
-                    pass
+                if key is not None:
+                    meters.extend(TrafficMeter(**counted) for counted in call(index, "close_meter", key) or [])
 
     def close(self) -> None:
         """Stop the actors (they also end with the driver process)."""
