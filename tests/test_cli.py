@@ -248,3 +248,18 @@ def test_report_on_a_missing_store_does_not_create_it(tmp_path):
     done = cli("report", "abc", "--db", str(db))
     assert done.returncode == 2 and "no run store there yet" in done.stderr
     assert not db.exists()
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["improve"], ["report"]])
+def test_help_shows_flags_as_flags(command):
+    """A flag takes no value, so the help shows none after it (Typer's own help writes `<bool>` there), while
+    an option that takes one still shows its type."""
+    shown = cli(*command, "--help", env={"COLUMNS": "200"}).stdout
+    rows = {line.split()[1]: line.split()[2] for line in shown.splitlines() if line.startswith("│ ") and
+            len(line.split()) > 2 and line.split()[1].startswith("--")}
+    flags = ["--version", "--help"] if not command else ["--json", "--help"]
+    assert "<bool>" not in shown
+    for flag in flags:  # the help text follows the flag at once
+        assert rows[flag][0].isalpha(), (flag, rows[flag])
+    if command == ["run"]:
+        assert rows["--rounds"] == "<int>" and rows["--no-cache"] == "generate"

@@ -162,6 +162,18 @@ def test_a_capacity_limited_server_loses_no_request_and_the_adaptive_limit_meets
     assert seen[True][0].report()["http"]["lowest_limit"] < 32 == seen[False][0].report()["http"]["lowest_limit"]
 
 
+def test_the_critic_models_requests_are_recorded_as_the_models_are(tmp_path):
+    """A run of `critic` with another HTTP model as its critic stores what the requests of each model met, as
+    seen by each server, and the report counts both."""
+    with MockServer(latency=0.05, jitter=0.0) as model, MockServer(latency=0.05, jitter=0.0) as critic:
+        run = _run(model, tmp_path / "r.sqlite", task_options={"n": "6"}, strategy="critic",
+                   critic_model=f"openai:critic@{critic.url}/v1")
+        seen = {name: len(server.stats()["requests"]) for name, server in (("model", model), ("critic", critic))}
+    assert run.report()["complete"] and seen["critic"] == 6  # one critique per conversation
+    assert sorted(row["requests"] for row in run.traffic) == sorted(seen.values())
+    assert run.report()["http"]["requests"] == seen["model"] + seen["critic"]
+
+
 def test_the_rpm_ceiling_holds_at_the_server(tmp_path):
     rpm = 240  # 4 a second
     with MockServer(latency=0.05, jitter=0.0) as server:

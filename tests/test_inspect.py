@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 from dataclasses import replace
@@ -33,7 +34,7 @@ from selfcorrect.inspect_ext.solver import ROUNDS_KEY  # noqa: E402
 from selfcorrect.strategies import CorrectionRound, get_strategy  # noqa: E402
 from selfcorrect.tasks import load_task  # noqa: E402
 
-from conftest import API_KEY, SERVED_AS, cli  # noqa: E402
+from conftest import API_KEY, SERVED_AS, ScriptedBackend, cli  # noqa: E402
 
 INSPECT = str(Path(sys.executable).with_name("inspect"))
 LIMIT = 6  # the first 6 arithmetic problems: the model gets some right (1 here), so CL, CS and RSS are defined
@@ -184,6 +185,21 @@ def test_export_refusals_are_one_line(stored_run, tmp_path):
         eval_log(replace(run, config={**run.config, "estimator": "exact"}))
 
 
+def test_export_spans_the_run_from_its_start_to_its_latest_turn(tmp_path):
+    """The log's stats start when the run was made and end when its latest turn was stored (here one turn
+    is dated a year on, as a run resumed then would be), so `inspect view` shows how long it took."""
+    db = tmp_path / "runs.sqlite"
+    run = evaluate(task="arithmetic", limit=3, rounds=1, backend=ScriptedBackend(), db=db)
+    with sqlite3.connect(db) as store:
+        store.execute("UPDATE turns SET created_at = '2031-05-06T07:08:09+00:00' WHERE item_id = ? AND round = 1",
+                      (run.items[1]["item_id"],))
+        (created,) = store.execute("SELECT created_at FROM runs").fetchone()
+    done = cli("export", run.run_id, "--db", str(db), "--format", "inspect", "--output", str(tmp_path / "run.eval"))
+    assert done.returncode == 0, done.stderr
+    stats = read_eval_log(str(tmp_path / "run.eval")).stats
+    assert (stats.started_at, stats.completed_at) == (created, "2031-05-06T07:08:09+00:00")
+
+
 # --- the solver's and scorer's arguments, and the metrics' grouping of epochs -------------------------------
 
 @pytest.mark.parametrize("name", ["critic", "exec-feedback", "exec-feedback-oracle", "oracle-stop", "best-of-n",
@@ -198,6 +214,40 @@ def test_strategies_needing_more_than_a_model_are_refused(name):
 @pytest.mark.parametrize("name", ["reask", "critique", "confident", "critical", "self-refine", "verify-then-revise"])
 def test_strategies_that_only_talk_to_the_model_are_accepted(name):
     assert callable(selfcorrect_rounds(strategy=name, rounds=2))
+
+
+REFUSED_TASK_FILE = '''
+from inspect_ai import Task, task
+from selfcorrect.inspect_ext import selfcorrect_dataset, selfcorrect_scorer
+
+@task
+def arithmetic():
+    return Task(dataset=selfcorrect_dataset("arithmetic"), scorer=selfcorrect_scorer(task="arithmetic"))
+
+@task
+def unknown():
+    return Task(dataset=selfcorrect_dataset("arithmetic-2"), scorer=selfcorrect_scorer(task="arithmetic"))
+'''
+
+
+@pytest.mark.parametrize("task, arguments, refused", [
+    ("arithmetic", ["--solver", "selfcorrect/selfcorrect_rounds", "-S", "strategy=critic"],
+     lambda: selfcorrect_rounds(strategy="critic")),
+    ("unknown", [], lambda: load_task("arithmetic-2")),
+], ids=["solver", "dataset"])
+def test_inspect_eval_prints_a_refusal_as_one_line_without_a_traceback(tmp_path, task, arguments, refused):
+    """`inspect eval` of a task whose solver (from the command line) or dataset (in the task file) we refuse:
+    the refusal is our one line, as Inspect prints its own (no model is asked: the mock model is never reached)."""
+    with pytest.raises(UserError) as caught:
+        refused()
+    (tmp_path / "task.py").write_text(REFUSED_TASK_FILE)
+    done = subprocess.run(
+        [INSPECT, "eval", f"task.py@{task}", *arguments, "--model", "mockllm/model", "--limit", "1",
+         "--log-dir", str(tmp_path / "logs"), "--display", "plain"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "300"},
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if line.strip()] == [f"error: {caught.value}"], done.stdout
 
 
 def test_bad_rounds_and_scorer_arguments_are_refused():

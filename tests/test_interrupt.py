@@ -4,8 +4,8 @@ The server answers the first requests at once and then holds the rest without an
 that hangs would, while the client's timeout stays at its 300 s default. Ctrl-C must not wait for it:
 the run stores its finished turns, exits 130 within 10 s with one line saying how to resume, and the same
 command completes it later. While a process runs a run, a second one of the same run stops at once (exit
-2, naming the first's pid) and writes nothing; other runs of the same store go on, readers too, and a
-process killed with SIGKILL leaves nothing that blocks the next.
+2, naming the first's pid) and writes nothing, and so does a regrade of the run; other runs of the same
+store go on, readers too, and a process killed with SIGKILL leaves nothing that blocks the next.
 """
 
 from __future__ import annotations
@@ -247,6 +247,11 @@ def test_one_process_per_run_other_runs_and_readers_go_on_and_sigkill_leaves_no_
             (run_id,) = [row["run_id"] for row in json.loads(listed.stdout)]
             shown = run_cli("report", run_id, "--db", str(db), "--json", timeout=120)
             assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == run_id, shown.stderr
+
+            # A regrade of the run would grade again while the first process adds turns: refused the same way.
+            regraded = run_cli("regrade", run_id, "--db", str(db), timeout=120)
+            assert (regraded.returncode, regraded.stderr) == (2, second.stderr), regraded.stderr
+            assert {table: _read(db, f"SELECT * FROM {table}") for table in tables} == snapshot
 
             # Another run of the same store is not blocked (new requests are answered from here on;
             # the first process's stay held).

@@ -8,6 +8,7 @@ runs the real embedded model."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import re
 from collections import Counter
@@ -74,19 +75,25 @@ def _json(*args: str):
 
 
 def _figures(text: str) -> Counter:
-    """Every decimal figure the text shows whole, and every n/a."""
-    return Counter(re.findall(r"(?<![\d.])-?\d+\.\d+(?![\d.])", text)) + Counter(re.findall(r"\bn/a\b", text))
+    """Every decimal figure the text shows whole, with its sign if it shows one, and every n/a."""
+    return Counter(re.findall(r"(?<![\d.])[-+]?\d+\.\d+(?![\d.])", text)) + Counter(re.findall(r"\bn/a\b", text))
 
 
 def _shown(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _difference(value) -> str:
+    """A difference as the tables show it: with its sign, + too (a change, not a level)."""
+    return "n/a" if value is None else ("+" if value >= 0 else "-") + f"{abs(value):.3f}"
+
+
 def _report_figures(report: dict) -> Counter:
     """The figures the report's tables show, formatted as the tables format them."""
     shown = [_shown(acc) for acc in report["acc"]] + [_shown(x) for ci in report["acc_ci"] for x in ci]
-    for name in ("cl", "cs", "rss", "delta", "acc_inf"):
+    for name in ("cl", "cs", "rss", "acc_inf"):
         shown += [_shown(report[name])] + [_shown(x) for x in report["ci"].get(name) or []]
+    shown += [_difference(report["delta"])] + [_difference(x) for x in report["ci"].get("delta") or []]
     for pair in report["pairs"]:
         shown += [_shown(pair[name]) for name in ("cl", "cs", "rss")]
         shown += [_shown(share) for share in pair["transitions"].values()] + [_shown(pair["mcnemar_p"], 4)]
@@ -96,10 +103,10 @@ def _report_figures(report: dict) -> Counter:
 def _compare_figures(comparison: dict) -> Counter:
     shown = []
     for row in comparison["runs"]:
-        shown += [_shown(row["acc_final"]), *(_shown(x) for x in row["acc_final_ci"]), _shown(row["delta"])]
+        shown += [_shown(row["acc_final"]), *(_shown(x) for x in row["acc_final_ci"]), _difference(row["delta"])]
         shown += [_shown(row[name]) for name in ("cl", "cs", "rss", "acc_per_1k_tokens")]
     for pair in comparison["pairs"]:
-        shown += [_shown(pair["diff"]), *(_shown(x) for x in pair["diff_ci"]), _shown(pair["mcnemar_p"], 4)]
+        shown += [_difference(pair["diff"]), *(_difference(x) for x in pair["diff_ci"]), _shown(pair["mcnemar_p"], 4)]
     return Counter(shown)
 
 
@@ -139,6 +146,26 @@ def test_tables_show_every_run_id_and_every_figure_whole(store, env):
     assert "…" not in tasks, tasks
     for row in _json("tasks"):
         assert re.search(rf"│ {row['task']} ", tasks) and (row["items"] is None or f" {row['items']} " in tasks), tasks
+
+
+def test_the_improve_table_shows_the_difference_from_the_base_with_its_sign(store):
+    """improve's table, on a comparison of two stored runs as the loop makes it (the base first): the trained
+    model's "Acc2 - base" is the paired difference with its interval, each with its sign."""
+    from rich.console import Console
+
+    from selfcorrect.report import print_improvement
+
+    db, ids = store
+    comparison = _json("compare", ids["reask"], ids["critique"], "--db", str(db))
+    result = {"base_run": ids["reask"], "trained_runs": {"cct": ids["critique"]}, "comparison": comparison,
+              "cards": {"cct": {"data": {"rows": 3}, "seconds": 2.0}}}
+    console = Console(file=io.StringIO(), record=True, width=300)
+    print_improvement(result, console)
+    (pair,) = comparison["pairs"]
+    assert (pair["a"], pair["b"]) == (ids["reask"], ids["critique"])
+    trained = next(line for line in console.export_text().splitlines() if line.startswith("│ cct "))
+    low, high = pair["diff_ci"]
+    assert f" {_difference(pair['diff'])} [{_difference(low)}, {_difference(high)}] " in trained, trained
 
 
 def test_report_and_compare_name_the_grader(store):

@@ -2,7 +2,8 @@
 embedded model: a run through them equals the local run turn for turn (same run id), both actors serve,
 each conversation stays on one actor, the exact estimator scores the same, and `selfcorrect run --ray`
 joining the cluster resumes a run by generating only its lost turns. A BackendError inside an actor, a
-model that fails to load there and a dead actor all arrive as one line."""
+model that fails to load there and a dead actor all arrive as one line. Actors of an HTTP model count its
+requests, which the run stores."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 import pytest
 import ray
@@ -26,6 +28,9 @@ from selfcorrect.models.base import BackendError
 from selfcorrect.models.ray_pool import Lanes, RayPool
 
 from conftest import run_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from mock_server import MockServer  # noqa: E402
 
 # Short replies keep the runs quick on a loaded 2-core machine; greedy, so replies are comparable.
 RUN = dict(task="arithmetic", limit=6, rounds=1, max_tokens=48, cache=False)
@@ -121,6 +126,24 @@ def test_cli_on_ray_resumes_a_run_generating_only_the_lost_turns(cluster, ray_ru
     assert report["run_id"] == ray_run.run_id and report["complete"]
     assert report["generated"] == lost
     assert rows(load_run(ray_run.run_id, db)) == rows(ray_run)
+
+
+@pytest.mark.slow
+def test_http_traffic_of_the_actors_is_recorded_with_the_run(cluster, tmp_path):
+    """Actors that each send requests to an HTTP server count them in their process; the run stores what each
+    actor's requests met, as it does for a local HTTP model, and the report sums what the server saw."""
+    with MockServer(latency=0.05, jitter=0.0) as server:
+        spec = f"openai:mock@{server.url}/v1"
+        pool = RayPool.start([spec, spec], concurrency=4)
+        try:
+            run = evaluate(**RUN, model=spec, backend=pool, db=tmp_path / "runs.sqlite")
+        finally:
+            pool.close()
+        sent = len(server.stats()["requests"])
+    assert run.report()["complete"] and sent == 6 * 2
+    assert run.report()["http"]["requests"] == sent
+    assert sum(row["requests"] for row in run.traffic) == sent and 1 <= len(run.traffic) <= 2
+    assert all(row["concurrency"] == 4 for row in run.traffic)  # each actor's own client
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from selfcorrect.errors import UserError
 
-from conftest import cli
+from conftest import ScriptedBackend, cli
 
 ROWS = 16  # prompt/completion rows: four steps of four rows make one epoch
 
@@ -159,6 +160,33 @@ def test_output_that_holds_something_else_is_refused(tmp_path):
     assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.parametrize("rows", [sft_rows, preference_rows], ids=["sft", "dpo"])
+def test_a_second_training_into_one_directory_is_refused_naming_the_first(tmp_path, rows):
+    """While one process trains into a directory (here: holds its training lock, as `train` does until it ends),
+    a training into it by another process, with either trainer, stops at once: one line naming the first, exit 2,
+    nothing written. Once the first has ended (killed here), the next one goes on, and leaves no lock behind."""
+    from selfcorrect.train.trainer import training_lock
+
+    data, output = write_jsonl(tmp_path / "data.jsonl", rows()), tmp_path / "adapter"
+    holding = ("import sys, time; from pathlib import Path; from selfcorrect.train.trainer import training_lock; "
+               "lock = training_lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(300)")
+    first = subprocess.Popen([sys.executable, "-c", holding, str(output)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "held\n"
+        second = cli("train", str(data), "--output", str(output))
+    finally:
+        first.kill()
+        first.communicate()
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert lines[0].startswith(f"error: a training into --output {output} is already running (pid {first.pid} on "
+                               f"host {socket.gethostname()}, since "), lines[0]
+    assert not output.exists()
+    with training_lock(output):
+        pass
+    assert not Path(f"{output}.locks").exists()
+
+
 @pytest.mark.parametrize("setting, refusal", [
     ({"batch_size": 0}, "--batch-size 0: must be above 0"),
     ({"learning_rate": -1.0}, "--lr -1.0: must be above 0"),
@@ -195,6 +223,31 @@ def test_every_training_option_reaches_the_training_from_both_commands(tmp_path,
         assert refused.returncode == 2 and "strategy 'critique' asks for replies" in refused.stderr, refused.stderr
     assert not (tmp_path / "runs.sqlite").exists() and not (tmp_path / "loop").exists()
     assert not (tmp_path / "adapter").exists()
+
+
+def test_improve_runs_every_measurement_inside_the_isolation_asked(tmp_path, monkeypatch):
+    """`improve --isolation` reaches each run the loop makes (the training part, the base and the trained model
+    on the held-out part). The runs are made for real by a scripted model, the training is left out."""
+    from dataclasses import replace
+
+    from selfcorrect.train import loop, trainer
+
+    real_evaluate, measured = loop.evaluate, []
+
+    def evaluate(config, **progress):
+        measured.append((config.split, config.model, config.isolation))
+        return real_evaluate(replace(config, model="embedded"), backend=ScriptedBackend(identity=f"scripted:{config.model}"),
+                             **progress)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "check_trainable", lambda spec: None)
+    monkeypatch.setattr(trainer, "train", lambda rows, model, adapter, **options: {"data": {"rows": 1}, "seconds": 0.0})
+    output = tmp_path / "loop"
+    done = cli("improve", "--output", str(output), "--recipe", "sft", "--task-opt", "n=12", "--isolation", "process",
+               "--json", "--db", str(tmp_path / "runs.sqlite"))
+    assert done.returncode == 0, done.stderr
+    assert measured == [("train", "embedded", "process"), ("test", "embedded", "process"),
+                        ("test", f"lora:{output / 'sft'}", "process")]
 
 
 # --- real trainings of the embedded model ----------------------------------------------------------------------

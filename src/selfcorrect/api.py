@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -32,19 +33,22 @@ from .tasks import Grade, Task, defining_identity, grader_version, load_task
 
 
 @contextlib.contextmanager
-def _traffic_recorded(backend, store: Store, run_id: str):
-    """Within the block, count the requests of an HTTP model (its `metered`), and store what they met with the
-    run however the block ends (an error, Ctrl-C), when it sent any."""
-    metered = getattr(backend, "metered", None)
-    if metered is None:
-        yield
-        return
-    with metered() as meter:
+def _traffic_recorded(backends: list[Backend], store: Store, run_id: str):
+    """Within the block, count the requests of the HTTP clients of `backends` (the run's model and its critic:
+    each one's `metered`, one meter per client), and store what each client's requests met with the run however
+    the block ends (an error, Ctrl-C), when it sent any."""
+    counted = []
+    with contextlib.ExitStack() as metering:
+        for backend in backends:
+            if hasattr(backend, "metered"):
+                counted.append(metering.enter_context(backend.metered()))
         try:
             yield
         finally:
-            if meter.requests:
-                store.add_traffic(run_id, meter.as_dict())
+            metering.close()  # a Ray pool's meters count in its actors, and are read when they close
+            for meter in itertools.chain(*counted):
+                if meter.requests:
+                    store.add_traffic(run_id, meter.as_dict())
 
 
 def run_id_for(config: dict) -> str:
@@ -160,6 +164,9 @@ def evaluate(
     def examples(item) -> str:
         return correction_examples(the_task, item, asked.icl_confident, asked.icl_critical, asked.seed)
 
+    # The models whose HTTP requests are counted, each once (a critic may be the model itself), before the cache
+    # wraps them.
+    models = [backend] if critic in (None, backend) else [backend, critic]
     store = Store(db_path(asked.db))
     try:  # one process at a time per run: a second one stops here, before it writes anything
         run_lock = store.lock_run(run_id)
@@ -172,7 +179,7 @@ def evaluate(
     try:
         store.create_run(run_id, stored, items, task_spec={"task": asked.task, "data": _data_argument(asked.data),
                                                            "options": asked.task_options})
-        with _traffic_recorded(backend, store, run_id):
+        with _traffic_recorded(models, store, run_id):
             on_start(run_id, chosen.total(the_task, items, asked.samples, asked.rounds), store.count(run_id, chosen.table))
             generated, cache_hits = chosen.run(
                 run_id, the_task, items, the_strategy, backend, store, samples=asked.samples, rounds=asked.rounds,
@@ -209,40 +216,49 @@ def regrade(
     or Ctrl-C leaves the store as it was. Returns a summary: turns regraded and skipped, verdicts changed.
     A run stored before runs kept how their task was loaded needs `task_spec` ({"task", "data",
     "options"}, as `evaluate` took them); the run's items must come out of it unchanged. `isolation` as for
-    `evaluate`.
+    `evaluate`. It holds the run's lock as `evaluate` does: while another process runs or regrades the run,
+    this raises UserError naming it.
     """
     check_grader_timeout(grader_timeout)
     check_isolation_mode(isolation)
     store = Store(db_path(db), create=False)
     try:
         run_id = store.find_run(run_id)
-        today = grader_version()
-        summary = {"run_id": run_id, "grader_version": today, "regraded": 0, "skipped": 0, "changed": 0,
-                   "now_right": 0, "now_wrong": 0, "timeouts": 0, "note": None}
-        config = store.config(run_id)
-        if not estimator_named(config["estimator"]).stores_replies:
-            return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
-                                       "probabilities): nothing to regrade"}
-        task, items = _task_again(store, run_id, config, task_spec)
-        code_isolation(task, isolation)
-        turns = store.turns(run_id)
-        due = [turn for turn in turns if all_turns or turn.grader_version != today or turn.extra.get("grader_timeout")]
-        with using(isolation):
-            grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
-        regraded = [
-            replace(turn, answer=new.answer, correct=new.correct, reason=new.reason, extra=new.extra,
-                    grader_version=today)
-            for turn, new in zip(due, grades)
-        ]
-        store.regrade_turns(run_id, regraded)
-        flipped = [new for old, new in zip(due, regraded) if old.correct != new.correct]
-        return {
-            **summary, "regraded": len(regraded), "skipped": len(turns) - len(due), "changed": len(flipped),
-            "now_right": sum(turn.correct for turn in flipped), "now_wrong": sum(not turn.correct for turn in flipped),
-            "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in regraded),
-        }
+        # A run going on would add turns graded as they come while these are graded again: one at a time.
+        with store.lock_run(run_id):
+            return _regrade(store, run_id, grader_timeout, all_turns, task_spec, isolation)
     finally:
         store.close()
+
+
+def _regrade(store: Store, run_id: str, grader_timeout: float, all_turns: bool, task_spec: dict | None,
+             isolation: str) -> dict:
+    """`regrade` of the run `run_id` of the open `store`, holding the run's lock."""
+    today = grader_version()
+    summary = {"run_id": run_id, "grader_version": today, "regraded": 0, "skipped": 0, "changed": 0,
+               "now_right": 0, "now_wrong": 0, "timeouts": 0, "note": None}
+    config = store.config(run_id)
+    if not estimator_named(config["estimator"]).stores_replies:
+        return {**summary, "note": "the exact estimator grades no reply (its figures come from option "
+                                   "probabilities): nothing to regrade"}
+    task, items = _task_again(store, run_id, config, task_spec)
+    code_isolation(task, isolation)
+    turns = store.turns(run_id)
+    due = [turn for turn in turns if all_turns or turn.grader_version != today or turn.extra.get("grader_timeout")]
+    with using(isolation):
+        grades = _grade_all(task, [(items[turn.item_id], turn.response) for turn in due], grader_timeout) if due else []
+    regraded = [
+        replace(turn, answer=new.answer, correct=new.correct, reason=new.reason, extra=new.extra,
+                grader_version=today)
+        for turn, new in zip(due, grades)
+    ]
+    store.regrade_turns(run_id, regraded)
+    flipped = [new for old, new in zip(due, regraded) if old.correct != new.correct]
+    return {
+        **summary, "regraded": len(regraded), "skipped": len(turns) - len(due), "changed": len(flipped),
+        "now_right": sum(turn.correct for turn in flipped), "now_wrong": sum(not turn.correct for turn in flipped),
+        "timeouts": sum(bool(turn.extra.get("grader_timeout")) for turn in regraded),
+    }
 
 
 def grade_reply(task: str, item_id: str, reply: str | Callable[[], str], *, data: str | Path | None = None,

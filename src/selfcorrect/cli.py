@@ -35,7 +35,36 @@ from .tasks import all_tasks, load_task
 from .train.data import DataSettings
 from .train.settings import Hyperparameters
 
-app = typer.Typer(
+
+class _FlagsShowNoValue:
+    """Typer 0.29's help prints each option's type after it, `<bool>` after a flag, which takes no value; it
+    prints an option's metavar instead when one is set, so every flag (--help too) gets an empty one."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_FlagsShowNoValue, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_FlagsShowNoValue, typer.core.TyperGroup):
+    pass
+
+
+class _App(typer.Typer):
+    """The application, whose commands are `_Command`s."""
+
+    def command(self, *args, cls=_Command, **kwargs):
+        return super().command(*args, cls=cls, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     help="Measure how well a language model corrects itself: accuracy per round, CL, CS, RSS.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -410,6 +439,7 @@ def improve(
     split_seed: int = typer.Option(0, help="seed of the split of the questions into training and held-out parts"),
     test_share: float = typer.Option(0.5, help="share of the questions held out"),
     seed: int = typer.Option(0, help="seed for the split of rows, the training and the bootstrap"),
+    isolation: str = typer.Option("auto", help=ISOLATION_HELP + "; for every run of the loop"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     hyperparameters: dict = None,
@@ -423,7 +453,7 @@ def improve(
         output, recipe, task=task, task_options=parse_task_options(task_opt, field, grader), data=data, model=model,
         strategy=strategy, train_limit=train_limit, test_limit=test_limit, samples=samples, temperature=temperature,
         split_seed=split_seed, test_share=test_share, data_settings=DataSettings(**data_settings), seed=seed, db=db,
-        train_options=hyperparameters, progress=lambda: run_progress(err, db, every),
+        isolation=isolation, train_options=hyperparameters, progress=lambda: run_progress(err, db, every),
         say=lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True),
     )
     if as_json:

@@ -75,12 +75,13 @@ def print_table(console: Console, table: Table, text: tuple[str, ...] = ()) -> N
                       crop=False, end="")
 
 
-def _num(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _num(value: float | None, digits: int = 3, signed: bool = False) -> str:
+    """A figure; `signed` for a difference, which always shows its sign (+0.133) so it never reads as a level."""
+    return "n/a" if value is None else f"{value:{'+' if signed else ''}.{digits}f}"
 
 
-def _interval(ci: list[float] | None) -> str:
-    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+def _interval(ci: list[float] | None, signed: bool = False) -> str:
+    return "" if ci is None else f"[{_num(ci[0], signed=signed)}, {_num(ci[1], signed=signed)}]"
 
 
 def grader_note(config: dict) -> str:
@@ -248,7 +249,8 @@ def print_report(report: dict, console: Console) -> None:
         headline.add_column("value", justify="right")
         headline.add_column("95% CI", justify="right")
         for name, label in METRIC_LABELS:
-            headline.add_row(label, _num(report[name]), _interval(report["ci"].get(name)))
+            signed = name == "delta"
+            headline.add_row(label, _num(report[name], signed=signed), _interval(report["ci"].get(name), signed))
         print_table(console, headline)
         last = report["pairs"][-1]
         before = "first answers" if last["from"] == 0 else f"answers after correction {last['from']}"
@@ -336,7 +338,7 @@ def print_comparison(comparison: dict, console: Console, graders: dict[str, str]
     for row in rows:
         label = labels[row["run_id"]]
         table.add_row(
-            label, _num(row["acc_final"]), _interval(row["acc_final_ci"]), _num(row["delta"]),
+            label, _num(row["acc_final"]), _interval(row["acc_final_ci"]), _num(row["delta"], signed=True),
             _num(row["cl"]), _num(row["cs"]), _num(row["rss"]),
             "n/a" if row["tokens_per_item"] is None else f"{row['tokens_per_item']:.0f}", _num(row["acc_per_1k_tokens"]),
         )
@@ -358,7 +360,8 @@ def print_comparison(comparison: dict, console: Console, graders: dict[str, str]
     estimator = {row["run_id"]: estimator_named(row["estimator"]) for row in rows}
     notes = {}
     for pair in comparison["pairs"]:
-        pairs.add_row(labels[pair["a"]], labels[pair["b"]], _num(pair["diff"]), _interval(pair["diff_ci"]),
+        pairs.add_row(labels[pair["a"]], labels[pair["b"]], _num(pair["diff"], signed=True),
+                      _interval(pair["diff_ci"], signed=True),
                       _num(pair["mcnemar_p"], 4))
         if pair["mcnemar_p"] is None:
             _note(notes, "McNemar p", estimator[pair["a"]].no_mcnemar or estimator[pair["b"]].no_mcnemar or
@@ -368,8 +371,9 @@ def print_comparison(comparison: dict, console: Console, graders: dict[str, str]
     _print_footnotes(console, notes)
 
 
-def _with_interval(value: float | None, ci: list[float] | None) -> str:
-    return _num(value) if value is None or ci is None else f"{_num(value)} {_interval(ci)}"
+def _with_interval(value: float | None, ci: list[float] | None, signed: bool = False) -> str:
+    shown = _num(value, signed=signed)
+    return shown if value is None or ci is None else f"{shown} {_interval(ci, signed)}"
 
 
 IMPROVEMENT_COLUMNS = ("model", "Acc1", "Acc2", "CL", "CS", "RSS", "Acc2 - base", "McNemar p", "training")
@@ -390,7 +394,7 @@ def improvement_rows(result: dict) -> list[tuple[str, ...]]:
         found.append((
             name, *(_with_interval(row[field], row["ci"].get(key)) for key, field in
                     (("acc1", "acc_first"), ("acc2", "acc_final"), ("cl", "cl"), ("cs", "cs"), ("rss", "rss"))),
-            "" if pair is None else _with_interval(pair["diff"], pair["diff_ci"]),
+            "" if pair is None else _with_interval(pair["diff"], pair["diff_ci"], signed=True),
             "" if pair is None else _num(pair["mcnemar_p"], 4),
             "" if card is None else f"{card['data']['rows']} rows, {card['seconds']:.0f} s",
         ))

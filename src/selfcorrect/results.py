@@ -25,7 +25,8 @@ class Run:
     items: list[dict]
     turns: list[Turn]
     scores: list[OptionScore] = field(default_factory=list)  # the exact estimator's scoring passes
-    traffic: list[dict] = field(default_factory=list)  # per call that ran it on an HTTP model: what its requests met
+    # Per call that ran it and HTTP client (its model's, the critic's, each Ray actor's): what its requests met.
+    traffic: list[dict] = field(default_factory=list)
     generated: int = 0  # turns (or scoring passes) the model made for the call that returned this object
     cache_hits: int = 0  # turns that call took whole from the response cache
 
@@ -122,9 +123,10 @@ def _costs(turns: list[Turn], n_items: int) -> dict:
 
 
 def _http_traffic(calls: list[dict]) -> dict | None:
-    """What the HTTP requests of the run met, over every call that ran it (a resumed run has several): requests
-    sent, how many repeated a failed one, how many were answered 429 and 503, the most in flight at once, the
-    ceiling asked for and the lowest the adaptive limit went. None for a run that sent no HTTP request."""
+    """What the HTTP requests of the run met, over every call that ran it (a resumed run has several) and every
+    HTTP client (the model's, the critic's, each Ray actor's): requests sent, how many repeated a failed one, how
+    many were answered 429 and 503; of one client, the most in flight at once, the ceiling asked for and the
+    lowest its adaptive limit went. None for a run that sent no HTTP request."""
     if not calls:
         return None
     summed = {key: sum(call[key] for call in calls) for key in ("requests", "retried", "rate_limited", "unavailable")}

@@ -473,6 +473,15 @@ class Store:
             for r in rows
         ]
 
+    @_locked
+    def run_times(self, run_id: str) -> tuple[str, str | None]:
+        """When the run was first made, and when its latest turn was stored (None before any turn)."""
+        return self.db.execute(
+            """SELECT r.created_at, (SELECT MAX(t.created_at) FROM turns t WHERE t.run_id = r.run_id)
+               FROM runs r WHERE r.run_id = ?""",
+            (run_id,),
+        ).fetchone()
+
     def lock_run(self, run_id: str) -> "RunLock":
         """Claim the run for this process until the returned lock is released (see RunLock); raises
         UserError naming the process that holds it."""
@@ -481,31 +490,32 @@ class Store:
 
 try:
     import fcntl
-except ImportError:  # Windows: runs are not locked there
+except ImportError:  # Windows: nothing is locked there
     fcntl = None
 
 
-class RunLock:
-    """One process at a time runs (or resumes) a run: an exclusive `flock` on `<db>.locks/<run_id>.lock`,
-    a file that names its holder (pid, host, since when). The kernel drops the lock when the holder ends,
-    however it ends (SIGKILL too), so a dead process never blocks the next run; release also removes the
-    file. Readers (report, export) take no lock, and each run has its own file, so other runs go on.
+class ProcessLock:
+    """One process at a time holds `path`: an exclusive `flock` on that file, which names its holder (pid,
+    host, since when). The kernel drops the lock when the holder ends, however it ends (SIGKILL too), so a
+    dead process never blocks the next; release also removes the file, and its directory once empty (a
+    directory kept for such locks). A second process is refused with a UserError: `busy` (what is going on),
+    the holder, and how to go on. `where` names the place for an error writing the file ("--db PATH").
     Without fcntl (Windows), or on a file system that refuses flock, nothing is locked.
     Usable as a context manager."""
 
-    def __init__(self, db_path: Path, run_id: str):
-        self.path = Path(f"{db_path}.locks") / f"{run_id}.lock"
+    def __init__(self, path: Path, where: str, busy: str):
+        self.path = path
         self._fd: int | None = None
         if fcntl is None:
             return
         try:
-            self._acquire(db_path, run_id)
+            self._acquire(busy)
         except OSError as err:
-            raise UserError(f"--db {db_path}: cannot write the run's lock file {self.path} ({err.strerror})") from None
+            raise UserError(f"{where}: cannot write the lock file {self.path} ({err.strerror})") from None
 
-    def _acquire(self, db_path: Path, run_id: str) -> None:
+    def _acquire(self, busy: str) -> None:
         while True:
-            self.path.parent.mkdir(exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # a releasing process removed the directory in between
@@ -515,11 +525,9 @@ class RunLock:
             except BlockingIOError:
                 holder = _lock_holder(fd)
                 os.close(fd)
-                raise UserError(
-                    f"run {run_id} is already running in {db_path} ({holder}); wait for it to finish, or stop "
-                    "it and run the same command again to resume"
-                ) from None
-            except OSError:  # no flock on this file system: run unlocked rather than not at all
+                raise UserError(f"{busy} ({holder}); wait for it to finish, or stop it and run the same command "
+                                "again to resume") from None
+            except OSError:  # no flock on this file system: go on unlocked rather than not at all
                 os.close(fd)
                 return
             try:  # the holder before us may have removed the file we locked: lock the one at the path
@@ -548,18 +556,27 @@ class RunLock:
         os.close(fd)
         try:
             os.rmdir(self.path.parent)
-        except OSError:  # other runs' locks are in it
+        except OSError:  # other locks are in it
             pass
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> "ProcessLock":
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
+class RunLock(ProcessLock):
+    """One process at a time runs (or resumes, or regrades) a run: the lock `<db>.locks/<run_id>.lock`.
+    Readers (report, export) take none, and each run has its own file, so other runs go on."""
+
+    def __init__(self, db_path: Path, run_id: str):
+        super().__init__(Path(f"{db_path}.locks") / f"{run_id}.lock", f"--db {db_path}",
+                         f"run {run_id} is already running in {db_path}")
+
+
 def _lock_holder(fd: int) -> str:
-    """Who holds a run lock, from its file; the holder writes it just after locking, so wait a moment."""
+    """Who holds a lock, from its file; the holder writes it just after locking, so wait a moment."""
     for _ in range(20):
         try:
             holder = json.loads(os.pread(fd, 4096, 0))

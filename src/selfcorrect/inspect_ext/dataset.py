@@ -17,6 +17,7 @@ from inspect_ai.dataset import MemoryDataset, Sample
 from inspect_ai.model import ChatMessageSystem, ChatMessageUser
 
 from ..tasks import Item, Task, load_task
+from .refusal import refusals_for_inspect
 
 INSTRUCTION_KEY = "selfcorrect_instruction"
 
@@ -42,6 +43,7 @@ def item_of(task: Task, sample_id: str | int | None) -> Item:
     return found
 
 
+@refusals_for_inspect
 def selfcorrect_dataset(task: str, data: str | None = None, options: dict[str, str] | None = None) -> MemoryDataset:
     """The items of selfcorrect task `task` as Inspect samples, asked as `selfcorrect run` asks them."""
     loaded = selfcorrect_task(task, data, options)

@@ -74,11 +74,11 @@ def _results(samples: list[EvalSample], total: int) -> EvalResults:
     )
 
 
-def _created_at(run: Run) -> str:
-    """When the run was first made, as its store recorded it."""
+def _run_times(run: Run) -> tuple[str, str | None]:
+    """When the run was first made and when its latest turn was stored, as its store recorded them."""
     store = Store(run.db_path, create=False)
     try:
-        return next(row["created_at"] for row in store.runs() if row["run_id"] == run.run_id)
+        return store.run_times(run.run_id)
     finally:
         store.close()
 
@@ -100,7 +100,7 @@ def eval_log(run: Run) -> EvalLog:
     samples = [_sample(items[item_id], sample, turns[(item_id, sample)], model)
                for item_id in complete for sample in range(config["samples"])]
     solver_args = {"strategy": config["strategy"], "rounds": config["rounds"]}
-    created = _created_at(run)
+    created, last_turn = _run_times(run)
     return EvalLog(
         status="success" if len(complete) == len(run.items) else "cancelled",
         eval=EvalSpec(
@@ -116,8 +116,8 @@ def eval_log(run: Run) -> EvalLog:
         ),
         plan=EvalPlan(steps=[EvalPlanStep(solver=SOLVER, params=solver_args)]),
         results=_results(samples, len(run.items) * config["samples"]),
-        # When the run began; when it ended the store does not keep (a run may be resumed at any later time).
-        stats=EvalStats(started_at=created),
+        # From when the run was first made to when its latest turn was stored (a resumed run's pauses included).
+        stats=EvalStats(started_at=created, completed_at=last_turn or ""),
         samples=samples,
     )
 

@@ -21,12 +21,14 @@ from inspect_ai.solver import TaskState
 from ..errors import UserError
 from .dataset import item_of, selfcorrect_task
 from .metrics import cl, cs, round_accuracy, round_key, rss
+from .refusal import refusals_for_inspect
 from .solver import ROUNDS_KEY
 
 _as_float = value_to_float()
 
 
 @scorer(metrics=[cl(), cs(), rss(), round_accuracy()])
+@refusals_for_inspect
 def selfcorrect_scorer(
     grader: Scorer | None = None, task: str | None = None, data: str | None = None,
     task_opts: dict[str, str] | None = None,

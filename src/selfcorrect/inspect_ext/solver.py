@@ -26,6 +26,7 @@ from inspect_ai.solver import Generate, Solver, TaskState, solver
 from ..errors import UserError
 from ..strategies import CorrectionRound, Strategy, all_strategies, get_strategy, round_outcome
 from .dataset import INSTRUCTION_KEY
+from .refusal import refusals_for_inspect
 
 ROUNDS_KEY = "selfcorrect_rounds"
 
@@ -66,6 +67,7 @@ def round_record(round_: int, response: str, feedback: list[str], notes: dict) -
 
 
 @solver
+@refusals_for_inspect
 def selfcorrect_rounds(strategy: str = "reask", rounds: int = 1, instruction: str = "") -> Solver:
     """Run `strategy` for `rounds` correction rounds after the first answer, keeping every round's answer.
 

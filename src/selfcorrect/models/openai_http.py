@@ -26,19 +26,20 @@ with one line naming the spec and the last error; it is never turned into a repl
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import os
 import random
 import time
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import openai
 
 from ..errors import UserError
 from .base import SERVER_DEFAULT, BackendError, Completion, Message
 from .openai_logprobs import continuation_problem, label_probs, scoring_request
-from .rate_limit import AdaptiveLimit, RateCeiling, check_rates
+from .rate_limit import AdaptiveLimit, RateCeiling, TrafficMeter, check_rates
 
 DEFAULT_TIMEOUT_S = 300.0  # a long reply from a busy server can take minutes; a stalled one should not hang a run
 DEFAULT_RETRIES = 5  # with the backoff, about 15 s of waiting before a request is given up
@@ -130,9 +131,12 @@ class OpenAIBackend:
             http_client=openai.DefaultHttpxClient(limits=limits),
         )
 
-    def metered(self):
-        """`with backend.metered() as meter:` counts the requests sent in the block (a `TrafficMeter`)."""
-        return self.limit.metered()
+    @contextlib.contextmanager
+    def metered(self) -> Iterator[list[TrafficMeter]]:
+        """`with backend.metered() as meters:` counts the requests sent in the block: one `TrafficMeter` per HTTP
+        client the backend sends through (here one; a Ray pool has one per actor)."""
+        with self.limit.metered() as meter:
+            yield [meter]
 
     def complete(self, messages: list[Message], max_tokens: int, temperature: float | str, seed: int) -> Completion:
         # At SERVER_DEFAULT the request names no temperature, and the server samples with its own defaults.

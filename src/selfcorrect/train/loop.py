@@ -51,6 +51,7 @@ def improve(
     data_settings: DataSettings = DataSettings(),
     seed: int = 0,
     db: str | Path | None = None,
+    isolation: str = "auto",
     train_options: dict | None = None,
     progress: Progress = _no_progress,
     say: Callable[[str], None] = lambda line: None,
@@ -61,6 +62,7 @@ def improve(
 
     The training run samples `samples` first answers per item at `temperature` (every sample is a row source);
     the held-out runs are greedy, one sample per item, so base and trained models are compared reply for reply.
+    Every run grades model-written code inside `isolation`'s boundary (as `evaluate` takes it).
     """
     for recipe in recipes:
         get_recipe(recipe)
@@ -81,7 +83,8 @@ def improve(
     output = Path(output).expanduser()
     # The held-out runs are greedy, one sample per item; the training run samples as asked.
     held_out = run_config(task=task, task_options=task_options, data=data, model=model, strategy=strategy, rounds=1,
-                          seed=seed, db=db, split="test", split_seed=split_seed, test_share=test_share, limit=test_limit)
+                          seed=seed, db=db, split="test", split_seed=split_seed, test_share=test_share, limit=test_limit,
+                          isolation=isolation)
     held_out.check()  # a bad --test-limit is refused now, not after the training
 
     def measure(label: str, config: RunConfig) -> Run:

@@ -16,6 +16,8 @@ Everything that can be wrong with the input is checked before the model is loade
 training is seeded (LoRA initialisation, data order, dropout) and checkpoints into `output/checkpoints/`; run
 the same command again after it was killed and it resumes from the last whole checkpoint, with the optimizer,
 scheduler, random states and data position restored, so it ends with the same adapter as an uninterrupted run.
+One process at a time trains into a directory (a lock beside it, `OUTPUT.locks/`, as a run is locked): a second
+one is refused, naming the first.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Iterator
 
 from ..errors import UserError
 from ..files import write_atomically
+from ..store import ProcessLock
 from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
 from ..models.identity import file_digest, files_digest
 from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE
@@ -212,7 +215,7 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
     """Train a LoRA adapter of `model` (a spec) on the rows of `data` into the directory `output`, and return its
     training card. Keyword arguments are the fields of `Hyperparameters`; `callbacks` are extra transformers
     `TrainerCallback`s. An `output` that holds the finished training of the same base, data and hyperparameters
-    returns its card; an unfinished one resumes."""
+    returns its card; an unfinished one resumes. While another process trains into `output`, UserError names it."""
     try:
         settings = Hyperparameters(**hyperparameters)
     except TypeError as error:
@@ -228,10 +231,22 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
         "data_sha256": file_digest(rows.path),
         "hyperparameters": settings.shaping(rows.row_format),
     }
-    finished = _check_output(output, started)
-    if finished is not None:
-        return finished
+    with training_lock(output):  # a second process training into `output` stops here, naming the first
+        finished = _check_output(output, started)
+        return finished if finished is not None else _train(model, rows, settings, output, started, callbacks)
 
+
+def training_lock(output: Path) -> ProcessLock:
+    """Claim `output` for this process's training until the lock is released: two trainings into one directory
+    would write the same checkpoints and adapter. Locked as a run is (store.ProcessLock), with the lock file
+    beside the directory (`OUTPUT.locks/`), which the checks of what `output` holds need not know of."""
+    return ProcessLock(Path(f"{output}.locks") / "training.lock", f"--output {output}",
+                       f"a training into --output {output} is already running")
+
+
+def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Path, started: dict,
+           callbacks: tuple) -> dict:
+    """`train` from the point where `output` is known to be new or an unfinished training of these settings."""
     print(f"loading {model} for training", file=sys.stderr, flush=True)
     base, tokenizer = base_model(model)
     base = copy.deepcopy(base)
