@@ -248,3 +248,23 @@ def test_code_tests_given_as_a_list_run_and_other_types_are_refused(tmp_path):
     number.write_text(json.dumps({"question": "Write f", "answer": 7}) + "\n")
     with pytest.raises(UserError, match=r"number.jsonl:1: field 'answer' \(the tests\) is a int"):
         load_task("custom", number, {"grader": "code"})
+
+
+def test_a_store_in_a_missing_directory_is_one_line_and_nothing_is_made(tmp_path, monkeypatch):
+    """A typo in --db or $SELFCORRECT_DB does not start an empty store somewhere else (the default location's
+    directory is made: tests/test_cli.py)."""
+    import selfcorrect.api
+
+    monkeypatch.setattr(selfcorrect.api, "load_model", lambda spec, **limits: ScriptedBackend())
+    db = tmp_path / "no such dir" / "runs.sqlite"
+    for args, env, named in [
+        (["run", "--limit", "1", "--db", str(db)], {}, f"--db {db}"),
+        (["run", "--limit", "1"], {"SELFCORRECT_DB": str(db)}, f"SELFCORRECT_DB={db}"),
+        (["runs", "--db", str(db)], {}, f"--db {db}"),
+    ]:
+        done = cli(*args, env=env)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr.strip() == f"error: {named}: no directory {db.parent}; create it, or fix the path"
+    with pytest.raises(UserError, match="no directory"):
+        evaluate(task="arithmetic", limit=1, backend=ScriptedBackend(), db=db)
+    assert not db.parent.exists()

@@ -1,18 +1,24 @@
-"""The command line on the real embedded model: run, report, runs, export, tasks, and bad input. Commands run in
-this process (`cli`); the default job runs in a process of its own."""
+"""The command line on the real embedded model: run, report, runs, export, tasks, and bad input; the commands it
+prints to paste, and a failed run listed, reported and deleted (on a scripted model and a server that is down).
+Commands run in this process (`cli`); the default job runs in a process of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shlex
+import sqlite3
 
 import pytest
 
 from selfcorrect import evaluate, load_run
+from selfcorrect.store import RunLock, Store
 from selfcorrect.tasks import TASKS, load_task
 
 from conftest import SHARED_DATA as SHARED
-from conftest import ScriptedBackend, check_turns, cli, run_cli
+from conftest import SERVED_AS, ScriptedBackend, check_turns, cli, free_port, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +230,7 @@ BAD_INPUT = [
     (["run", "--temperature", "-1"], "--temperature -1.0: must be between 0 and 2"),
     (["run", "--task-opt", "digits"], "--task-opt digits: expected KEY=VALUE"),
     (["report", "nosuchrun"], "run nosuchrun: no such run"),
+    (["delete", "nosuchrun"], "run nosuchrun: no such run"),
     (["export", "nosuchrun", "--format", "xml"], "--format xml: choose one of"),
 ]
 
@@ -263,3 +270,112 @@ def test_help_shows_flags_as_flags(command):
         assert rows[flag][0].isalpha(), (flag, rows[flag])
     if command == ["run"]:
         assert rows["--rounds"] == "<int>" and rows["--no-cache"] == "generate"
+
+
+@pytest.fixture
+def scripted_model(monkeypatch):
+    """`--model embedded` answered by a ScriptedBackend: these tests are about the commands around a run."""
+    import selfcorrect.api
+
+    monkeypatch.setattr(selfcorrect.api, "load_model", lambda spec, **limits: ScriptedBackend())
+
+
+def _pasted(line: str, marker: str) -> list[str]:
+    """The words of the command printed after `marker`, as a shell splits them."""
+    return shlex.split(line.split(marker, 1)[1])
+
+
+def test_follow_up_commands_name_a_store_that_is_not_the_default_and_work_when_pasted(tmp_path, scripted_model):
+    folder = tmp_path / "my runs [1]"  # a space and brackets: the path is shell-quoted, never read as markup
+    folder.mkdir()
+    db = folder / "runs.sqlite"
+    done = cli("run", "--limit", "2", "--db", str(db), env={"SELFCORRECT_DB": ""})
+    assert done.returncode == 0, done.stderr
+    [run_id] = [row["run_id"] for row in json.loads(cli("runs", "--db", str(db), "--json").stdout)]
+    words = _pasted(done.stdout, "See it again: ")
+    assert words == ["selfcorrect", "report", run_id, "--db", str(db)]
+    again = cli(*words[1:], "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["run_id"] == run_id, again.stderr
+    # An unknown run's error names the command that lists this store's runs.
+    missing = cli("report", "nosuchrun", "--db", str(db))
+    assert missing.returncode == 2 and f"`selfcorrect runs --db '{db}'` lists them" in missing.stderr, missing.stderr
+
+    # A store named by $SELFCORRECT_DB is named too: the line may be pasted where the variable is not set.
+    by_env = cli("run", "--limit", "2", env={"SELFCORRECT_DB": str(db)})
+    assert by_env.returncode == 0, by_env.stderr
+    assert _pasted(by_env.stdout, "See it again: ") == ["selfcorrect", "report", run_id, "--db", str(db)]
+
+    # The default location is left unnamed, and its directory is made.
+    data_home = tmp_path / "data home"
+    default = cli("run", "--limit", "2", env={"SELFCORRECT_DB": "", "XDG_DATA_HOME": str(data_home)})
+    assert default.returncode == 0, default.stderr
+    assert _pasted(default.stdout, "See it again: ") == ["selfcorrect", "report", run_id]
+    assert (data_home / "selfcorrect" / "runs.sqlite").is_file()
+
+
+TABLES = ("runs", "items", "turns", "option_scores", "failed_cells", "run_traffic")  # the tables of a run's rows
+
+
+def _rows(db, query: str) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        return connection.execute(query).fetchall()
+
+
+def test_a_failed_run_is_listed_reported_and_deleted_and_the_cache_stays(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # a server that is down: nobody listens there
+    db = tmp_path / "runs.sqlite"
+    failed = cli("run", "--model", f"openai:{SERVED_AS}@{url}", "--limit", "2", "--db", str(db),
+                 env={"SELFCORRECT_HTTP_RETRIES": "1"})
+    assert failed.returncode == 2, failed.stderr
+    kept = evaluate(task="arithmetic", limit=2, backend=ScriptedBackend(), db=db)  # a run that worked, cached
+    [failed_id] = [row["run_id"] for row in json.loads(cli("runs", "--db", str(db), "--json").stdout)
+                   if row["run_id"] != kept.run_id]
+    store = Store(db, create=False)
+    failures = store.failures(failed_id)
+    store.close()
+    assert failures and all(url in failure["error"] for failure in failures)
+
+    # `runs` lists it with its turns (none) and its failed cells.
+    rows = {row["run_id"]: row for row in json.loads(cli("runs", "--db", str(db), "--json").stdout)}
+    assert (rows[failed_id]["n_turns"], rows[failed_id]["n_failed"]) == (0, len(failures))
+    assert (rows[kept.run_id]["n_turns"], rows[kept.run_id]["n_failed"]) == (4, 0)
+    table = cli("runs", "--db", str(db)).stdout
+    assert "failed cells" in table
+    [line] = [line for line in table.splitlines() if failed_id in line]
+    assert [cell.strip() for cell in line.strip("│ ").split("│")][-2:] == ["0", str(len(failures))]  # turns, failed
+
+    # `report` says how many cells failed and the first error.
+    shown = cli("report", failed_id, "--db", str(db))
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    first = failures[0]
+    assert f"{len(failures)} cell(s) failed" in text and "running the same command again retries them" in text
+    assert f"item {first['item_id']} sample 0 round 0: {' '.join(first['error'].split())}" in text
+    assert json.loads(cli("report", failed_id, "--db", str(db), "--json").stdout)["failed_cells"] == {
+        "count": len(failures), "first": first}
+
+    # A run another process holds is not deleted under it: one line naming the holder, exit 2, nothing deleted.
+    before = {table: _rows(db, f"SELECT * FROM {table}") for table in TABLES}
+    with RunLock(db, failed_id):
+        refused = cli("delete", failed_id[:8], "--db", str(db))
+    assert refused.returncode == 2 and refused.stdout == ""
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"run {failed_id} is already running" in lines[0], refused.stderr
+    assert f"pid {os.getpid()}" in lines[0] and lines[0].endswith("then delete the run"), lines[0]
+    assert {table: _rows(db, f"SELECT * FROM {table}") for table in TABLES} == before
+
+    deleted = cli("delete", failed_id[:8], "--db", str(db))
+    assert deleted.returncode == 0, deleted.stderr
+    assert f"deleted run {failed_id}" in deleted.stdout and f"{len(failures)} failed cells" in deleted.stdout
+    assert [row["run_id"] for row in json.loads(cli("runs", "--db", str(db), "--json").stdout)] == [kept.run_id]
+    for table in TABLES:
+        assert not _rows(db, f"SELECT * FROM {table} WHERE run_id = '{failed_id}'"), table
+    assert load_run(kept.run_id, db).turns == kept.turns  # the other run is untouched
+
+    # Deleting the run that worked keeps its replies in the response cache: running it again generates nothing.
+    cached = _rows(db, "SELECT * FROM response_cache")
+    assert cached and cli("delete", kept.run_id, "--db", str(db)).returncode == 0
+    assert _rows(db, "SELECT * FROM response_cache") == cached
+    assert all(not _rows(db, f"SELECT * FROM {table}") for table in TABLES)
+    again = evaluate(task="arithmetic", limit=2, backend=ScriptedBackend(), db=db)
+    assert again.run_id == kept.run_id and again.generated == 0 and again.cache_hits == 4

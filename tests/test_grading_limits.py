@@ -172,7 +172,8 @@ def test_regrade_puts_back_todays_verdicts_and_counts_the_changes(tmp_path):
                            "grader_version = 'a0a0a0a0a0a0' WHERE item_id = 'arith-0'")
         connection.execute("UPDATE turns SET grader_version = NULL WHERE item_id = 'arith-1' AND round = 0")
     shown = cli("report", run.run_id, "--db", str(db))
-    assert f"selfcorrect regrade {run.run_id}" in shown.stdout, shown.stdout + shown.stderr
+    # The command to paste names the store, which is not the default one.
+    assert f"selfcorrect regrade {run.run_id} --db {db} grades them again" in shown.stdout, shown.stdout + shown.stderr
 
     done = cli("regrade", run.run_id[:8], "--db", str(db), "--json")
     assert done.returncode == 0, done.stderr[-2000:]

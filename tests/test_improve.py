@@ -4,6 +4,7 @@ train, measure base and trained model on the held-out part; then the trained mod
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
@@ -50,15 +51,21 @@ def test_the_loop_trains_on_one_part_and_measures_on_the_other(loop):
     assert result["comparison"]["n_items"] == len(base.items) == 8
 
 
-def test_the_same_command_again_resumes_every_step(loop):
+def test_the_same_command_again_resumes_every_step_and_its_follow_up_works_when_pasted(loop):
     db, output, result = loop
     again = cli("improve", "--output", str(output), "--recipe", "cct", *TASK, "--train-limit", "16",
-                "--test-limit", "8", "--json", "--db", str(db))
+                "--test-limit", "8", "--db", str(db))
     assert again.returncode == 0, again.stderr
-    repeated = json.loads(again.stdout)
-    assert {key: repeated[key] for key in ("train_run", "base_run", "trained_runs")} == {
-        key: result[key] for key in ("train_run", "base_run", "trained_runs")}
+    runs = (f"runs: base {result['base_run']}, cct {result['trained_runs']['cct']}; training items measured in "
+            f"{result['train_run']}. Every pair: ")
+    [line] = [line for line in again.stdout.splitlines() if line.startswith("runs: ")]
+    assert line.startswith(runs), line  # the same runs, resumed
     assert "step 1/" not in again.stderr  # the finished training is not run again
+    # The printed command names the store the loop used (not the default one), and pasted, it compares the runs.
+    pasted = shlex.split(line.removeprefix(runs))
+    assert pasted == ["selfcorrect", "compare", result["base_run"], result["trained_runs"]["cct"], "--db", str(db)]
+    compared = cli(*pasted[1:], "--json")
+    assert compared.returncode == 0 and json.loads(compared.stdout)["n_items"] == 8, compared.stderr
     # ... and the loop says what it reused: the training, and every turn of the three runs from the store.
     assert f"3. train cct: found the finished training in {output / 'cct'}, not repeated" in again.stderr
     for run_id in (result["train_run"], result["base_run"], result["trained_runs"]["cct"]):

@@ -1,5 +1,5 @@
 """The Python API: `evaluate(...)` runs (or resumes) a self-correction run, `load_run(...)` reads one back,
-`regrade(...)` grades a stored run's replies again with today's graders.
+`regrade(...)` grades a stored run's replies again with today's graders, `delete_run(...)` removes one.
 
 The command line is a thin layer over these functions.
 """
@@ -200,6 +200,19 @@ def load_run(run_id: str, db: str | Path | None = None) -> Run:
     store = Store(db_path(db), create=False)
     try:
         return read_run(store, store.find_run(run_id))
+    finally:
+        store.close()
+
+
+def delete_run(run_id: str, db: str | Path | None = None) -> dict:
+    """Delete a stored run (or the one an unambiguous prefix names): its turns, items, scoring passes, failed
+    cells and HTTP record; the response cache keeps its replies, so running it again reuses them. Refused
+    (UserError) while a process runs it. Returns {"run_id", "db", "deleted": {table: rows}}."""
+    store = Store(db_path(db), create=False)
+    try:
+        run_id = store.find_run(run_id)
+        with store.lock_run(run_id, "wait for it to finish, or stop it, then delete the run"):
+            return {"run_id": run_id, "db": str(store.path), "deleted": store.delete_run(run_id)}
     finally:
         store.close()
 

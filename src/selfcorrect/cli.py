@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .api import evaluate, grade_reply, load_run
+from .api import delete_run, evaluate, grade_reply, load_run
 from .export import write_export
 from .files import check_output_file, write_atomically
 from .api import regrade as regrade_run
@@ -29,7 +29,7 @@ from .models.base import SERVER_DEFAULT
 from .run_config import RunConfig, with_protocol
 from .progress import progress_seconds, run_progress
 from .report import grader_note, print_comparison, print_improvement, print_report, print_reproduction, print_table
-from .store import Store, db_path, default_db_path
+from .store import Store, db_path, default_db_path, follow_up
 from .strategies import all_strategies
 from .tasks import all_tasks, load_task
 from .train.data import DataSettings
@@ -320,8 +320,8 @@ def run(
         f"\nstored in {result.db_path} as run {result.run_id} ({result.generated} "
         f"{result.estimation.unit} generated now, "
         f"{result.cache_hits} from the response cache). "
-        f"See it again: selfcorrect report {result.run_id}",
-        soft_wrap=True,
+        f"See it again: {follow_up(f'report {result.run_id}', result.db_path)}",
+        soft_wrap=True, markup=False,
     )
 
 
@@ -460,11 +460,11 @@ def improve(
         print(json.dumps(result))
         return
     print_improvement(result, out)
-    ids = " ".join([result["base_run"], *result["trained_runs"].values()])
+    every_pair = follow_up(f"compare {' '.join([result['base_run'], *result['trained_runs'].values()])}", db_path(db))
     out.print(f"\nruns: base {result['base_run']}, "
               + ", ".join(f"{name} {run_id}" for name, run_id in result["trained_runs"].items())
-              + f"; training items measured in {result['train_run']}. Every pair: selfcorrect compare {ids}",
-              soft_wrap=True, highlight=False)
+              + f"; training items measured in {result['train_run']}. Every pair: {every_pair}",
+              soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command()
@@ -551,15 +551,31 @@ def runs(
         print(json.dumps(rows))
         return
     table = Table(title=f"Runs in {store.path}")
-    for column in ("run", "created", "task", "model", "strategy", "rounds", "samples", "items", "turns"):
+    for column in ("run", "created", "task", "model", "strategy", "rounds", "samples", "items", "turns",
+                   "failed cells"):
         table.add_column(column)
     for row in rows:
         config = row["config"]
         table.add_row(
             row["run_id"], row["created_at"], config["task"]["task"], config["model"], config["strategy"],
             str(config["rounds"]), str(config["samples"]), str(row["n_items"]), str(row["n_turns"]),
+            str(row["n_failed"]),
         )
     print_table(out, table, text=("task", "model", "strategy"))
+
+
+@app.command()
+@user_errors
+def delete(
+    run_id: str = typer.Argument(..., help="run id (or a unique prefix)"),
+    db: Optional[Path] = typer.Option(None, help=DB_HELP),
+):
+    """Delete a run: its turns, items, scores and failed cells (the response cache keeps its replies)."""
+    deleted = delete_run(run_id, db)
+    rows = deleted["deleted"]
+    out.print(f"deleted run {deleted['run_id']} from {deleted['db']}: {rows['items']} items, {rows['turns']} turns, "
+              f"{rows['option_scores']} scoring passes, {rows['failed_cells']} failed cells (the response cache "
+              "keeps its replies)", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.measure import Measurement
 from rich.segment import Segments
@@ -10,6 +12,7 @@ from rich.table import Table
 from .estimators import estimator_named
 from .models.spec import ModelSpec
 from .protocols import YANG2025_TASKS
+from .store import follow_up
 from .tasks import all_tasks
 
 
@@ -176,7 +179,8 @@ def isolation_line(counts: dict[str, int], notes: list[str]) -> str | None:
 
 def _print_grading(report: dict, console: Console) -> None:
     """Which graders gave the verdicts, those older than today's, grades that timed out, and the code's isolation."""
-    grading, run = report["grading"], report["run_id"]
+    grading = report["grading"]
+    regrade = follow_up(f"regrade {report['run_id']}", Path(report["db"]))
     isolation = isolation_line(grading["isolation"], grading["isolation_notes"])
     if isolation is not None:
         style = "" if isolation == "isolation: bubblewrap" else "yellow"
@@ -190,14 +194,16 @@ def _print_grading(report: dict, console: Console) -> None:
         notes = [", ".join(f"{version} ({count} turns)" for version, count in grading["versions"].items())]
         if grading["outdated"]:
             notes.append(f"{grading['outdated']} verdict(s) from graders older than today's ({today}): "
-                         f"selfcorrect regrade {run} grades them again")
+                         f"{regrade} grades them again")
         if grading["unversioned"]:
             notes.append(f"{grading['unversioned']} verdict(s) from before grader versions were kept")
-        console.print(f"[yellow]grader versions: {'; '.join(notes)}[/yellow]", highlight=False, soft_wrap=True)
+        # Not markup: the command names the store's path, which may hold brackets.
+        console.print(f"grader versions: {'; '.join(notes)}", style="yellow", markup=False, highlight=False,
+                      soft_wrap=True)
     if grading["timeouts"]:
         count = grading["timeouts"]
-        console.print(f"[yellow]{count} grade{'s' if count != 1 else ''} timed out, counted as wrong (--grader-timeout "
-                      f"sets the limit; selfcorrect regrade {run} tries them again)[/yellow]",
+        console.print(f"{count} grade{'s' if count != 1 else ''} timed out, counted as wrong (--grader-timeout "
+                      f"sets the limit; {regrade} tries them again)", style="yellow", markup=False,
                       highlight=False, soft_wrap=True)
 
 
@@ -218,6 +224,12 @@ def print_report(report: dict, console: Console) -> None:
     _print_grading(report, console)
     if report["upper_bound"]:
         console.print("[bold red]UPPER BOUND: this strategy reads the gold answer; it is not a method[/bold red]")
+    failed = report["failed_cells"]
+    if failed:
+        first = failed["first"]
+        console.print(f"{failed['count']} cell(s) failed, not graded (running the same command again retries them); "
+                      f"the first, item {first['item_id']} sample {first['sample']} round {first['round']}: "
+                      f"{first['error']}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if not report["complete"]:
         console.print("[yellow]incomplete: run the same command again to fill the missing turns[/yellow]")
     if not report["acc"]:

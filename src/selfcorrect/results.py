@@ -27,6 +27,7 @@ class Run:
     scores: list[OptionScore] = field(default_factory=list)  # the exact estimator's scoring passes
     # Per call that ran it and HTTP client (its model's, the critic's, each Ray actor's): what its requests met.
     traffic: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)  # cells whose request failed and no turn has filled since
     generated: int = 0  # turns (or scoring passes) the model made for the call that returned this object
     cache_hits: int = 0  # turns that call took whole from the response cache
 
@@ -84,6 +85,8 @@ class Run:
             "grading": _grading(self.turns),
             "instruction_following": instruction_following(self.turns),
             "http": _http_traffic(self.traffic),
+            # The first in item order, with the error the backend gave; a rerun retries every one.
+            "failed_cells": {"count": len(self.failures), "first": self.failures[0]} if self.failures else None,
         }
         if summary is None:
             return {**report, "acc": [], "acc_ci": [], "cl": None, "cs": None, "rss": None, "acc_inf": None,
@@ -202,5 +205,5 @@ def _verifier(turns: list[Turn]) -> dict | None:
 def read_run(store: Store, run_id: str, generated: int = 0, cache_hits: int = 0) -> Run:
     return Run(
         run_id, store.config(run_id), store.path, store.items(run_id), store.turns(run_id),
-        store.option_scores(run_id), store.traffic(run_id), generated, cache_hits,
+        store.option_scores(run_id), store.traffic(run_id), store.failures(run_id), generated, cache_hits,
     )

@@ -19,6 +19,7 @@ from .models.base import SERVER_DEFAULT
 from .models.rate_limit import check_rates
 from .models.spec import ModelSpec
 from .protocols import protocol_settings
+from .store import db_path
 
 # The longest --grader-timeout: a day (a wait much longer overflows the operating system's poll).
 MAX_GRADER_TIMEOUT_S = 86400.0
@@ -89,6 +90,7 @@ class RunConfig:
         if self.budget is not None and self.budget < 1:
             raise UserError(f"--budget {self.budget}: must be at least 1 token")
         check_choice(self.estimator)
+        db_path(self.db)  # a store in a missing directory, refused before a model loads
 
     @property
     def limits(self) -> dict:

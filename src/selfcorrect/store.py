@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import shlex
 import socket
 import sqlite3
 import threading
@@ -122,15 +123,23 @@ ADDED_COLUMNS = {
 }
 
 
+# What a second process is told to do about a run another one holds (RunLock), unless its command says otherwise.
+RESUME_ADVICE = "wait for it to finish, or stop it and run the same command again to resume"
+
 TRAFFIC_FIELDS = ("concurrency", "requests", "retried", "rate_limited", "unavailable", "peak_in_flight", "lowest_limit")
 
 
-def default_db_path() -> Path:
-    """$SELFCORRECT_DB, else $XDG_DATA_HOME/selfcorrect/runs.sqlite (~/.local/share/selfcorrect/runs.sqlite)."""
-    if os.environ.get("SELFCORRECT_DB"):
-        return Path(os.environ["SELFCORRECT_DB"]).expanduser()
+def default_location() -> Path:
+    """$XDG_DATA_HOME/selfcorrect/runs.sqlite (~/.local/share/selfcorrect/runs.sqlite): the store nobody named."""
     data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return data_home / "selfcorrect" / "runs.sqlite"
+
+
+def default_db_path() -> Path:
+    """$SELFCORRECT_DB, else the default location."""
+    if os.environ.get("SELFCORRECT_DB"):
+        return Path(os.environ["SELFCORRECT_DB"]).expanduser()
+    return default_location()
 
 
 def stored_config(path: Path, run_id: str) -> dict | None:
@@ -144,8 +153,22 @@ def stored_config(path: Path, run_id: str) -> dict | None:
 
 
 def db_path(db: str | Path | None) -> Path:
-    """The store a `--db` (or `db=`) names: the path given, `~` expanded, else the default store."""
-    return Path(db).expanduser() if db is not None else default_db_path()
+    """The store a `--db` (or `db=`) names: the path given, `~` expanded, else the default store. A path in a
+    directory that does not exist is refused (UserError), so a typo does not start an empty store elsewhere; only
+    the default location's directory is made (by `Store`)."""
+    path = Path(db).expanduser() if db is not None else default_db_path()
+    if path != default_location() and not path.parent.is_dir():
+        named = f"--db {path}" if db is not None else f"SELFCORRECT_DB={path}"
+        raise UserError(f"{named}: no directory {path.parent}; create it, or fix the path")
+    return path
+
+
+def follow_up(command: str, db: Path) -> str:
+    """The command line `selfcorrect COMMAND` for a user to paste, naming the store `db` (shell-quoted) unless it
+    is the default location: $SELFCORRECT_DB may not be set where the line is pasted."""
+    if db == default_location():
+        return f"selfcorrect {command}"
+    return f"selfcorrect {command} --db {shlex.quote(str(db))}"
 
 
 @dataclass(frozen=True)
@@ -224,7 +247,7 @@ class Store:
     def __init__(self, path: Path, create: bool = True):
         if not create and not path.is_file():
             raise UserError(f"--db {path}: no run store there yet; run `selfcorrect run` first or pass --db")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the default location's: `db_path` refuses others missing
         self.path = path
         self._lock = threading.RLock()
         try:
@@ -394,7 +417,7 @@ class Store:
         """The full id of the one run whose id starts with `prefix`."""
         rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ? || '%'", (prefix,)).fetchall()
         if not rows:
-            raise UserError(f"run {prefix}: no such run in {self.path}; `selfcorrect runs` lists them")
+            raise UserError(f"run {prefix}: no such run in {self.path}; `{follow_up('runs', self.path)}` lists them")
         if len(rows) > 1:
             raise UserError(f"run {prefix}: ambiguous, {len(rows)} runs start with it; give more characters")
         return rows[0][0]
@@ -464,12 +487,13 @@ class Store:
             """SELECT r.run_id, r.config, r.created_at,
                       (SELECT COUNT(*) FROM items i WHERE i.run_id = r.run_id),
                       (SELECT COUNT(*) FROM turns t WHERE t.run_id = r.run_id),
-                      (SELECT COUNT(*) FROM option_scores s WHERE s.run_id = r.run_id)
+                      (SELECT COUNT(*) FROM option_scores s WHERE s.run_id = r.run_id),
+                      (SELECT COUNT(*) FROM failed_cells f WHERE f.run_id = r.run_id)
                FROM runs r ORDER BY r.created_at DESC, r.run_id"""
         )
         return [
             {"run_id": r[0], "config": json.loads(r[1]), "created_at": r[2], "n_items": r[3], "n_turns": r[4],
-             "n_scores": r[5]}
+             "n_scores": r[5], "n_failed": r[6]}
             for r in rows
         ]
 
@@ -482,10 +506,19 @@ class Store:
             (run_id,),
         ).fetchone()
 
-    def lock_run(self, run_id: str) -> "RunLock":
+    @_locked
+    def delete_run(self, run_id: str) -> dict[str, int]:
+        """Delete the run and every row of it, in one transaction; the response cache keeps its replies. Returns
+        how many rows each table lost. The caller holds the run's lock (`lock_run`)."""
+        with self.db:
+            # Each table that references runs(run_id), before the run's own row.
+            return {table: self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,)).rowcount
+                    for table in ("turns", "option_scores", "failed_cells", "run_traffic", "items", "runs")}
+
+    def lock_run(self, run_id: str, advice: str = RESUME_ADVICE) -> "RunLock":
         """Claim the run for this process until the returned lock is released (see RunLock); raises
-        UserError naming the process that holds it."""
-        return RunLock(self.path, run_id)
+        UserError naming the process that holds it, then `advice`."""
+        return RunLock(self.path, run_id, advice)
 
 
 try:
@@ -499,21 +532,21 @@ class ProcessLock:
     host, since when). The kernel drops the lock when the holder ends, however it ends (SIGKILL too), so a
     dead process never blocks the next; release also removes the file, and its directory once empty (a
     directory kept for such locks). A second process is refused with a UserError: `busy` (what is going on),
-    the holder, and how to go on. `where` names the place for an error writing the file ("--db PATH").
+    the holder, and `advice`, how to go on. `where` names the place for an error writing the file ("--db PATH").
     Without fcntl (Windows), or on a file system that refuses flock, nothing is locked.
     Usable as a context manager."""
 
-    def __init__(self, path: Path, where: str, busy: str):
+    def __init__(self, path: Path, where: str, busy: str, advice: str = RESUME_ADVICE):
         self.path = path
         self._fd: int | None = None
         if fcntl is None:
             return
         try:
-            self._acquire(busy)
+            self._acquire(busy, advice)
         except OSError as err:
             raise UserError(f"{where}: cannot write the lock file {self.path} ({err.strerror})") from None
 
-    def _acquire(self, busy: str) -> None:
+    def _acquire(self, busy: str, advice: str) -> None:
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -525,8 +558,7 @@ class ProcessLock:
             except BlockingIOError:
                 holder = _lock_holder(fd)
                 os.close(fd)
-                raise UserError(f"{busy} ({holder}); wait for it to finish, or stop it and run the same command "
-                                "again to resume") from None
+                raise UserError(f"{busy} ({holder}); {advice}") from None
             except OSError:  # no flock on this file system: go on unlocked rather than not at all
                 os.close(fd)
                 return
@@ -570,9 +602,9 @@ class RunLock(ProcessLock):
     """One process at a time runs (or resumes, or regrades) a run: the lock `<db>.locks/<run_id>.lock`.
     Readers (report, export) take none, and each run has its own file, so other runs go on."""
 
-    def __init__(self, db_path: Path, run_id: str):
+    def __init__(self, db_path: Path, run_id: str, advice: str = RESUME_ADVICE):
         super().__init__(Path(f"{db_path}.locks") / f"{run_id}.lock", f"--db {db_path}",
-                         f"run {run_id} is already running in {db_path}")
+                         f"run {run_id} is already running in {db_path}", advice)
 
 
 def _lock_holder(fd: int) -> str:
