@@ -1,27 +1,30 @@
-"""The HTML report (`selfcorrect report RUN... --html`) of real runs of the embedded model, opened in
-headless Chromium: no console errors, every plot drawn, the flipped-items table lists exactly the flips
-the stored turns hold, the oracle run marked as an upper bound, and replies shown as text, never run."""
+"""The HTML report (`selfcorrect report RUN... --html`) opened in headless Chromium. Of real runs of the embedded
+model: no console errors, every plot drawn, the flipped-items table lists exactly the flips the stored turns hold,
+the oracle run marked as an upper bound, and replies shown as text, never run. Of scripted runs on different
+items: figures over their common items with compare's own numbers, the warnings of the terminal report, every
+point visible above every interval, the first conversation of each run; and the training card of a trained model."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from selenium.webdriver.common.by import By
 
 from selfcorrect import evaluate, load_run
 from selfcorrect.html_report import render_html
+from selfcorrect.tasks import load_task
 
-from conftest import browser_helpers, cli
-
-pytestmark = [pytest.mark.model, pytest.mark.slow]  # its fixtures run real runs and start Chromium: ~60 s
+from conftest import ScriptedBackend, browser_helpers, cli
 
 
 browser = browser_helpers()
 SAMPLED = ("reask", "critique", "oracle-stop")
 
 
+# The fixture `stored` runs the embedded model, so the tests on it are marked model and slow (~60 s with Chromium).
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory, embedded, shared_data):
     """A store with three sampled arithmetic runs and one exact-estimator multiple-choice run. Greedy, the
@@ -58,10 +61,19 @@ def expected_flips(db, run_id: str) -> dict[tuple, tuple[str, str]]:
     return flips
 
 
+def runs_table(driver) -> dict[str, dict[str, str]]:
+    """The runs table as shown: run id -> column header -> cell text."""
+    head = [th.text.replace("\n", " ") for th in driver.find_elements(By.CSS_SELECTOR, "table.runs th")]
+    return {row.get_attribute("data-run-id"): dict(zip(head, [td.text for td in row.find_elements(By.TAG_NAME, "td")]))
+            for row in driver.find_elements(By.CSS_SELECTOR, "table.runs tr[data-run-id]")}
+
+
 def legend_texts(driver, div_id: str) -> list[str]:
     return [e.get_attribute("textContent") for e in driver.find_elements(By.CSS_SELECTOR, f"#{div_id} .legendtext")]
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_html_report_of_real_runs_renders_in_chromium(stored, chromium, tmp_path):
     db, sampled, exact_id = stored
     page = tmp_path / "report.html"
@@ -94,6 +106,14 @@ def test_html_report_of_real_runs_renders_in_chromium(stored, chromium, tmp_path
     run_cells = [e.text for e in chromium.find_elements(By.CSS_SELECTOR, "table tr td:first-child")]
     assert "oracle-stop*" in run_cells and "reask" in run_cells
 
+    # The three arithmetic runs are paired (three differences), the multiple-choice run of another task is not;
+    # every run, the exact one included, shows what it sent.
+    assert "NOT ALL PAIRED" in chromium.find_element(By.TAG_NAME, "body").text
+    assert len(chromium.find_elements(By.CSS_SELECTOR, "table.pairs tr[data-a]")) == 3
+    shown = chromium.find_elements(By.CSS_SELECTOR, "details.conversation")
+    assert {e.get_attribute("data-run-id") for e in shown} == {*sampled.values(), exact_id}
+    assert all(e.find_elements(By.CLASS_NAME, "message") for e in shown)
+
     # The flipped-items table holds exactly the stored flips, each with the reply after it.
     expected = {}
     for run_id in sampled.values():
@@ -109,6 +129,8 @@ def test_html_report_of_real_runs_renders_in_chromium(stored, chromium, tmp_path
     assert shown == expected
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_markup_in_replies_and_questions_is_shown_not_run(stored, chromium, tmp_path):
     db, sampled, _ = stored
     run = load_run(sampled["critique"], db)
@@ -131,6 +153,8 @@ def test_markup_in_replies_and_questions_is_shown_not_run(stored, chromium, tmp_
     assert "<b>bold?</b>" in row.text
 
 
+@pytest.mark.model
+@pytest.mark.slow
 def test_report_of_several_runs_as_json_and_bad_html_path(stored, tmp_path):
     db, sampled, _ = stored
     listed = cli("report", *sampled.values(), "--db", str(db), "--json")
@@ -142,3 +166,146 @@ def test_report_of_several_runs_as_json_and_bad_html_path(stored, tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "--html" in refused.stderr
     assert not missing.parent.exists()
+
+
+class ScriptedCorrections(ScriptedBackend):
+    """Arithmetic answered by script: the first answer is right on the items in FIRST_RIGHT; re-asked, the model
+    repeats it; under critique it breaks its right answer on arith-3 and fixes nothing, and every reply of the
+    critique round says it was cut at --max-tokens."""
+
+    FIRST_RIGHT = {0, 3, 6, 7, 8, 9}  # of the first six items two, of the next six four
+
+    def __init__(self):
+        super().__init__(self.answer, identity="scripted:corrections-v1")
+        self.index = {question: k for k, question in enumerate(item.question for item in load_task("arithmetic").items)}
+
+    def answer(self, messages, seed):
+        question = messages[0]["content"]
+        k = next(index for text, index in self.index.items() if text in question)
+        value = eval(question.split("What is ")[1].split("?")[0])  # noqa: S307 - our own generated arithmetic
+        right = k in self.FIRST_RIGHT and not (self.critique(messages) and k == 3)
+        return f"The answer is {value if right else value + 1}."
+
+    @staticmethod
+    def critique(messages) -> bool:
+        return any("find problems" in m["content"] for m in messages if m["role"] == "user")
+
+    def complete(self, messages, max_tokens, temperature, seed):
+        reply = super().complete(messages, max_tokens, temperature, seed)
+        return dataclasses.replace(reply, finish_reason="length" if self.critique(messages) else "stop")
+
+
+# elementsFromPoint at the centre of each of a plot's points: is the first data element there the point itself, or
+# an interval (or another point) drawn over it? Plotly's layers ignore the pointer; hit-testing needs them back.
+POINTS_ON_TOP = """
+const div = document.getElementById(arguments[0]);
+const style = document.createElement("style");
+style.textContent = "#" + div.id + " .scatterlayer * { pointer-events: all !important; }";
+document.head.appendChild(style);
+const hidden = [];
+div.querySelectorAll(".scatterlayer .trace").forEach((trace, index) => {
+    const name = div._fullData[index].name;
+    if (!div._fullData[index].showlegend || !trace.querySelector("path.point")) return;
+    trace.querySelectorAll("path.point").forEach(point => {
+        point.scrollIntoView({block: "center"});  // elementsFromPoint sees only the viewport
+        const box = point.getBoundingClientRect();
+        const top = document.elementsFromPoint(box.x + box.width / 2, box.y + box.height / 2)
+            .find(element => element.closest(".scatterlayer"));
+        if (top !== point) hidden.push(name);
+    });
+});
+style.remove();
+return hidden;
+"""
+
+
+@pytest.fixture(scope="module")
+def paired_runs(tmp_path_factory):
+    """reask on 12 arithmetic items and critique on the first 6, one scripted model: their first answers are the
+    same, right on 2 of the 6 common items and on 6 of reask's 12."""
+    db = tmp_path_factory.mktemp("paired_runs") / "runs.sqlite"
+    model = ScriptedCorrections()
+    reask = evaluate(strategy="reask", limit=12, backend=model, db=db)
+    critique = evaluate(strategy="critique", limit=6, backend=model, db=db)
+    return db, reask.run_id, critique.run_id
+
+
+def test_report_of_runs_on_different_items_is_paired_as_compare_pairs_them(paired_runs, chromium, tmp_path):
+    db, reask, critique = paired_runs
+    compared = cli("compare", reask, critique, "--db", str(db), "--json")
+    assert compared.returncode == 0, compared.stderr
+    comparison = json.loads(compared.stdout)
+    # By hand: critique holds the first 6 items, all complete, so 6 are common and 6 of reask's are left out.
+    assert comparison["n_items"] == 6 and comparison["left_out"] == {reask: 6, critique: 0}
+    page = tmp_path / "paired.html"
+    written = cli("report", reask, critique, "--db", str(db), "--html", str(page))
+    assert written.returncode == 0, written.stderr
+    browser.open_report(chromium, page)
+    assert [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"] == []
+    text = chromium.find_element(By.TAG_NAME, "body").text
+
+    # Every figure is over the common items, and the page says how many of each run's were left out.
+    assert f"over the {comparison['n_items']} items complete in each of them" in text
+    assert f"Left out: reask {comparison['left_out'][reask]} of its 12 complete items." in text
+    table = runs_table(chromium)
+    for row in comparison["runs"]:
+        shown = table[row["run_id"]]
+        assert shown["items figured"] == str(comparison["n_items"])
+        assert (shown["first acc"], shown["final acc"]) == (f"{row['acc_first']:.3f}", f"{row['acc_final']:.3f}")
+        assert (shown["CL"], shown["CS"]) == (f"{row['cl']:.3f}", f"{row['cs']:.3f}")
+        assert shown["tokens / item"] == f"{row['tokens_per_item']:.0f}"
+    # By hand: on the common items both runs' first answers are right on arith-0 and arith-3 (on all of reask's, 6 of 12).
+    assert [row["acc_first"] for row in comparison["runs"]] == [pytest.approx(2 / 6)] * 2
+    # The plane's lines of equal Acc2 are for the mean Acc1 over the common items, not over each run's own.
+    acc1 = sum(row["acc_first"] for row in comparison["runs"]) / len(comparison["runs"])
+    assert f"drawn for Acc1 = {acc1:.3f}" in text
+
+    # compare's paired difference, interval and McNemar p, as compare gives them.
+    pair = comparison["pairs"][0]
+    cells = [td.text for td in chromium.find_elements(By.CSS_SELECTOR, f'tr[data-a="{pair["a"]}"][data-b="{pair["b"]}"] td')]
+    assert cells == ["reask", "critique", f"{pair['diff']:+.3f}", f"[{pair['diff_ci'][0]:.3f}, {pair['diff_ci'][1]:.3f}]",
+                     f"{pair['mcnemar_p']:.4f}"]
+
+    # The terminal report's warnings and grader, the same words in the HTML.
+    terminal = cli("report", critique, "--db", str(db))
+    cut = next(line for line in terminal.stdout.splitlines() if line.startswith("replies cut short"))
+    # By hand: 6 items, each with 3 replies of which the critique round's 2 were cut.
+    assert cut.startswith("replies cut short: 12 of 18 at --max-tokens, 0 at the model's context window")
+    notices = [li.text for li in chromium.find_elements(By.CSS_SELECTOR, "ul.notices li.warning")]
+    assert notices == [f"critique: {cut}"]
+    grader = re.search(r"^grader: (.+)$", terminal.stdout, re.M).group(1)
+    assert [shown["grader"] for shown in table.values()] == [grader, grader]
+
+    # Critique's CL interval spans the whole axis through reask's point: both points are still on top.
+    assert chromium.execute_script(POINTS_ON_TOP, "cl-cs-plane") == []
+
+    # The first conversation of each run is on the first common item, message for message as stored.
+    for run_id in (reask, critique):
+        exported = cli("export", run_id, "--format", "jsonl", "--db", str(db)).stdout.splitlines()
+        last = max((t for t in map(json.loads, exported) if t["item_id"] == comparison["items"][0] and t["sample"] == 0),
+                   key=lambda t: t["round"])
+        shown = chromium.find_element(By.CSS_SELECTOR, f'details.conversation[data-run-id="{run_id}"]')
+        messages = [{"role": m.find_element(By.CLASS_NAME, "role").get_attribute("textContent"),
+                     "content": m.find_element(By.TAG_NAME, "pre").get_attribute("textContent")}
+                    for m in shown.find_elements(By.CLASS_NAME, "message")]
+        assert messages == last["messages"]
+
+
+def test_report_names_the_training_card_of_a_trained_model(paired_runs, chromium, tmp_path):
+    db, reask, _ = paired_runs
+    run = load_run(reask, db)
+    adapter = tmp_path / "cct"
+    adapter.mkdir()
+    card = {"base_model": "embedded", "data": {"recipe": "cct", "rows": 12}, "seconds": 3.4}
+    (adapter / "training_card.json").write_text(json.dumps(card))
+    # The same turns as if a trained model had made them, and a second whose adapter has since been deleted.
+    trained = dataclasses.replace(run, config={**run.config, "model": f"lora:{adapter}"})
+    moved = dataclasses.replace(run, run_id="moved0000000", config={**run.config, "model": f"lora:{tmp_path / 'gone'}"})
+    page = tmp_path / "trained.html"
+    page.write_text(render_html([trained, moved]), encoding="utf-8")
+
+    browser.open_report(chromium, page)
+    notices = [li.text for li in chromium.find_elements(By.CSS_SELECTOR, "ul.notices li")]
+    assert f"reask lora:cct: training card: {adapter / 'training_card.json'} (base embedded, recipe cct, 12 rows, 3 s of training)" in notices
+    assert any(text.startswith("reask lora:gone: training card: not readable now") and "no such directory" in text
+               for text in notices), notices

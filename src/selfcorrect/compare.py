@@ -30,7 +30,7 @@ def item_contents(run: Run) -> dict[str, str]:
     }
 
 
-def _task_label(run: Run) -> str:
+def task_label(run: Run) -> str:
     """The run's task and options, without the data file's path (a copy elsewhere holds the same items)."""
     task = {key: value for key, value in run.config["task"].items() if key != "data"}
     return json.dumps(task, sort_keys=True)
@@ -44,7 +44,7 @@ def _check_same_items(runs: list[Run]) -> None:
             if item_id in contents[b] and contents[b][item_id] != content:
                 raise UserError(
                     f"compare: runs {runs[a].run_id} and {runs[b].run_id} hold different items under the id "
-                    f"'{item_id}' (tasks {_task_label(runs[a])} and {_task_label(runs[b])}); compare runs of the "
+                    f"'{item_id}' (tasks {task_label(runs[a])} and {task_label(runs[b])}); compare runs of the "
                     "same task, options and data"
                 )
 
@@ -102,7 +102,8 @@ def compare_runs(runs: list[Run], n_boot: int = 2000, seed: int = 0) -> dict:
         })
     # Items some run has complete but another lacks are left out; say how many per run.
     left_out = {run.run_id: len(outcome) - len(items) for run, outcome in zip(runs, outcomes)}
-    return {"n_items": len(items), "left_out": left_out, "runs": rows, "pairs": pairs}
+    # `items` names the common items, so that a report can draw every other figure of these runs on them too.
+    return {"n_items": len(items), "items": items, "left_out": left_out, "runs": rows, "pairs": pairs}
 
 
 def _mcnemar(run_a: Run, a: dict, run_b: Run, b: dict, items: list[str]) -> float | None:

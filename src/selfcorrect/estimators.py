@@ -87,6 +87,11 @@ class Estimator:
         """The item's one right/wrong final answer for McNemar's test; None when it has none."""
         return None
 
+    def first_conversation(self, run: Run) -> tuple[str, list[dict]] | None:
+        """What the run sent on its first complete item: (which conversation it is, its messages); None when
+        no item is complete."""
+        raise NotImplementedError
+
 
 class Sampling(Estimator):
     def total(self, task, items, samples, rounds):
@@ -122,6 +127,15 @@ class Sampling(Estimator):
     def final_outcome(self, known):
         return bool(known[0, -1]) if known.shape[0] == 1 else None
 
+    def first_conversation(self, run):
+        complete, _ = run.correctness()
+        if not complete:
+            return None
+        # A turn stores the whole conversation up to its round: the last round's holds every message.
+        last = max((turn for turn in run.turns if turn.item_id == complete[0] and turn.sample == 0),
+                   key=lambda turn: turn.round)
+        return f"item {complete[0]}, sample 0, rounds 0 to {last.round}", last.messages
+
 
 class Exact(Estimator):
     def total(self, task, items, samples, rounds):
@@ -153,6 +167,16 @@ class Exact(Estimator):
 
     def first_last(self, known, n_boot, seed):
         return metrics.pair_metrics_from_probabilities(*zip(*known), n_boot=n_boot, seed=seed)
+
+    def first_conversation(self, run):
+        known = self.per_item(run)
+        if not known:
+            return None
+        item = next(iter(known))
+        # The first-answer pass holds only the question; a pass after a given answer holds the strategy's turn too.
+        scored = next(score for score in run.scores if score.item_id == item and score.given)
+        return (f"item {item}, the scoring pass after the answer {scored.given} put in the model's mouth (the "
+                "option labels are scored after the last message)", scored.messages)
 
     def summary(self, run, n_boot):
         known = list(self.per_item(run).values())

@@ -1,7 +1,9 @@
-"""Terminal tables for a run's report (the dict `Run.report()` returns)."""
+"""Terminal tables for a run's report (the dict `Run.report()` returns) and for `compare`, and the lines of a
+report that are not figures (`run_notices`, `grader_note`), which the HTML report shows too."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -9,7 +11,8 @@ from rich.measure import Measurement
 from rich.segment import Segments
 from rich.table import Table
 
-from .estimators import estimator_named
+from .errors import UserError
+from .estimators import Estimator, estimator_named
 from .models.spec import ModelSpec
 from .protocols import YANG2025_TASKS
 from .store import follow_up
@@ -132,24 +135,24 @@ def _note(notes: dict, label: str, reason: str, row: str = "") -> None:
 SHORT_LABELS = {"cl": "CL", "cs": "CS", "rss": "RSS", "acc_inf": "Acc_inf"}
 
 
-def _provenance_warnings(report: dict) -> list[str]:
-    """What a reader must know before trusting the figures: prompts of unknown version, replies cut short,
-    a server that changed what it ran during the run."""
-    warnings = []
-    if report["prompt_version"] is None:
-        warnings.append("prompts: unknown version (stored before prompt versions were kept; running the same "
-                        "command now makes a new run with today's prompts)")
-    reasons = report["replies"]["finish_reasons"]
-    total = sum(reasons.values())
-    cut = {name: reasons.get(name, 0) for name in ("length", "context")}
-    if cut["length"] or cut["context"]:
-        warnings.append(f"replies cut short: {cut['length']} of {total} at --max-tokens, {cut['context']} at the "
-                        "model's context window (their answers may be missing)")
-    served = report["replies"]["served_by"]
-    if len(served) > 1:
-        shown = "; ".join(", ".join(f"{k}={v}" for k, v in sorted(s.items())) for s in served)
-        warnings.append(f"the server reported {len(served)} different setups during this run: {shown}")
-    return warnings
+def training_card_line(model: str) -> str | None:
+    """Which training made a `lora:` model, in one line: its card's path and what the card says of the training
+    (None for other models). A card moved or deleted since the run is said so, not an error: the run stands."""
+    spec = ModelSpec.of(model)
+    if spec.kind != "lora":
+        return None
+    try:
+        trained = spec.trained
+    except UserError as error:
+        return f"training card: not readable now ({error})"
+    card = trained.card
+    data = card.get("data") or {}
+    said = [f"base {trained.base}"]
+    if "recipe" in data:
+        said.append(f"recipe {data['recipe']}, {data.get('rows', '?')} rows")
+    if "seconds" in card:
+        said.append(f"{card['seconds']:.0f} s of training")
+    return f"training card: {trained.card_path} ({', '.join(said)})"
 
 
 def http_line(http: dict | None) -> str | None:
@@ -177,34 +180,64 @@ def isolation_line(counts: dict[str, int], notes: list[str]) -> str | None:
     return "isolation: mixed (" + ", ".join(f"{count} grades {name}" for name, count in sorted(counts.items())) + ")"
 
 
-def _print_grading(report: dict, console: Console) -> None:
-    """Which graders gave the verdicts, those older than today's, grades that timed out, and the code's isolation."""
+@dataclass(frozen=True)
+class Notice:
+    """A line of a run's report that is not a figure. `warning`: the reader must weigh it before trusting the
+    figures (the terminal prints it yellow, the HTML marks it)."""
+
+    text: str
+    warning: bool
+
+
+def run_notices(report: dict) -> list[Notice]:
+    """What a run's report says besides its figures, as data for the terminal and the HTML alike: the training
+    card of a trained model, prompts of unknown version, replies cut short, a server that changed what it ran,
+    the isolation of model-written code, grader versions, grades that timed out, an incomplete run."""
+    notices = []
+    card = training_card_line(report["config"]["model"])
+    if card is not None:
+        notices.append(Notice(card, warning=False))
+    if report["prompt_version"] is None:
+        notices.append(Notice("prompts: unknown version (stored before prompt versions were kept; running the same "
+                              "command now makes a new run with today's prompts)", warning=True))
+    reasons = report["replies"]["finish_reasons"]
+    cut = {name: reasons.get(name, 0) for name in ("length", "context")}
+    if cut["length"] or cut["context"]:
+        notices.append(Notice(f"replies cut short: {cut['length']} of {sum(reasons.values())} at --max-tokens, "
+                              f"{cut['context']} at the model's context window (their answers may be missing)",
+                              warning=True))
+    served = report["replies"]["served_by"]
+    if len(served) > 1:
+        shown = "; ".join(", ".join(f"{k}={v}" for k, v in sorted(s.items())) for s in served)
+        notices.append(Notice(f"the server reported {len(served)} different setups during this run: {shown}",
+                              warning=True))
     grading = report["grading"]
     regrade = follow_up(f"regrade {report['run_id']}", Path(report["db"]))
     isolation = isolation_line(grading["isolation"], grading["isolation_notes"])
     if isolation is not None:
-        style = "" if isolation == "isolation: bubblewrap" else "yellow"
-        console.print(isolation, style=style, highlight=False, soft_wrap=True, markup=False)
-    if not grading["versions"]:  # no graded turn (yet, or the exact estimator)
-        return
+        notices.append(Notice(isolation, warning=isolation != "isolation: bubblewrap"))
     today = grading["current_version"]
     if list(grading["versions"]) == [today]:
-        console.print(f"grader version: {today} (today's)", highlight=False, soft_wrap=True)
-    else:
+        notices.append(Notice(f"grader version: {today} (today's)", warning=False))
+    elif grading["versions"]:  # none: no graded turn (yet, or the exact estimator)
         notes = [", ".join(f"{version} ({count} turns)" for version, count in grading["versions"].items())]
         if grading["outdated"]:
             notes.append(f"{grading['outdated']} verdict(s) from graders older than today's ({today}): "
                          f"{regrade} grades them again")
         if grading["unversioned"]:
             notes.append(f"{grading['unversioned']} verdict(s) from before grader versions were kept")
-        # Not markup: the command names the store's path, which may hold brackets.
-        console.print(f"grader versions: {'; '.join(notes)}", style="yellow", markup=False, highlight=False,
-                      soft_wrap=True)
-    if grading["timeouts"]:
-        count = grading["timeouts"]
-        console.print(f"{count} grade{'s' if count != 1 else ''} timed out, counted as wrong (--grader-timeout "
-                      f"sets the limit; {regrade} tries them again)", style="yellow", markup=False,
-                      highlight=False, soft_wrap=True)
+        notices.append(Notice(f"grader versions: {'; '.join(notes)}", warning=True))
+    if count := grading["timeouts"]:
+        notices.append(Notice(f"{count} grade{'s' if count != 1 else ''} timed out, counted as wrong (--grader-timeout "
+                              f"sets the limit; {regrade} tries them again)", warning=True))
+    if failed := report["failed_cells"]:
+        first = failed["first"]
+        notices.append(Notice(f"{failed['count']} cell(s) failed, not graded (running the same command again retries "
+                              f"them); the first, item {first['item_id']} sample {first['sample']} round "
+                              f"{first['round']}: {first['error']}", warning=True))
+    if not report["complete"]:
+        notices.append(Notice("incomplete: run the same command again to fill the missing turns", warning=True))
+    return notices
 
 
 def print_report(report: dict, console: Console) -> None:
@@ -219,19 +252,11 @@ def print_report(report: dict, console: Console) -> None:
                   soft_wrap=True)
     console.print(f"estimator: {estimator_named(report['estimator']).note}", soft_wrap=True)
     console.print(f"grader: {grader_note(config)}", highlight=False, soft_wrap=True, markup=False)
-    for warning in _provenance_warnings(report):
-        console.print(f"[yellow]{warning}[/yellow]", highlight=False)
-    _print_grading(report, console)
+    for notice in run_notices(report):
+        console.print(notice.text, style="yellow" if notice.warning else "", highlight=False, soft_wrap=True,
+                      markup=False)
     if report["upper_bound"]:
         console.print("[bold red]UPPER BOUND: this strategy reads the gold answer; it is not a method[/bold red]")
-    failed = report["failed_cells"]
-    if failed:
-        first = failed["first"]
-        console.print(f"{failed['count']} cell(s) failed, not graded (running the same command again retries them); "
-                      f"the first, item {first['item_id']} sample {first['sample']} round {first['round']}: "
-                      f"{first['error']}", style="yellow", markup=False, highlight=False, soft_wrap=True)
-    if not report["complete"]:
-        console.print("[yellow]incomplete: run the same command again to fill the missing turns[/yellow]")
     if not report["acc"]:
         return
 
@@ -330,6 +355,12 @@ def _run_labels(rows: list[dict]) -> dict[str, str]:
     return {row["run_id"]: label(row) + ("*" if row["upper_bound"] else "") for row in rows}
 
 
+def no_mcnemar_reason(*estimators: Estimator) -> str:
+    """Why a pair of compared runs has no McNemar p (compare.py gives None)."""
+    return next((estimator.no_mcnemar for estimator in estimators if estimator.no_mcnemar),
+                "with several samples per item there is no single right/wrong outcome per item to pair")
+
+
 def print_comparison(comparison: dict, console: Console, graders: dict[str, str] | None = None) -> None:
     """The comparison table, a line per run naming its full id and its grader (`graders`: run id -> what
     `grader_note` says of it), the pairs table, and why any cell says n/a."""
@@ -376,8 +407,7 @@ def print_comparison(comparison: dict, console: Console, graders: dict[str, str]
                       _interval(pair["diff_ci"], signed=True),
                       _num(pair["mcnemar_p"], 4))
         if pair["mcnemar_p"] is None:
-            _note(notes, "McNemar p", estimator[pair["a"]].no_mcnemar or estimator[pair["b"]].no_mcnemar or
-                  "with several samples per item there is no single right/wrong outcome per item to pair",
+            _note(notes, "McNemar p", no_mcnemar_reason(estimator[pair["a"]], estimator[pair["b"]]),
                   f"{labels[pair['a']]} vs {labels[pair['b']]}")
     print_table(console, pairs)
     _print_footnotes(console, notes)

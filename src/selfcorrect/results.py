@@ -3,7 +3,7 @@ the report of its figures (`Run.report()`, the dict `--json` prints)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,14 @@ class Run:
         if not complete:
             return [], np.zeros((0, samples, rounds + 1), dtype=bool)
         return complete, np.stack([grid[item_id] for item_id in complete])
+
+    def on_items(self, item_ids: list[str]) -> Run:
+        """The run cut down to these of its items, turns and scoring passes: runs paired on their common items
+        (compare.py) are reported on those alone."""
+        keep = set(item_ids)
+        return replace(self, items=[item for item in self.items if item["item_id"] in keep],
+                       turns=[turn for turn in self.turns if turn.item_id in keep],
+                       scores=[score for score in self.scores if score.item_id in keep])
 
     def correction_tokens_per_round(self) -> int:
         """Mean tokens (prompt + completion) one correction round of one conversation cost in this run:
