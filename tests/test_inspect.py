@@ -247,7 +247,10 @@ def test_inspect_eval_prints_a_refusal_as_one_line_without_a_traceback(tmp_path,
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "300"},
     )
     assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
-    assert [line for line in done.stdout.splitlines() if line.strip()] == [f"error: {caught.value}"], done.stdout
+    # The list of known tasks is left out of the comparison: plugins other tests registered in this process are
+    # not known to Inspect's.
+    [line] = [line for line in done.stdout.splitlines() if line.strip()]
+    assert line.split("; choose one of")[0] == f"error: {caught.value}".split("; choose one of")[0], done.stdout
 
 
 def test_bad_rounds_and_scorer_arguments_are_refused():

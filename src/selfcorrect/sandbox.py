@@ -70,7 +70,7 @@ from typing import Callable, Iterator
 
 from . import isolation
 from .isolation import BUBBLEWRAP, PROCESS_ONLY, IsolationUnavailable
-from .sandbox_child import PROGRAM_FILE, innermost_line, one_line, plain_value
+from .sandbox_child import PROGRAM_FILE, innermost_line, one_line, parse, plain_value
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 # Once the program has exited, how long to keep reading what is already in its pipes.
@@ -133,7 +133,7 @@ def _free_names(tests: str, namespace: dict) -> list[str]:
     """Names the tests read that they do not define and that `namespace` and builtins lack: the program's
     functions (called, or passed on: `map(f, xs)`, `key=f`). A name the tests only use as a module
     (`math.isclose`) is imported here instead, as the program's own `import math` used to provide it."""
-    tree = ast.parse(tests)
+    tree = parse(tests)
     defined = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
     defined |= {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     defined |= {alias.asname or alias.name.partition(".")[0] for node in ast.walk(tree)

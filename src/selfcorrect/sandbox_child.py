@@ -20,6 +20,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 import types
 from pathlib import Path
@@ -109,6 +110,18 @@ def _as_data(value, depth: int = 0):
     return value
 
 
+# CPython 3.11 keeps the depth count of its AST conversion per interpreter, not per thread: two threads parsing
+# at once (the tester threads of concurrent grades) can interleave inside it and fail with "SystemError: AST
+# constructor recursion depth mismatch". One parse at a time.
+_PARSING = threading.Lock()
+
+
+def parse(text: str, mode: str = "exec") -> ast.AST:
+    """`ast.parse`, one thread at a time (see _PARSING)."""
+    with _PARSING:
+        return ast.parse(text, mode=mode)
+
+
 class _Floats(ast.NodeTransformer):
     def visit_Name(self, node: ast.Name) -> ast.AST:
         return ast.Constant(float(node.id)) if node.id in ("nan", "inf") else node
@@ -117,7 +130,7 @@ class _Floats(ast.NodeTransformer):
 def plain_value(text: str):
     """The Python literal `text`, nan and inf included (repr writes them as names): how arguments and return values
     cross between the tests and the program, both ways."""
-    return ast.literal_eval(_Floats().visit(ast.parse(text, mode="eval")))
+    return ast.literal_eval(_Floats().visit(parse(text, mode="eval")))
 
 
 def _serve(namespace: dict, requests_fd: int, replies_fd: int) -> None:
