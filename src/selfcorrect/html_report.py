@@ -295,6 +295,40 @@ def _iso_line(acc1: float, acc2: float) -> tuple[np.ndarray, np.ndarray] | None:
     return (cs[inside], cl[inside]) if inside.any() else None
 
 
+@dataclass(frozen=True)
+class PlanePoint:
+    """One point of a CL-CS plane: a run, or a model of `improve`."""
+
+    name: str
+    group: str  # its legend group: the point and its interval cross show and hide together
+    cs: float
+    cl: float
+    cs_ci: list[float] | None
+    cl_ci: list[float] | None
+    colour: str
+    symbol: str = "circle"
+    hover: str = ""  # more to show on hovering, after CS and CL
+
+
+def add_plane_points(fig: go.Figure, points: list[PlanePoint]) -> None:
+    """The points with their 95% interval crosses: every interval first, then every point on top, so that an
+    interval as wide as the axis hides no point; points on the edge of the square are drawn whole."""
+    for point in points:
+        cs_ci, cl_ci = point.cs_ci or [point.cs] * 2, point.cl_ci or [point.cl] * 2
+        fig.add_trace(go.Scatter(
+            x=[point.cs], y=[point.cl], mode="markers", marker={"opacity": 0}, showlegend=False, hoverinfo="skip",
+            legendgroup=point.group, cliponaxis=False,
+            error_x=_error_bars([point.cs], [cs_ci[0]], [cs_ci[1]], point.colour),
+            error_y=_error_bars([point.cl], [cl_ci[0]], [cl_ci[1]], point.colour),
+        ))
+    for point in points:
+        fig.add_trace(go.Scatter(
+            x=[point.cs], y=[point.cl], mode="markers", name=point.name, legendgroup=point.group, cliponaxis=False,
+            marker={"size": 12, "symbol": point.symbol, "color": point.colour, "line": {"color": "white", "width": 1.5}},
+            hovertemplate=f"CS %{{x:.3f}}<br>CL %{{y:.3f}}<br>{escape(point.hover)}<extra>{escape(point.name)}</extra>",
+        ))
+
+
 def _plane_figure(reports: list[dict], legends: dict[str, str], colours: dict[str, str], same_items: bool) -> str:
     """One point per run in the CL-CS plane, with lines of equal Acc2 when the runs are over the same items."""
     points = [r for r in reports if r.get("first_last") and r["first_last"]["cl"] is not None
@@ -328,25 +362,11 @@ def _plane_figure(reports: list[dict], legends: dict[str, str], colours: dict[st
     else:
         lines = ("No lines of equal accuracy after correction: they depend on the first-answer accuracy, and these "
                  "runs' are over different items.")
-    # Every interval first, then every point on top: an interval as wide as the axis must not hide a point.
-    for r in points:
-        pair = r["first_last"]
-        cl_ci, cs_ci = pair["ci"]["cl"] or [pair["cl"]] * 2, pair["ci"]["cs"] or [pair["cs"]] * 2
-        fig.add_trace(go.Scatter(
-            x=[pair["cs"]], y=[pair["cl"]], mode="markers", marker={"opacity": 0}, showlegend=False,
-            hoverinfo="skip", legendgroup=r["run_id"], cliponaxis=False,
-            error_x=_error_bars([pair["cs"]], [cs_ci[0]], [cs_ci[1]], colours[r["run_id"]]),
-            error_y=_error_bars([pair["cl"]], [cl_ci[0]], [cl_ci[1]], colours[r["run_id"]]),
-        ))
-    for r in points:
-        pair = r["first_last"]
-        fig.add_trace(go.Scatter(
-            x=[pair["cs"]], y=[pair["cl"]], mode="markers", name=legends[r["run_id"]], legendgroup=r["run_id"],
-            marker={"size": 12, "symbol": "star" if r["upper_bound"] else "circle", "color": colours[r["run_id"]],
-                    "line": {"color": "white", "width": 1.5}},
-            cliponaxis=False,  # a point on the edge of the square is drawn whole
-            hovertemplate=f"CS %{{x:.3f}}<br>CL %{{y:.3f}}<br>Acc1 {pair['acc1']:.3f}, Acc2 {pair['acc2']:.3f}",
-        ))
+    add_plane_points(fig, [PlanePoint(
+        legends[r["run_id"]], r["run_id"], r["first_last"]["cs"], r["first_last"]["cl"],
+        r["first_last"]["ci"]["cs"], r["first_last"]["ci"]["cl"], colours[r["run_id"]],
+        "star" if r["upper_bound"] else "circle",
+        f"Acc1 {r['first_last']['acc1']:.3f}, Acc2 {r['first_last']['acc2']:.3f}") for r in points])
     fig.update_layout(
         height=560, legend_title_text="run",
         xaxis={"title": "CS, critique: wrong answers fixed", "range": [-0.03, 1.08], "constrain": "domain"},

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 
-from .html_report import STYLE, _error_bars, _figure, _iso_line
+from .html_report import STYLE, PlanePoint, _figure, _iso_line, add_plane_points
 from .report import IMPROVEMENT_COLUMNS, _num, improvement_rows
 
 # What a card's log lines hold besides values to plot: the x axis and the time.
@@ -49,22 +49,18 @@ def _plane(models: list[tuple[str, dict]]) -> str:
     note = (f'<p class="note">Not on the plane (CL or CS undefined: every first answer right or every one '
             f'wrong): {escape(", ".join(missing))}.</p>' if missing else "")
     fig = go.Figure()
-    for (name, row), colour in zip(placed, qualitative.Plotly * len(placed)):
+    colours = dict(zip([name for name, _ in placed], qualitative.Plotly * len(placed)))
+    for name, row in placed:
+        colour = colours[name]
         # RSS = 0.5 where Acc2 = Acc1: correction neither helps nor hurts. The line depends on the model's own
         # Acc1, so each model gets its own, in its colour.
         level = _iso_line(row["acc_first"], row["acc_first"]) if 0 < row["acc_first"] < 1 else None
         if level is not None:
             fig.add_trace(go.Scatter(x=level[0], y=level[1], mode="lines", name=f"{name}: RSS = 0.5", hoverinfo="skip",
                                      line={"color": colour, "width": 1.2, "dash": "dash"}))
-        cl_ci, cs_ci = row["ci"].get("cl") or [row["cl"]] * 2, row["ci"].get("cs") or [row["cs"]] * 2
-        fig.add_trace(go.Scatter(
-            x=[row["cs"]], y=[row["cl"]], mode="markers", name=name, cliponaxis=False,  # seen even on an axis
-            marker={"size": 12, "color": colour, "line": {"color": "white", "width": 1}},
-            error_x=_error_bars([row["cs"]], [cs_ci[0]], [cs_ci[1]]) | {"color": colour},
-            error_y=_error_bars([row["cl"]], [cl_ci[0]], [cl_ci[1]]) | {"color": colour},
-            hovertemplate=(f"{escape(name)}<br>CS %{{x:.3f}}<br>CL %{{y:.3f}}<br>Acc1 {row['acc_first']:.3f}, "
-                           f"Acc2 {row['acc_final']:.3f}, RSS {_num(row['rss'])}"),
-        ))
+    add_plane_points(fig, [PlanePoint(name, name, row["cs"], row["cl"], row["ci"].get("cs"), row["ci"].get("cl"),
+                                      colours[name], hover=f"Acc1 {row['acc_first']:.3f}, Acc2 {row['acc_final']:.3f}, "
+                                                           f"RSS {_num(row['rss'])}") for name, row in placed])
     fig.update_layout(
         height=560, legend_title_text="model",
         xaxis={"title": "CS, critique: wrong answers fixed", "range": [-0.03, 1.03], "constrain": "domain"},

@@ -58,7 +58,8 @@ def improve(
 ) -> dict:
     """Run the loop for each recipe (training data in `output/<recipe>.jsonl`, the adapter in `output/<recipe>/`,
     so the trained model is `lora:output/<recipe>`) and return
-    {"train_run", "base_run", "trained_runs": {recipe: run id}, "cards": {recipe: card}, "comparison"}.
+    {"train_run", "base_run", "trained_runs": {recipe: run id}, "cards": {recipe: card}, "comparison", "page"}, the
+    page being `output/improve.html` (improve_page.py), written last.
 
     The training run samples `samples` first answers per item at `temperature` (every sample is a row source);
     the held-out runs are greedy, one sample per item, so base and trained models are compared reply for reply.
