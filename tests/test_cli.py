@@ -364,6 +364,12 @@ def test_a_failed_run_is_listed_reported_and_deleted_and_the_cache_stays(tmp_pat
     assert f"pid {os.getpid()}" in lines[0] and lines[0].endswith("then delete the run"), lines[0]
     assert {table: _rows(db, f"SELECT * FROM {table}") for table in TABLES} == before
 
+    # A prefix is compared as text: an empty one, or SQL's wildcards, name no run (and delete nothing).
+    for prefix in ("", "%", "_"):
+        unknown = cli("delete", prefix, "--db", str(db))
+        assert unknown.returncode == 2 and "no such run" in unknown.stderr, (prefix, unknown.stderr)
+    assert {table: _rows(db, f"SELECT * FROM {table}") for table in TABLES} == before
+
     deleted = cli("delete", failed_id[:8], "--db", str(db))
     assert deleted.returncode == 0, deleted.stderr
     assert f"deleted run {failed_id}" in deleted.stdout and f"{len(failures)} failed cells" in deleted.stdout

@@ -272,7 +272,7 @@ def test_report_of_runs_on_different_items_is_paired_as_compare_pairs_them(paire
     # compare's paired difference, interval and McNemar p, as compare gives them.
     pair = comparison["pairs"][0]
     cells = [td.text for td in chromium.find_elements(By.CSS_SELECTOR, f'tr[data-a="{pair["a"]}"][data-b="{pair["b"]}"] td')]
-    assert cells == ["reask", "critique", f"{pair['diff']:+.3f}", f"[{pair['diff_ci'][0]:.3f}, {pair['diff_ci'][1]:.3f}]",
+    assert cells == ["reask", "critique", f"{pair['diff']:+.3f}", f"[{pair['diff_ci'][0]:+.3f}, {pair['diff_ci'][1]:+.3f}]",
                      f"{pair['mcnemar_p']:.4f}"]
 
     # The terminal report's warnings and grader, the same words in the HTML.

@@ -283,3 +283,18 @@ def test_limits_of_a_model_not_served_over_http_are_refused(tmp_path):
     with pytest.raises(UserError, match="^--tpm: only for models served over HTTP"):
         evaluate(model="embedded", tpm=1000, limit=1, db=tmp_path / "r.sqlite")
     assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_the_traffic_summary_never_mixes_the_ceilings_of_two_clients():
+    """A model at --concurrency 8 and a critic at its default 64: the summary's ceiling and lowest limit are one
+    client's, so a limit that never fell does not read as one that fell from 64 to 8."""
+    from selfcorrect.results import _http_traffic
+
+    def client(concurrency, lowest, peak, requests):
+        return {"requests": requests, "retried": 0, "rate_limited": 0, "unavailable": 0, "peak_in_flight": peak,
+                "concurrency": concurrency, "lowest_limit": lowest}
+
+    steady = _http_traffic([client(64, 64, 2, 10), client(8, 8, 8, 40)])
+    assert (steady["requests"], steady["concurrency"], steady["lowest_limit"]) == (50, 8, 8)
+    fell = _http_traffic([client(64, 64, 2, 10), client(8, 3, 8, 40), client(64, 48, 30, 5)])
+    assert (fell["concurrency"], fell["lowest_limit"], fell["peak_in_flight"]) == (8, 3, 30)

@@ -246,7 +246,7 @@ def _pairs_table(group: Group, labels: dict[str, str]) -> str:
     for pair in comparison["pairs"]:
         a, b = labels[pair["a"]], labels[pair["b"]]
         rows.append(f'<tr data-a="{escape(pair["a"])}" data-b="{escape(pair["b"])}">' + "".join([
-            _cell(a), _cell(b), _cell(f"{pair['diff']:+.3f}", "num"), _cell(_interval(pair["diff_ci"]), "num"),
+            _cell(a), _cell(b), _cell(f"{pair['diff']:+.3f}", "num"), _cell(_interval(pair["diff_ci"], signed=True), "num"),
             _cell(_num(pair["mcnemar_p"], 4), "num"),
         ]) + "</tr>")
         if pair["mcnemar_p"] is None:

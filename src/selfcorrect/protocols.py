@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from .errors import UserError
 from .models.base import SERVER_DEFAULT
 from .models.spec import LLAMACPP, ModelSpec
+from .sandbox_child import parse
 
 YANG2025 = "yang2025"
 PROTOCOLS = (YANG2025,)
@@ -73,7 +74,7 @@ def yang2025_true_false(question: str) -> str:
 def yang2025_humaneval(prompt: str, entry_point: str) -> str:
     """The paper's HumanEval instruction: the function's `def` line and its docstring as written in the source
     (escapes kept), stripped."""
-    tree = ast.parse(prompt)
+    tree = parse(prompt)
     function = next(node for node in ast.walk(tree)
                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point)
     docstring = next((statement for statement in function.body if isinstance(statement, ast.Expr)

@@ -141,9 +141,13 @@ def _http_traffic(calls: list[dict]) -> dict | None:
     if not calls:
         return None
     summed = {key: sum(call[key] for call in calls) for key in ("requests", "retried", "rate_limited", "unavailable")}
+    # Ceiling and lowest limit of one client, never mixed across clients (a critic's ceiling of 64 beside the model's
+    # --concurrency 8 would read as a limit that fell): the one whose limit fell furthest, else the busiest.
+    fell = [call for call in calls if call["lowest_limit"] < call["concurrency"]]
+    shown = (min(fell, key=lambda call: call["lowest_limit"] / call["concurrency"]) if fell
+             else max(calls, key=lambda call: call["peak_in_flight"]))
     return {**summed, "peak_in_flight": max(call["peak_in_flight"] for call in calls),
-            "concurrency": max(call["concurrency"] for call in calls),
-            "lowest_limit": min(call["lowest_limit"] for call in calls), "calls": len(calls)}
+            "concurrency": shown["concurrency"], "lowest_limit": shown["lowest_limit"], "calls": len(calls)}
 
 
 def _replies(turns: list[Turn]) -> dict:

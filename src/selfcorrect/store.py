@@ -415,7 +415,10 @@ class Store:
     @_locked
     def find_run(self, prefix: str) -> str:
         """The full id of the one run whose id starts with `prefix`."""
-        rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ? || '%'", (prefix,)).fetchall()
+        # Compared as text, not as a LIKE pattern: '%' or '_' in a prefix, or an empty one, must not match every run
+        # (a prefix names the run `delete` removes).
+        rows = self.db.execute("SELECT run_id FROM runs WHERE substr(run_id, 1, length(?)) = ?",
+                               (prefix, prefix)).fetchall() if prefix else []
         if not rows:
             raise UserError(f"run {prefix}: no such run in {self.path}; `{follow_up('runs', self.path)}` lists them")
         if len(rows) > 1:

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..protocols import YANG2025, YANG2025_SYSTEM, prompt_style, yang2025_humaneval
 from ..sandbox import ExecutionResult, TestPlan, run_program
+from ..sandbox_child import parse
 from .base import ExecutionFeedback, Grade, Item, Task, file_identity, read_jsonl, register_task, reject_unknown_options
 from .base import require_field, require_items
 
@@ -126,7 +127,7 @@ def _docstring(prompt: str, entry_point: str) -> str | None:
     """The docstring of function `entry_point`, dedented, as the prompt writes it: the model reads
     `f("a\\nb")` in a docstring that is not raw as an escape, not as the line break Python makes of it."""
     try:
-        tree = ast.parse(prompt)
+        tree = parse(prompt)
     except SyntaxError:
         return None
     for node in ast.walk(tree):
@@ -144,8 +145,8 @@ def _stated_example(line: str, entry_point: str) -> tuple[str, str] | None:
     if match is None:
         return None
     try:
-        call = ast.parse(match[1], mode="eval").body
-        result = ast.parse(match[2].strip().removesuffix("."), mode="eval").body
+        call = parse(match[1], mode="eval").body
+        result = parse(match[2].strip().removesuffix("."), mode="eval").body
         if not isinstance(call, ast.Call):
             return None
         for literal in (*call.args, *(keyword.value for keyword in call.keywords), result):

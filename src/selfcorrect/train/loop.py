@@ -104,13 +104,13 @@ def improve(
         output.mkdir(parents=True, exist_ok=True)
         write_rows(rows, rows_file)
         say(f"2. {recipe} data: {rows_file} ({summary_line(summary)})")
-        if (adapter / CARD_FILE).is_file():  # train returns its card, or refuses if it was trained otherwise
-            say(f"3. train {recipe}: found the finished training in {adapter}, not repeated")
-        elif (adapter / CHECKPOINTS).is_dir():
-            say(f"3. train {recipe}: {model} into {adapter}, resuming the unfinished training there")
-        else:
-            say(f"3. train {recipe}: {model} into {adapter}")
+        finished = (adapter / CARD_FILE).is_file()
+        if not finished:
+            resuming = ", resuming the unfinished training there" if (adapter / CHECKPOINTS).is_dir() else ""
+            say(f"3. train {recipe}: {model} into {adapter}{resuming}")
         cards[recipe] = train(rows_file, model, adapter, seed=seed, **(train_options or {}))
+        if finished:  # said once train has checked the card holds these settings (it refuses other ones)
+            say(f"3. train {recipe}: found the finished training in {adapter}, not repeated")
     base_run = measure("4. measure the base", held_out)
     trained = {recipe: measure(f"5. measure {recipe}", replace(held_out, model=f"lora:{output / recipe}"))
                for recipe in recipes}
