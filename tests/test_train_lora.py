@@ -187,6 +187,20 @@ def test_a_second_training_into_one_directory_is_refused_naming_the_first(tmp_pa
     assert not Path(f"{output}.locks").exists()
 
 
+def test_the_training_lock_of_a_relative_output_sits_beside_it(tmp_path, monkeypatch):
+    """`--output .` (or a path ending in ..) is locked beside the directory it names, not in `..locks`."""
+    from selfcorrect.train.trainer import training_lock
+
+    (tmp_path / "adapter").mkdir()
+    monkeypatch.chdir(tmp_path / "adapter")
+    lock = training_lock(Path("."))
+    try:
+        assert lock.path == tmp_path / "adapter.locks" / "training.lock" and lock.path.exists()
+    finally:
+        lock.release()
+    assert not (tmp_path / "adapter" / "..locks").exists() and not (tmp_path / "adapter.locks").exists()
+
+
 @pytest.mark.parametrize("setting, refusal", [
     ({"batch_size": 0}, "--batch-size 0: must be above 0"),
     ({"learning_rate": -1.0}, "--lr -1.0: must be above 0"),

@@ -240,7 +240,8 @@ def training_lock(output: Path) -> ProcessLock:
     """Claim `output` for this process's training until the lock is released: two trainings into one directory
     would write the same checkpoints and adapter. Locked as a run is (store.ProcessLock), with the lock file
     beside the directory (`OUTPUT.locks/`), which the checks of what `output` holds need not know of."""
-    return ProcessLock(Path(f"{output}.locks") / "training.lock", f"--output {output}",
+    # Named from the resolved path: `--output .` locks `../NAME.locks`, not a folder called `..locks`.
+    return ProcessLock(Path(f"{Path(output).expanduser().resolve()}.locks") / "training.lock", f"--output {output}",
                        f"a training into --output {output} is already running")
 
 
