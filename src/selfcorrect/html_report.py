@@ -92,11 +92,15 @@ def render_html(runs: list[Run], n_boot: int = 2000) -> str:
         *(_flips_section(run, report, labels[run.run_id]) for run, report in zip(runs, reports)),
         upper_note,
     ]
+    return html_page(f"selfcorrect report: {', '.join(labels.values())}", "selfcorrect report", sections)
+
+
+def html_page(title: str, heading: str, sections: list[str]) -> str:
+    """One self-contained HTML document: the style and plotly.js inlined, then the sections (HTML already)."""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>selfcorrect report: {escape(', '.join(labels.values()))}</title>"
-        f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>"
-        f"<h1>selfcorrect report</h1>{''.join(sections)}</body></html>\n"
+        f"<title>{escape(title)}</title><style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>"
+        f"<h1>{escape(heading)}</h1>{''.join(sections)}</body></html>\n"
     )
 
 

@@ -8,9 +8,8 @@ from html import escape
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
-from plotly.offline import get_plotlyjs
 
-from .html_report import STYLE, PlanePoint, _figure, _iso_line, add_plane_points
+from .html_report import PlanePoint, _figure, _iso_line, add_plane_points, html_page
 from .report import IMPROVEMENT_COLUMNS, _num, improvement_rows
 
 # What a card's log lines hold besides values to plot: the x axis and the time.
@@ -36,11 +35,7 @@ def render_improvement(result: dict) -> str:
         "<h2>Confidence against critique</h2>", _plane(models),
         "<h2>Training</h2>", _curves(result["cards"]),
     ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>selfcorrect improve</title>'
-        f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>"
-        f"<h1>selfcorrect improve</h1>{''.join(sections)}</body></html>\n"
-    )
+    return html_page("selfcorrect improve", "selfcorrect improve", sections)
 
 
 def _plane(models: list[tuple[str, dict]]) -> str:
