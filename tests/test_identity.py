@@ -238,3 +238,24 @@ def test_the_exact_estimators_answer_prefix_is_part_of_the_prompt_version(monkey
     before = prompt_version(get_strategy("reask"), task, task.items[:3])
     monkeypatch.setattr(selfcorrect.exact, "ANSWER_PREFIX", "My answer:")
     assert prompt_version(get_strategy("reask"), task, task.items[:3]) != before
+
+
+# The build the README's worked example ran on (this is what `selfcorrect runs` stores as its backend); the
+# ids below are computed from it and the prompt texts of this version, so a change that gives the same run
+# another id (a reworded prompt, a moved helper whose strings the prompt version hashes) fails here until the
+# README's example is run again.
+README_BUILD = ("llamacpp:SmolLM2-135M-Instruct.Q4_1.gguf:b179c9523d0e6a0f:"
+                "llama.cpp-0.3.36[AVX,AVX2,BMI2,F16C,FMA,LLAMAFILE,OPENMP,REPACK,SSE3,SSSE3]")
+
+
+@pytest.mark.parametrize("strategy", ["reask", "critique"])
+def test_the_readme_worked_example_has_the_run_ids_this_version_gives(strategy, tmp_path):
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shown = {name: run_id for name, run_id in re.findall(r"^(\w+): run ([0-9a-f]{12}), grader", readme, re.M)}
+    header = re.search(r"^run ([0-9a-f]{12})  arithmetic · embedded · reask · 1 round", readme, re.M)
+    assert header and shown["reask"] == header.group(1)  # the run's own report and compare's agree
+    run = evaluate(strategy=strategy, backend=ScriptedBackend(identity=README_BUILD), db=tmp_path / "runs.sqlite",
+                   cache=False)
+    assert run.run_id == shown[strategy]
