@@ -377,7 +377,7 @@ def test_span_masks_cover_exactly_the_messages_that_carry_loss(tmp_path):
     from selfcorrect.train.trainer import (Hyperparameters, base_model, build_trainer, read_training_data,
                                            span_masked_example)
 
-    model, tokenizer = base_model("embedded")
+    model, tokenizer, _ = base_model("embedded")
     row = {**pam_row(0), "messages": pam_row(0)["messages"] + [
         {"role": "user", "content": "And 5 - 2?"}, {"role": "assistant", "content": "The answer is 3."}]}
     example = span_masked_example(tokenizer, row["messages"], row["no_loss"])
@@ -411,7 +411,7 @@ def test_training_renders_conversations_as_llama_cpp_does(embedded):
     its tokens are the ones the embedded engine computes with when the trained model is measured."""
     from selfcorrect.train.trainer import base_model
 
-    _, tokenizer = base_model("embedded")
+    _, tokenizer, _ = base_model("embedded")
     conversation = pam_row(7)["messages"][:3]
     rendered = embedded.chat_format(messages=conversation).prompt
     assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == rendered

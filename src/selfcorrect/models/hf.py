@@ -8,6 +8,8 @@ Needs the `hf` extra; torch and transformers are imported only when such a model
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import threading
 from concurrent.futures import Future
@@ -48,6 +50,57 @@ def import_torch():
     return torch
 
 
+def locate(source: str) -> tuple[str, dict, str | None]:
+    """Where transformers loads `source` (a directory, a .gguf file or a Hub id) from, with which options, and
+    its weights' identity (`hf:NAME:DIGEST`; None for a Hub id, known only once loaded)."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"--model hf:{source}: no such file; give the path to a .gguf model")
+        return str(path.parent), {"gguf_file": path.name}, f"hf:{path.name}:{file_digest(path)}"
+    if path.is_dir():
+        # Every file of the directory: weights, and the config and tokenizer (its chat template) too.
+        return str(path), {}, f"hf:{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}"
+    return source, {}, None
+
+
+def load_pretrained(source: str, dtype, label: str):
+    """(model, tokenizer, weights identity) of `source` as `locate` finds it, with dense weights in `dtype`.
+
+    Loaded once per process and dtype, and kept: dequantising the embedded GGUF takes about 20 s on 2 cores,
+    and a process often loads one base several times (the closed loop trains several adapters of it, a
+    trained model runs on its base). The model is shared: copy it before changing it (training, merging an
+    adapter). The tokenizer is the caller's own copy. `label` names the model in errors (`--model SPEC`)."""
+    location, options, weights = locate(source)
+    try:
+        model, tokenizer = _pretrained(location, tuple(options.items()), str(dtype), weights)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{label}: transformers cannot load it ({reason})") from None
+    if tokenizer.chat_template is None:
+        raise UserError(f"{label}: the tokenizer has no chat template; use an instruction-tuned model")
+    if weights is None:  # a Hub id: named by the revision it resolved to
+        weights = f"hf:{source}@{model.config._commit_hash or 'unknown-revision'}"
+    return model, copy.deepcopy(tokenizer), weights
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained(location: str, options: tuple, dtype_name: str, weights: str | None):
+    """`load_pretrained`'s load, keyed by the weights' identity too, so that a file changed on disk is loaded
+    again. A GGUF file is dequantised explicitly: transformers would otherwise keep its blocks packed where an
+    optional kernels package is installed, and a reply must not depend on that."""
+    torch = import_torch()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    options = dict(options)
+    tokenizer = AutoTokenizer.from_pretrained(location, **options)
+    if "gguf_file" in options:
+        options["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype_name.removeprefix("torch.")),
+                                                 **options)
+    return model, tokenizer
+
+
 @dataclass(frozen=True)
 class Request:
     """One conversation to complete, with the arguments of `Backend.complete`."""
@@ -77,7 +130,6 @@ class TransformersBackend:
         try:
             torch = import_torch()
             import transformers
-            from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
             raise UserError(f"--model hf:{source}: {INSTALL_HINT}") from None
         self.torch = torch
@@ -92,24 +144,14 @@ class TransformersBackend:
         if adapter and not (adapter / PEFT_WEIGHTS_FILE).is_file():
             raise UserError(f"--model hf:{source}: {adapter / PEFT_WEIGHTS_FILE} is missing; the adapter was not saved whole")
         base = adapter_base(path) if adapter else source
-        location, options, weights = self._locate(base)
+        self.model, self.tokenizer, weights = load_pretrained(base, torch.float32, f"--model hf:{base}")
         # The weights by content (see models/identity.py), the adapter's too, and the libraries that compute
         # with them.
         build = f"torch-{torch.__version__}:transformers-{transformers.__version__}"
         adapter_digest = f":lora={files_digest([adapter / PEFT_CONFIG_FILE, adapter / PEFT_WEIGHTS_FILE])}" if adapter else ""
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(location, **options)
-            self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **options)
-        except (OSError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--model hf:{base}: transformers cannot load it ({reason})") from None
-        if weights is None:  # a Hub id: named by the revision it resolved to
-            weights = f"hf:{base}@{self.model.config._commit_hash or 'unknown-revision'}"
         self.identity = f"{weights}{adapter_digest}:{build}"
         if adapter:
             self.model = self._with_adapter(adapter)
-        if self.tokenizer.chat_template is None:
-            raise UserError(f"--model hf:{source}: the tokenizer has no chat template; use an instruction-tuned model")
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -123,26 +165,13 @@ class TransformersBackend:
         self.leading = False  # a caller is generating a batch of `complete` calls
         self.max_in_flight = MAX_IN_FLIGHT
 
-    @staticmethod
-    def _locate(source: str) -> tuple[str, dict, str | None]:
-        """Where transformers loads `source` from, with which options, and its weights' identity (None for a
-        Hub id, known only once loaded)."""
-        path = Path(source).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise UserError(f"--model hf:{source}: no such file; give the path to a .gguf model")
-            return str(path.parent), {"gguf_file": path.name}, f"hf:{path.name}:{file_digest(path)}"
-        if path.is_dir():
-            # Every file of the directory: weights, and the config and tokenizer (its chat template) too.
-            return str(path), {}, f"hf:{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}"
-        return source, {}, None
-
     def _with_adapter(self, adapter: Path):
-        """The model with the PEFT adapter in `adapter` merged into its weights (as fast as the base)."""
+        """The model with the PEFT adapter in `adapter` merged into a copy of its weights (as fast as the base;
+        the base stays as loaded, for others in this process)."""
         from peft import PeftModel
 
         try:
-            return PeftModel.from_pretrained(self.model, str(adapter)).merge_and_unload()
+            return PeftModel.from_pretrained(copy.deepcopy(self.model), str(adapter)).merge_and_unload()
         except (OSError, ValueError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"--model hf:{adapter}: peft cannot attach the adapter to its base ({reason})") from None

@@ -38,7 +38,8 @@ from ..errors import UserError
 from ..files import write_atomically
 from ..store import ProcessLock
 from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
-from ..models.identity import file_digest, files_digest
+from ..models.hf import import_torch, load_pretrained, locate
+from ..models.identity import file_digest
 from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE
 from .data import FORMATS, RECIPES, all_recipes
 from .settings import Hyperparameters
@@ -79,8 +80,6 @@ def check_trainable(spec: str) -> None:
     if not model.trainable:
         raise UserError(f"--model {spec}: only embedded, llamacpp:PATH.gguf and hf:PATH_OR_ID models can be "
                         "fine-tuned (their weights are needed)")
-    from ..models.hf import import_torch
-
     try:
         import_torch()  # first, with the thread policy models/hf.py explains
         import peft  # noqa: F401
@@ -201,14 +200,13 @@ def _check_messages(messages: Any, where: str, field: str) -> list[dict]:
 
 def base_identity(spec: str) -> str | None:
     """The base's weights by content (models/identity.py), or None for a Hub id (known once loaded)."""
-    model = ModelSpec.of(spec)
-    gguf = model.gguf
-    if gguf is not None:
-        return f"{gguf.name}:{file_digest(gguf)}"
-    path = Path(model.source).expanduser()
-    if path.is_dir():
-        return f"{path.name}:{files_digest([f for f in path.iterdir() if f.is_file()])}"
-    return None
+    weights = locate(_source(ModelSpec.of(spec)))[2]
+    return weights and weights.removeprefix("hf:")
+
+
+def _source(model: ModelSpec) -> str:
+    """What transformers loads for `model`: its GGUF file, else its directory or Hub id."""
+    return str(model.gguf) if model.gguf is not None else model.source
 
 
 def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple = (), **hyperparameters) -> dict:
@@ -249,10 +247,10 @@ def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Pa
            callbacks: tuple) -> dict:
     """`train` from the point where `output` is known to be new or an unfinished training of these settings."""
     print(f"loading {model} for training", file=sys.stderr, flush=True)
-    base, tokenizer = base_model(model)
+    base, tokenizer, weights = base_model(model)
     base = copy.deepcopy(base)
     if started["base_identity"] is None:  # a Hub id: named by the revision it resolved to
-        started["base_identity"] = f"{ModelSpec.of(model).source}@{base.config._commit_hash or 'unknown-revision'}"
+        started["base_identity"] = weights.removeprefix("hf:")
     checkpoints = output / CHECKPOINTS
     trainer, progress = build_trainer(base, tokenizer, rows, settings, checkpoints, callbacks)
     checkpoints.mkdir(parents=True, exist_ok=True)  # the first write, once the rows are tokenized
@@ -333,40 +331,17 @@ def _difference(held: dict, wanted: dict) -> str | None:
 
 
 def base_model(spec: str):
-    """(model, tokenizer) of a base model spec, loaded by transformers once per process and kept:
-    loading the embedded GGUF takes about 20 s on 2 cores, and the closed loop trains several adapters of one
-    base. Train a copy: PEFT wraps the model it is given in place."""
-    return _load_base(spec, base_identity(spec))
-
-
-@functools.lru_cache(maxsize=1)
-def _load_base(spec: str, identity: str | None):
-    """`base_model`, keyed by the weights' identity too, so that a file changed on disk is loaded again."""
-    from ..models.hf import import_torch
-
+    """(model, tokenizer, weights identity) of a base model spec, loaded by transformers once per process and
+    kept (models/hf.py), in bfloat16 on a GPU that computes in it natively (half the memory, full speed),
+    float32 on the CPU. Train a copy: PEFT wraps the model it is given in place."""
     torch = import_torch()
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    named = ModelSpec.of(spec)
-    gguf = named.gguf
-    location, options = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf else (named.source, {})
-    # On a GPU, bfloat16 where it computes natively (half the memory, full speed); float32 on the CPU.
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        with _quiet_libraries():
-            tokenizer = AutoTokenizer.from_pretrained(location, **options)
-            if gguf:  # dense weights, and no GGUF quantizer left on the model: the Trainer refuses to train one
-                options["quantization_config"] = GgufConfig(dequantize=True)
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **options)
-    except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--model {spec}: transformers cannot load it ({reason})") from None
-    if tokenizer.chat_template is None:
-        raise UserError(f"--model {spec}: the tokenizer has no chat template; use an instruction-tuned model")
+    with _quiet_libraries():
+        model, tokenizer, weights = load_pretrained(_source(ModelSpec.of(spec)), dtype, f"--model {spec}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # only pads: the collator masks padding out of the loss
-    return model, tokenizer
+    return model, tokenizer, weights
 
 
 def span_masked_example(tokenizer, messages: list[dict], no_loss: list[int]) -> dict:
