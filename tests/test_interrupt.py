@@ -248,9 +248,12 @@ def test_one_process_per_run_other_runs_and_readers_go_on_and_sigkill_leaves_no_
             shown = run_cli("report", run_id, "--db", str(db), "--json", timeout=120)
             assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == run_id, shown.stderr
 
-            # A regrade of the run would grade again while the first process adds turns: refused the same way.
+            # A regrade of the run would grade again while the first process adds turns: refused the same way,
+            # with a regrade's own way on.
             regraded = run_cli("regrade", run_id, "--db", str(db), timeout=120)
-            assert (regraded.returncode, regraded.stderr) == (2, second.stderr), regraded.stderr
+            assert regraded.returncode == 2, regraded.stderr
+            assert regraded.stderr == second.stderr.replace(" and run the same command again to resume",
+                                                            ", then regrade the run again"), regraded.stderr
             assert {table: _read(db, f"SELECT * FROM {table}") for table in tables} == snapshot
 
             # Another run of the same store is not blocked (new requests are answered from here on;
@@ -288,3 +291,11 @@ def test_run_lock_is_exclusive_per_run_and_released(tmp_path):
     with RunLock(db, "aaa"):
         pass
     assert not (tmp_path / "runs.sqlite.locks").exists()
+    # The refusal says what the holder is doing, and the refused one's own way on.
+    with RunLock(db, "aaa", "regrading", "then regrade it"):
+        with pytest.raises(UserError, match=r"run aaa is being regraded in .*; wait for it to finish, or stop it and "
+                                            "run the same command again to resume$"):
+            RunLock(db, "aaa")
+    with RunLock(db, "aaa", "deleting"):
+        with pytest.raises(UserError, match=r"run aaa is being deleted in .*\); then regrade it$"):
+            RunLock(db, "aaa", "regrading", "then regrade it")

@@ -211,7 +211,7 @@ def delete_run(run_id: str, db: str | Path | None = None) -> dict:
     store = Store(db_path(db), create=False)
     try:
         run_id = store.find_run(run_id)
-        with store.lock_run(run_id, "wait for it to finish, or stop it, then delete the run"):
+        with store.lock_run(run_id, "deleting", "wait for it to finish, or stop it, then delete the run"):
             return {"run_id": run_id, "db": str(store.path), "deleted": store.delete_run(run_id)}
     finally:
         store.close()
@@ -238,7 +238,7 @@ def regrade(
     try:
         run_id = store.find_run(run_id)
         # A run going on would add turns graded as they come while these are graded again: one at a time.
-        with store.lock_run(run_id):
+        with store.lock_run(run_id, "regrading", "wait for it to finish, or stop it, then regrade the run again"):
             return _regrade(store, run_id, grader_timeout, all_turns, task_spec, isolation)
     finally:
         store.close()

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 from .models.base import Completion
@@ -518,10 +519,11 @@ class Store:
             return {table: self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,)).rowcount
                     for table in ("turns", "option_scores", "failed_cells", "run_traffic", "items", "runs")}
 
-    def lock_run(self, run_id: str, advice: str = RESUME_ADVICE) -> "RunLock":
-        """Claim the run for this process until the returned lock is released (see RunLock); raises
-        UserError naming the process that holds it, then `advice`."""
-        return RunLock(self.path, run_id, advice)
+    def lock_run(self, run_id: str, doing: str = "running", advice: str = RESUME_ADVICE) -> "RunLock":
+        """Claim the run for this process, which is `doing` it ("running", "regrading", "deleting"), until the
+        returned lock is released (see RunLock); raises UserError naming the process that holds it and what it
+        is doing, then `advice`."""
+        return RunLock(self.path, run_id, doing, advice)
 
 
 try:
@@ -532,24 +534,26 @@ except ImportError:  # Windows: nothing is locked there
 
 class ProcessLock:
     """One process at a time holds `path`: an exclusive `flock` on that file, which names its holder (pid,
-    host, since when). The kernel drops the lock when the holder ends, however it ends (SIGKILL too), so a
-    dead process never blocks the next; release also removes the file, and its directory once empty (a
-    directory kept for such locks). A second process is refused with a UserError: `busy` (what is going on),
-    the holder, and `advice`, how to go on. `where` names the place for an error writing the file ("--db PATH").
+    host, since when, what it is `doing`). The kernel drops the lock when the holder ends, however it ends
+    (SIGKILL too), so a dead process never blocks the next; release also removes the file, and its directory
+    once empty (a directory kept for such locks). A second process is refused with a UserError: what is going on
+    (`busy`, given what the holder is doing), the holder, and `advice`, how to go on. `where` names the place
+    for an error writing the file ("--db PATH").
     Without fcntl (Windows), or on a file system that refuses flock, nothing is locked.
     Usable as a context manager."""
 
-    def __init__(self, path: Path, where: str, busy: str, advice: str = RESUME_ADVICE):
+    def __init__(self, path: Path, where: str, busy: Callable[[str], str], advice: str = RESUME_ADVICE,
+                 doing: str = "running"):
         self.path = path
         self._fd: int | None = None
         if fcntl is None:
             return
         try:
-            self._acquire(busy, advice)
+            self._acquire(busy, advice, doing)
         except OSError as err:
             raise UserError(f"{where}: cannot write the lock file {self.path} ({err.strerror})") from None
 
-    def _acquire(self, busy: str, advice: str) -> None:
+    def _acquire(self, busy: Callable[[str], str], advice: str, doing: str) -> None:
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -559,9 +563,9 @@ class ProcessLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _lock_holder(fd)
+                holder, its_doing = _lock_holder(fd)
                 os.close(fd)
-                raise UserError(f"{busy} ({holder}); {advice}") from None
+                raise UserError(f"{busy(its_doing)} ({holder}); {advice}") from None
             except OSError:  # no flock on this file system: go on unlocked rather than not at all
                 os.close(fd)
                 return
@@ -575,7 +579,8 @@ class ProcessLock:
         self._fd = fd
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode())
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
+                                       "doing": doing}).encode())
         except OSError:
             self.release()
             raise
@@ -602,20 +607,26 @@ class ProcessLock:
 
 
 class RunLock(ProcessLock):
-    """One process at a time runs (or resumes, or regrades) a run: the lock `<db>.locks/<run_id>.lock`.
+    """One process at a time runs (or resumes, regrades, deletes) a run: the lock `<db>.locks/<run_id>.lock`.
     Readers (report, export) take none, and each run has its own file, so other runs go on."""
 
-    def __init__(self, db_path: Path, run_id: str, advice: str = RESUME_ADVICE):
+    def __init__(self, db_path: Path, run_id: str, doing: str = "running", advice: str = RESUME_ADVICE):
         super().__init__(Path(f"{db_path}.locks") / f"{run_id}.lock", f"--db {db_path}",
-                         f"run {run_id} is already running in {db_path}", advice)
+                         lambda its_doing: f"run {run_id} is {RUN_ACTIVITIES.get(its_doing or 'running', 'in use')} in {db_path}",
+                         advice, doing)
 
 
-def _lock_holder(fd: int) -> str:
-    """Who holds a lock, from its file; the holder writes it just after locking, so wait a moment."""
+# What a process holding a run's lock is doing, as a refusal says it.
+RUN_ACTIVITIES = {"running": "already running", "regrading": "being regraded", "deleting": "being deleted"}
+
+
+def _lock_holder(fd: int) -> tuple[str, str | None]:
+    """Who holds a lock and what it is doing (None when its file does not say: a lock of an older version), from
+    its file; the holder writes it just after locking, so wait a moment."""
     for _ in range(20):
         try:
             holder = json.loads(os.pread(fd, 4096, 0))
-            return f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}"
-        except (ValueError, KeyError, TypeError):
+            return f"pid {holder['pid']} on host {holder['host']}, since {holder['since']}", holder.get("doing")
+        except (ValueError, KeyError, TypeError, AttributeError):
             time.sleep(0.05)
-    return "held by another process"
+    return "held by another process", None

@@ -240,7 +240,7 @@ def training_lock(output: Path) -> ProcessLock:
     beside the directory (`OUTPUT.locks/`), which the checks of what `output` holds need not know of."""
     # Named from the resolved path: `--output .` locks `../NAME.locks`, not a folder called `..locks`.
     return ProcessLock(Path(f"{Path(output).expanduser().resolve()}.locks") / "training.lock", f"--output {output}",
-                       f"a training into --output {output} is already running")
+                       lambda _: f"a training into --output {output} is already running")
 
 
 def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Path, started: dict,
