@@ -298,3 +298,33 @@ def test_the_traffic_summary_never_mixes_the_ceilings_of_two_clients():
     assert (steady["requests"], steady["concurrency"], steady["lowest_limit"]) == (50, 8, 8)
     fell = _http_traffic([client(64, 64, 2, 10), client(8, 3, 8, 40), client(64, 48, 30, 5)])
     assert (fell["concurrency"], fell["lowest_limit"], fell["peak_in_flight"]) == (8, 3, 30)
+
+
+def test_what_the_other_clients_counted_is_stored_when_one_meter_fails_to_close(tmp_path):
+    """A meter read when it closes (a Ray actor's) can fail there (the actor died); the run's other clients'
+    records are stored all the same, and the failure still surfaces."""
+    import contextlib
+
+    from selfcorrect.api import _traffic_recorded
+    from selfcorrect.models.rate_limit import TrafficMeter
+    from selfcorrect.store import Store
+
+    class Client:
+        def __init__(self, requests: int, dies: bool):
+            self.requests, self.dies = requests, dies
+
+        @contextlib.contextmanager
+        def metered(self):
+            meter = TrafficMeter(concurrency=8)
+            try:
+                yield [meter]
+            finally:  # counted elsewhere, read at the close, as a Ray pool's meters are
+                if self.dies:
+                    raise ConnectionError("the actor died")
+                meter.requests = self.requests
+
+    store = Store(tmp_path / "runs.sqlite")
+    with pytest.raises(ConnectionError, match="the actor died"):
+        with _traffic_recorded([Client(5, dies=False), Client(3, dies=True)], store, "r1"):
+            pass
+    assert [row["requests"] for row in store.traffic("r1")] == [5]

@@ -45,10 +45,12 @@ def _traffic_recorded(backends: list[Backend], store: Store, run_id: str):
         try:
             yield
         finally:
-            metering.close()  # a Ray pool's meters count in its actors, and are read when they close
-            for meter in itertools.chain(*counted):
-                if meter.requests:
-                    store.add_traffic(run_id, meter.as_dict())
+            try:  # a Ray pool's meters count in its actors, and are read when they close
+                metering.close()  # closes every meter, even after one fails (a dead actor), then raises that
+            finally:  # what the others counted is stored all the same
+                for meter in itertools.chain(*counted):
+                    if meter.requests:
+                        store.add_traffic(run_id, meter.as_dict())
 
 
 def run_id_for(config: dict) -> str:
