@@ -267,3 +267,13 @@ def test_version():
     done = run_cli("--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"selfcorrect {version('selfcorrect')}\n" == "selfcorrect 0.1.0\n"
+
+
+def test_the_training_card_line_of_a_stored_model_spec(tmp_path):
+    """A report of a run of a trained model names its card; a card gone since says so, and a spec this version
+    cannot read (stored by another) or of another kind says nothing, rather than failing the report."""
+    from selfcorrect.report import training_card_line
+
+    assert training_card_line("embedded") is None and training_card_line("nokind:x") is None
+    line = training_card_line(f"lora:{tmp_path / 'gone'}")
+    assert line.startswith("training card: not readable now (") and str(tmp_path / "gone") in line, line

@@ -138,7 +138,10 @@ SHORT_LABELS = {"cl": "CL", "cs": "CS", "rss": "RSS", "acc_inf": "Acc_inf"}
 def training_card_line(model: str) -> str | None:
     """Which training made a `lora:` model, in one line: its card's path and what the card says of the training
     (None for other models). A card moved or deleted since the run is said so, not an error: the run stands."""
-    spec = ModelSpec.of(model)
+    try:  # read as this version reads specs: one stored by another version may not parse, and the run stands
+        spec = ModelSpec.of(model)
+    except UserError:
+        return None
     if spec.kind != "lora":
         return None
     try:
