@@ -443,11 +443,13 @@ def test_a_turn_that_does_not_end_with_its_reply_or_is_missing_is_skipped_and_co
 
 def test_gold_is_only_ever_a_target(reask, verify):
     solutions = [_solution(index) for index in range(N)]
-    for recipe in RECIPES:
+    for recipe, chosen in RECIPES.items():
         for run in (reask, verify):
+            if chosen.fixed_prompt and run is verify:
+                continue  # refused (test_rl_rows_...)
             rows, _ = build_rows([run], recipe, seed=1)
             for row in rows:
-                shown = row.get("prompt", []) + row.get("messages", [])[:-1]
+                shown = row.get("prompt", []) + row.get("messages", [])[:-1] + row.get("correction", [])
                 assert not any(solution in message["content"] for solution in solutions for message in shown), row
                 assert all(key in row["source"] for key in ("recipe", "part", "run", "item", "sample", "round",
                                                               "question_sha256"))
@@ -510,7 +512,7 @@ def test_runs_of_different_tasks_are_refused_and_so_is_a_run_given_twice(tmp_pat
 
 
 def test_bad_arguments_and_recipes_giving_no_rows_are_refused(tmp_path, reask):
-    _refused([reask], "dpo", r"^--recipe dpo: unknown recipe; choose one of sft, clt, cst, cct, sft\+cct, scl, pam$")
+    _refused([reask], "dpo", r"^--recipe dpo: unknown recipe; choose one of sft, clt, cst, cct, sft\+cct, scl, pam, rl$")
     with pytest.raises(UserError, match=r"^--clt-share 1.5: must be from 0 to 1"):
         build_rows([reask], "cct", clt_share=1.5)
     _refused([], "sft", "no run given")
@@ -592,3 +594,35 @@ def test_evaluation_items_in_the_training_data_are_refused_unless_allowed():
     check_no_leak(questions[:1], trained, "lora:out/adapter", allow=False)
     check_no_leak(questions, set(), "embedded", allow=False)
 
+
+
+def test_rl_rows_are_the_question_and_the_correction_turn_the_run_asked(reask, tmp_path):
+    """Episode prompts: per distinct question, round 0's prompt as the run sent it, the correction turn that
+    followed the first reply, how to load the task again, and the item and target the reward grades against;
+    no reply of the run and no gold solution in them."""
+    rows, summary = build_rows([reask], "rl")
+    assert summary["parts"] == {"rl": N} and len(rows) == N
+    task = load_task("arithmetic")
+    for row in rows:
+        item = next(item for item in task.items if item.id == row["item"])
+        correction_turn = _turn(reask, int(item.id.removeprefix("arith-")), 1)
+        assert row["prompt"] == correction_turn.messages[:1] == [{"role": "user", "content": task.prompt(item)}]
+        assert row["correction"] == [correction_turn.messages[2]]  # after the first reply, before the second
+        assert row["target"] == item.target and row["task"] == {"task": "arithmetic", "data": None, "options": {}}
+        assert row["source"]["round"] == 1 and row["source"]["part"] == "rl"
+    # The trainer reads them back as episode rows.
+    from selfcorrect.train.trainer import read_training_data
+
+    write_rows(rows, tmp_path / "rl.jsonl")
+    read = read_training_data(tmp_path / "rl.jsonl")
+    assert read.row_format == "episode" and read.recipe == "rl" and len(read.rows) == N
+
+
+def test_rl_rows_are_refused_for_strategies_whose_correction_turn_answers_the_reply(verify):
+    _refused([verify], "rl", rf"^run {verify.run_id}: strategy 'verify-then-revise' asks for replies in its "
+                             "correction round, which an episode of recipe rl cannot replay")
+
+
+def test_rl_rows_are_refused_for_a_run_that_did_not_keep_its_task(reask):
+    _refused([replace(reask, task_spec=None)], "rl", rf"^run {reask.run_id}: stored before runs kept how their task "
+                                                     "was loaded")

@@ -410,10 +410,15 @@ def train_command(
 
     card = train(data, model, output, **hyperparameters)
     losses = card["losses"]
+    if card["data"]["format"] == "episode":  # rl: what the rollouts' attempts earned, first and last log
+        measured = (f"attempt 1 right {losses[0]['r1']:.3f} -> {losses[-1]['r1']:.3f}, attempt 2 right "
+                    f"{losses[0]['r2']:.3f} -> {losses[-1]['r2']:.3f} of the rollouts, {card['seconds']:.0f} s")
+    else:
+        measured = (f"loss {losses[0]['loss']:.4f} -> {losses[-1]['loss']:.4f}, {card['seconds']:.0f} s, "
+                    f"{card['tokens_per_second']:.0f} tokens/s")
     out.print(
         f"adapter in {output} (model spec lora:{output}): {card['training']['steps']} steps on {card['data']['rows']} "
-        f"{card['data']['format']} rows, loss {losses[0]['loss']:.4f} -> {losses[-1]['loss']:.4f}, "
-        f"{card['seconds']:.0f} s, {card['tokens_per_second']:.0f} tokens/s",
+        f"{card['data']['format']} rows, {measured}",
         highlight=False, soft_wrap=True,
     )
 

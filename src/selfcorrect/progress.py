@@ -1,6 +1,7 @@
 """Progress on standard error while a run goes on: Rich's bar on a terminal, plain lines elsewhere (a pipe, a log,
 CI), every $SELFCORRECT_PROGRESS_SECONDS seconds. Used by the command line; training has its own (a trainer
-callback, train/trainer.py) because it counts optimizer steps and losses, not turns."""
+callback, train/trainer.py) because it counts optimizer steps and losses, not turns, and says durations as
+`duration` does."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def progress_seconds() -> float:
     return seconds
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 3 min 05 s, 1 h 02 min."""
     whole = round(seconds)
     if whole < 60:
         return f"{whole} s"
@@ -91,10 +93,10 @@ class ProgressLines:
             if last:
                 left = "done"
             elif made and total > done:
-                left = f"about {_duration(elapsed / made * (total - done))} left"
+                left = f"about {duration(elapsed / made * (total - done))} left"
             else:
                 left = "time left not known yet" if total > done else "finishing"
-            lines.append(f"run {self.run_id}: {done}/{total} {self.unit}{share}, {_duration(elapsed)}, {left}")
+            lines.append(f"run {self.run_id}: {done}/{total} {self.unit}{share}, {duration(elapsed)}, {left}")
             for line in lines:
                 self.console.print(line, markup=False, highlight=False, soft_wrap=True)
             self.printed = True

@@ -30,6 +30,8 @@ class Run:
     failures: list[dict] = field(default_factory=list)  # cells whose request failed and no turn has filled since
     generated: int = 0  # turns (or scoring passes) the model made for the call that returned this object
     cache_hits: int = 0  # turns that call took whole from the response cache
+    # How its task was loaded ({"task", "data", "options"}); None for runs stored before runs kept it.
+    task_spec: dict | None = None
 
     @property
     def estimator(self) -> str:
@@ -218,4 +220,5 @@ def read_run(store: Store, run_id: str, generated: int = 0, cache_hits: int = 0)
     return Run(
         run_id, store.config(run_id), store.path, store.items(run_id), store.turns(run_id),
         store.option_scores(run_id), store.traffic(run_id), store.failures(run_id), generated, cache_hits,
+        store.task_spec(run_id),
     )

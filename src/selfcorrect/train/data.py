@@ -22,6 +22,10 @@ its target or trace comes from, and the question's key from `split.question_key`
 - preference (scl): {"prompt": [the question], "chosen": [assistant], "rejected": [assistant]}.
 - span-masked trace (pam): {"messages": [the whole conversation], "no_loss": [indices of assistant messages
   whose tokens carry no loss]}; every other assistant message carries loss, user messages never do.
+- episode prompt (rl): {"prompt": [the question, as round 0 asked it], "correction": [the strategy's correction
+  turn: the message(s) between the first reply and the second], "task": how to load the task again ({"task",
+  "data", "options"}), "item": the item's id, "target": its gold answer}; no reply at all: the trainer samples
+  both attempts from the model it trains (train/rl.py) and the task's grader rewards them against the target.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ FORMATS = {
     "prompt/completion": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
     "span-masked": ("messages", "no_loss"),
+    "episode": ("prompt", "correction", "task", "item", "target"),
 }
 
 
@@ -106,19 +111,21 @@ class Recipe:
     needs_correction: bool  # rows come from a correction round (--rounds 1 or more)
     needs_gold: bool  # rows carry gold solutions as targets
     has_clt: bool  # rows include clt rows, which --clt-source chooses
+    fixed_prompt: bool = False  # rows need a correction turn that does not depend on the reply it answers
 
 
 RECIPES: dict[str, Recipe] = {}
 
 
 def register_recipe(name: str, description: str, row_format: str, *, needs_correction: bool = True,
-                    needs_gold: bool = True, has_clt: bool = False) -> Callable:
+                    needs_gold: bool = True, has_clt: bool = False, fixed_prompt: bool = False) -> Callable:
     """Register the decorated function (Sources -> rows) as recipe `name`."""
     if row_format not in FORMATS:
         raise ValueError(f"recipe {name}: row format {row_format!r} is not one of {', '.join(FORMATS)}")
 
     def decorate(build: Callable[[Sources], list[dict]]) -> Callable[[Sources], list[dict]]:
-        RECIPES[name] = Recipe(name, description, row_format, build, needs_correction, needs_gold, has_clt)
+        RECIPES[name] = Recipe(name, description, row_format, build, needs_correction, needs_gold, has_clt,
+                               fixed_prompt)
         return build
 
     return decorate
@@ -257,6 +264,13 @@ def _check_runs(runs: list[Run], recipe: Recipe, gold_clt: bool) -> None:
                             "from a run with --rounds 1 or more")
         if gold_clt:
             check_gold_clt(strategy, name)
+        if recipe.fixed_prompt and not strategy.fixed_prompt:
+            raise UserError(f"{name}: strategy '{strategy.name}' asks for replies in its correction round, which an "
+                            f"episode of recipe {recipe.name} cannot replay; build from runs of strategies whose "
+                            "correction turn is a fixed prompt (reask, confident, critical)")
+        if recipe.row_format == "episode" and run.task_spec is None:
+            raise UserError(f"{name}: stored before runs kept how their task was loaded, which recipe {recipe.name}'s "
+                            "rewards need; measure the training items again into a new store (--db)")
         if recipe.needs_gold or gold_clt:
             lacking = [item["item_id"] for item in run.items if not item.get("solution")]
             if lacking:
@@ -306,6 +320,25 @@ def _corrected(run: Run, skipped: dict) -> Iterator[tuple[dict, int, Turn, Turn]
                     skipped["no_reply"] += 1
                 else:
                     yield item, sample, before, correction
+
+
+def _episode_rows(sources: Sources) -> list[dict]:
+    """One episode prompt per distinct question (by content): the conversation of its first correction round
+    (sample 0) up to the first reply, and the correction turn after it, which a fixed-prompt strategy asks
+    whatever the reply was."""
+    rows, seen = [], set()
+    for run in sources.runs:
+        for item, sample, before, correction in _corrected(run, sources.skipped):
+            key = question_key(item["question"])
+            if sample != 0 or correction.round != 1 or key in seen:
+                continue
+            seen.add(key)
+            first_reply = len(before.messages) - 1
+            rows.append({"prompt": _copy(before.messages[:first_reply]),
+                         "correction": _copy(correction.messages[first_reply + 1:-1]),
+                         "task": run.task_spec, "item": item["item_id"], "target": item["target"],
+                         "source": _source(sources.recipe, "rl", run, item, sample, 1)})
+    return rows
 
 
 def _sft_rows(runs: list[Run], recipe: str, skipped: dict) -> list[dict]:
@@ -474,6 +507,13 @@ def scl(sources: Sources) -> list[dict]:
                  "corrected solution); a wrong previous reply carries no loss (Han et al.)", "span-masked")
 def pam(sources: Sources) -> list[dict]:
     return _pam_rows(sources)
+
+
+@register_recipe("rl", "episode prompts for on-policy correction RL (SCoRe, Kumar et al.): the question and the "
+                 "strategy's correction turn; the model writes both attempts as it trains, rewarded by the task's "
+                 "grader", "episode", needs_gold=False, fixed_prompt=True)
+def rl(sources: Sources) -> list[dict]:
+    return _episode_rows(sources)
 
 
 def _check_gold_free(rows: list[dict], runs: list[Run]) -> None:

@@ -26,6 +26,15 @@ class Hyperparameters:
     seed: int = _setting(0, "--seed", "seed of the LoRA initialisation and the data order")
     # DPO's strength of the pull towards the reference; used for preference rows only
     beta: float = _setting(0.1, "--beta", "DPO beta, for preference rows: how closely to stay with the base")
+    # On-policy correction RL (episode rows, train/rl.py); used for those only
+    generations: int = _setting(8, "--generations", "rl: episodes sampled per question and step (the group whose "
+                                "rewards are compared)")
+    kl: float = _setting(0.0, "--kl", "rl: weight of the KL penalty towards the reference (the base, or the --init "
+                         "adapter)")
+    alpha: float = _setting(1.0, "--alpha", "rl: weight of the improvement bonus: attempt 2 earns r2 + alpha * (r2 - r1)")
+    rollout_temperature: float = _setting(1.0, "--rollout-temperature", "rl: sampling temperature of the episodes")
+    attempt_tokens: int = _setting(128, "--attempt-tokens", "rl: most tokens of each attempt")
+    init: str | None = _setting(None, "--init", "rl: start from this trained adapter (lora:DIR) rather than a new one")
     # Not part of what the adapter is
     save_steps: int = _setting(20, "--save-steps", "steps between checkpoints (a killed run resumes there)")
 
@@ -41,12 +50,36 @@ class Hyperparameters:
             raise UserError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
         if not self.beta > 0:
             raise UserError(f"--beta {self.beta}: must be above 0")
+        if self.generations < 2:
+            raise UserError(f"--generations {self.generations}: must be at least 2 (rewards are compared within a group)")
+        for flag, value in (("--kl", self.kl), ("--alpha", self.alpha)):
+            if not value >= 0:
+                raise UserError(f"{flag} {value}: must be at least 0")
+        if not 0 < self.rollout_temperature <= 2:
+            raise UserError(f"--rollout-temperature {self.rollout_temperature}: must be above 0 and at most 2")
+        if self.attempt_tokens < 1:
+            raise UserError(f"--attempt-tokens {self.attempt_tokens}: must be at least 1")
+
+    def check_for(self, row_format: str) -> None:
+        """Refuse settings that rows of `row_format` cannot take."""
+        if row_format == "episode" and self.batch_size % self.generations:
+            raise UserError(f"--batch-size {self.batch_size}: an rl step takes whole groups of episodes; give a "
+                            f"multiple of --generations {self.generations}")
+        if row_format != "episode" and self.init is not None:
+            raise UserError(f"--init {self.init}: only rl training (episode rows) starts from a trained adapter")
 
     def shaping(self, row_format: str) -> dict:
-        """The values the adapter depends on for rows of `row_format` (DPO's beta only for preference rows;
-        never `save_steps`, since resuming from any checkpoint gives the same adapter)."""
+        """The values the adapter depends on for rows of `row_format` (DPO's beta only for preference rows, the
+        rl settings only for episode rows; never `save_steps`, since resuming from any checkpoint gives the same
+        adapter)."""
         values = asdict(self)
         del values["save_steps"]
         if row_format != "preference":
             del values["beta"]
+        if row_format != "episode":
+            for name in RL_SETTINGS:
+                del values[name]
         return values
+
+
+RL_SETTINGS = ("generations", "kl", "alpha", "rollout_temperature", "attempt_tokens", "init")

@@ -36,12 +36,16 @@ from typing import Any, Iterator
 
 from ..errors import UserError
 from ..files import write_atomically
+from ..progress import duration
 from ..store import ProcessLock
 from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
 from ..models.hf import import_torch, load_pretrained, locate
-from ..models.identity import file_digest
-from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE
+from ..models.identity import file_digest, files_digest
+from ..grader_pool import DEFAULT_TIMEOUT_S
+from ..isolation import using
+from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from .data import FORMATS, RECIPES, all_recipes
+from .rl import Episodes, Rewards, build_rl_trainer, load_episodes
 from .settings import Hyperparameters
 
 INSTALL_HINT = "needs the train extra: pip install 'selfcorrect[train]'"
@@ -53,6 +57,11 @@ CHECKPOINTS = "checkpoints"
 # our own `seconds`).
 LOG_BOOKKEEPING = ("epoch", "num_tokens", "num_input_tokens_seen", "total_flos", "train_runtime", "train_loss",
                    "train_samples_per_second", "train_steps_per_second", "train_tokens_per_second")
+# What an rl training's log lines say of its rollouts (train/rl.py logs them), as the progress names them.
+RL_PROGRESS = (("r1", "r1"), ("r2", "r2"), ("right->wrong", "right_to_wrong"), ("wrong->right", "wrong_to_right"))
+# The TRL trainer of each row format.
+TRAINERS = {"prompt/completion": "SFTTrainer", "span-masked": "SFTTrainer", "preference": "DPOTrainer",
+            "episode": "GRPOTrainer"}
 # What a training in `checkpoints/` was started with: a rerun resumes it only when these are the same.
 SETTINGS = "settings.json"
 # Checkpoints kept: the last one, and the one before in case the process was killed while writing the last.
@@ -164,6 +173,18 @@ def _check_row(row: dict, row_format: str, where: str) -> None:
         if field not in row:
             raise UserError(f"{where}: field '{field}' is missing (a {row_format} row holds "
                             f"{', '.join(FORMATS[row_format])} and source)")
+    if row_format == "episode":
+        for field in ("prompt", "correction"):
+            if _check_messages(row[field], where, field)[-1]["role"] != "user":
+                raise UserError(f"{where}: field '{field}' must end with a user message (an attempt follows it)")
+        task = row["task"]
+        if not (isinstance(task, dict) and isinstance(task.get("task"), str) and isinstance(task.get("options"), dict)
+                and isinstance(task.get("data"), (str, type(None)))):
+            raise UserError(f"{where}: field 'task' must be an object with task, data and options (how the task loads)")
+        for field in ("item", "target"):
+            if not isinstance(row[field], str):
+                raise UserError(f"{where}: field '{field}' must be a string")
+        return
     if row_format == "span-masked":
         messages = _check_messages(row["messages"], where, "messages")
         no_loss = row["no_loss"]
@@ -222,6 +243,8 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
     check_trainable(model)
     model = ModelSpec.of(model).absolute()  # the card's base must be found from anywhere
     rows = read_training_data(Path(data).expanduser())
+    settings.check_for(rows.row_format)
+    episodes = load_episodes(rows.rows, rows.path) if rows.row_format == "episode" else None
     output = Path(output).expanduser()
     started = {
         "base_model": model,
@@ -229,9 +252,33 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
         "data_sha256": file_digest(rows.path),
         "hyperparameters": settings.shaping(rows.row_format),
     }
+    if settings.init is not None:  # the adapter started from, by content
+        started["hyperparameters"]["init"] = _init_adapter(settings.init, model).identity
     with training_lock(output):  # a second process training into `output` stops here, naming the first
         finished = _check_output(output, started)
-        return finished if finished is not None else _train(model, rows, settings, output, started, callbacks)
+        return finished if finished is not None else _train(model, rows, settings, output, started, callbacks,
+                                                            episodes)
+
+
+@dataclass(frozen=True)
+class InitAdapter:
+    """The trained adapter an rl training starts from (`--init lora:DIR`)."""
+
+    directory: Path
+    identity: str  # its spec and its PEFT files' digest
+    questions: list[str]  # the questions it was trained on: the new card lists them too
+
+
+def _init_adapter(spec: str, model: str) -> InitAdapter:
+    """`--init`'s adapter, checked to be a model trained by selfcorrect train from `model`; UserError otherwise."""
+    named = check_model_spec(spec)
+    if named.kind != "lora":
+        raise UserError(f"--init {spec}: give a trained model, lora:DIR (the --output of selfcorrect train)")
+    trained = named.trained
+    if ModelSpec.of(trained.base).absolute() != model:
+        raise UserError(f"--init {spec}: was trained from {trained.base}, not from --model {model}")
+    files = [trained.directory / PEFT_CONFIG_FILE, trained.directory / PEFT_WEIGHTS_FILE]
+    return InitAdapter(trained.directory, f"{spec}:{files_digest(files)}", sorted(trained.questions()))
 
 
 def training_lock(output: Path) -> ProcessLock:
@@ -244,23 +291,30 @@ def training_lock(output: Path) -> ProcessLock:
 
 
 def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Path, started: dict,
-           callbacks: tuple) -> dict:
+           callbacks: tuple, episodes: Episodes | None) -> dict:
     """`train` from the point where `output` is known to be new or an unfinished training of these settings."""
     print(f"loading {model} for training", file=sys.stderr, flush=True)
     base, tokenizer, weights = base_model(model)
     base = copy.deepcopy(base)
     if started["base_identity"] is None:  # a Hub id: named by the revision it resolved to
         started["base_identity"] = weights.removeprefix("hf:")
+    init = _init_adapter(settings.init, model) if settings.init is not None else None
     checkpoints = output / CHECKPOINTS
-    trainer, progress = build_trainer(base, tokenizer, rows, settings, checkpoints, callbacks)
-    checkpoints.mkdir(parents=True, exist_ok=True)  # the first write, once the rows are tokenized
-    write_atomically(checkpoints / SETTINGS, json.dumps(started, indent=1))
-    resume = _last_whole_checkpoint(checkpoints)
-    if resume:
-        print(f"resuming from {resume}", file=sys.stderr, flush=True)
-    with _quiet_libraries():
-        trainer.train(resume_from_checkpoint=resume)
-        trainer.model.save_pretrained(str(output))  # adapter_config.json + adapter_model.safetensors
+    rewards = Rewards(episodes, DEFAULT_TIMEOUT_S) if episodes is not None else None
+    try:
+        trainer, progress = build_trainer(base, tokenizer, rows, settings, checkpoints, callbacks, rewards, init)
+        checkpoints.mkdir(parents=True, exist_ok=True)  # the first write, once the rows are tokenized
+        write_atomically(checkpoints / SETTINGS, json.dumps(started, indent=1))
+        resume = _last_whole_checkpoint(checkpoints)
+        if resume:
+            print(f"resuming from {resume}", file=sys.stderr, flush=True)
+        with _quiet_libraries(), using("auto"):  # an rl episode's code is graded in the sandbox, as a run's
+            trainer.train(resume_from_checkpoint=resume)
+            # adapter_config.json + adapter_model.safetensors, of the adapter trained (not rl's frozen reference)
+            trainer.model.save_pretrained(str(output), selected_adapters=["default"])
+    finally:
+        if rewards is not None:
+            rewards.close()
     state = trainer.state
     seconds = progress.seconds(state)
     card = {
@@ -269,7 +323,7 @@ def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Pa
         "data": {"path": str(rows.path.resolve()), "sha256": started["data_sha256"], "recipe": rows.recipe,
                  "format": rows.row_format, "rows": len(rows.rows)},
         "hyperparameters": started["hyperparameters"],
-        "training": {"trainer": "DPOTrainer" if rows.row_format == "preference" else "SFTTrainer",
+        "training": {"trainer": TRAINERS[rows.row_format],
                      "target_modules": TARGET_MODULES, "steps": state.global_step, "device": str(trainer.args.device),
                      "dtype": str(base.dtype).removeprefix("torch."), "optimizer": str(trainer.args.optim.value),
                      "lr_scheduler": str(trainer.args.lr_scheduler_type.value), "software": _versions()},
@@ -281,8 +335,11 @@ def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Pa
         "seconds": round(seconds, 3),
         "trained_tokens": state.num_input_tokens_seen,
         "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else 0.0,
-        "trained_questions": rows.questions,
+        # An rl training from an adapter: the questions that one was trained on too, for the leak check.
+        "trained_questions": sorted(set(rows.questions) | set(init.questions if init else ())),
     }
+    if init is not None:
+        card["init"] = settings.init
     gguf = ModelSpec.of(model).gguf
     if gguf is not None:
         card["gguf_adapter"] = _export_gguf(output, gguf)
@@ -370,9 +427,10 @@ def span_masked_example(tokenizer, messages: list[dict], no_loss: list[int]) -> 
 
 
 def build_trainer(base, tokenizer, rows: TrainingData, settings: Hyperparameters, checkpoints: Path,
-                  callbacks: tuple = ()):
+                  callbacks: tuple = (), rewards: Rewards | None = None, init: InitAdapter | None = None):
     """(TRL trainer of a LoRA adapter of `base` on `rows`, checkpointing into `checkpoints`; its progress
-    callback, which also keeps the training time)."""
+    callback, which also keeps the training time). Episode rows need `rewards`; `init` is the adapter an rl
+    training starts from (a new one otherwise)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -405,7 +463,14 @@ def build_trainer(base, tokenizer, rows: TrainingData, settings: Hyperparameters
     peft_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                              target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
     with _quiet_libraries():
-        if rows.row_format == "preference":
+        if rows.row_format == "episode":
+            from peft import PeftModel
+
+            if init is not None:  # trained on from where it stopped; TRL keeps a frozen copy as the KL's reference
+                base = PeftModel.from_pretrained(base, str(init.directory), is_trainable=True)
+                peft_config = None
+            trainer = build_rl_trainer(base, tokenizer, rows.rows, settings, common, peft_config, rewards)
+        elif rows.row_format == "preference":
             from trl import DPOConfig, DPOTrainer
 
             trainer = DPOTrainer(model=base, args=DPOConfig(beta=settings.beta, **common), processing_class=tokenizer,
@@ -451,10 +516,12 @@ def _progress_callback():
         def __init__(self):
             self.bar = None
             self.started = time.monotonic()
+            self.first_step = 0
             self.before = 0.0  # seconds trained before this process, by the checkpoint resumed from
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.monotonic()
+            self.first_step = state.global_step  # of this process: a resumed training starts at its checkpoint
             self.before = next((log["seconds"] for log in reversed(state.log_history) if "seconds" in log), 0.0)
             if sys.stderr.isatty():
                 from tqdm.auto import tqdm
@@ -474,11 +541,17 @@ def _progress_callback():
             state.log_history[-1]["seconds"] = round(self.seconds(state), 3)
             if "loss" not in (logs or {}):
                 return
+            # An rl training's rollouts: attempt 1's and 2's mean rewards and the shares that flipped.
+            episodes = {name: logs[key] for name, key in RL_PROGRESS if logs.get(key) is not None}
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            else:
-                print(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f} "
-                      f"({self.seconds(state):.0f} s)", file=sys.stderr, flush=True)
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", **{name: f"{value:.3f}" for name, value in episodes.items()})
+                return
+            said = "".join(f", {name} {value:.3f}" for name, value in episodes.items())
+            done = state.global_step - self.first_step
+            left = (f", about {duration(self.seconds_here() / done * (state.max_steps - state.global_step))} left"
+                    if done >= 2 else "")  # once the first steps (loading, the first checkpoint) are behind
+            print(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{said} "
+                  f"({self.seconds(state):.0f} s{left})", file=sys.stderr, flush=True)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -486,7 +559,10 @@ def _progress_callback():
                 self.bar = None
 
         def seconds(self, state) -> float:
-            return self.before + time.monotonic() - self.started
+            return self.before + self.seconds_here()
+
+        def seconds_here(self) -> float:
+            return time.monotonic() - self.started
 
     return Progress
 
@@ -533,6 +609,8 @@ def _quiet_libraries() -> Iterator[None]:
             # see whether its vocabulary grew (it did not: no tokens are added).
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             warnings.filterwarnings("ignore", "Could not find a config file in", UserWarning)
+            # TRL 1.16's rollout function (train/rl.py) is marked experimental; the version is pinned.
+            warnings.filterwarnings("ignore", "You are using 'rollout_func'", UserWarning)
             yield
     finally:
         if datasets_bars:
