@@ -78,9 +78,16 @@ def improve(
 
     check_trainable(model)
     try:
-        Hyperparameters(seed=seed, **(train_options or {})).check()
+        settings = Hyperparameters(seed=seed, **(train_options or {}))
     except TypeError as error:
         raise UserError(f"improve: {error}") from None
+    settings.check()
+    for recipe in recipes:  # what `data` and `train` would refuse after the measuring, refused now
+        chosen = get_recipe(recipe)
+        settings.check_for(chosen.row_format)
+        if chosen.fixed_prompt and not get_strategy(strategy).fixed_prompt:
+            raise UserError(f"--recipe {recipe}: needs a strategy whose correction turn is a fixed prompt (reask, "
+                            f"confident, critical), not --strategy {strategy}")
     output = Path(output).expanduser()
     # The held-out runs are greedy, one sample per item; the training run samples as asked.
     held_out = run_config(task=task, task_options=task_options, data=data, model=model, strategy=strategy, rounds=1,
