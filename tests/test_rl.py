@@ -1,8 +1,8 @@
 """On-policy correction RL (`selfcorrect train` on episode rows, train/rl.py): per-attempt advantages (a wrong first
 attempt earns nothing for being fixed afterwards), an episode laid out as the conversation a run measures with the
 correction turn out of the loss, rollouts from the adapter as it is now, a step that moves the policy towards what
-earned more, and a real training of the embedded model from a trained adapter: the card of its rollouts and the
-leak check covering the questions of both trainings."""
+earned more, a real training of the embedded model from a trained adapter (the card of its rollouts, the leak
+check covering the questions of both trainings), and a resumed training ending as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -216,7 +216,66 @@ def test_an_rl_model_is_refused_its_questions_and_those_of_its_init_adapter(rl_t
         check_no_leak([("q", first_sft)], trained_questions(spec), spec, False)
 
 
-def _trainer(rows: list[dict], tmp_path: Path, **settings):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """`hf:DIR` of a small random Llama with the embedded model's tokenizer: the trainer's machinery at a small
+    cost (it never answers right, so tests of learning give it a reward of their own)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selfcorrect.train.trainer import base_model
+
+    _, tokenizer, _ = base_model("embedded")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def _short_replies_earn_more(self, rows, replies) -> list[float]:
+    """A stand-in reward that any model can learn and whose episodes always differ: the shorter, the better."""
+    return [-float(len(reply)) for reply in replies]
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_an_rl_training_resumed_after_a_whole_pass_ends_with_the_same_adapter(tiny_model, tmp_path, monkeypatch):
+    """Killed after the checkpoint that ends the first pass over the questions (4 questions, 2 steps a pass), run
+    again: the same rollouts and the same adapter, bit for bit, as an uninterrupted training (TRL's own sampler
+    started the second pass in the first pass's order again)."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from selfcorrect.train import rl
+    from selfcorrect.train.trainer import train
+
+    monkeypatch.setattr(rl.Rewards, "__call__", _short_replies_earn_more)
+    init = tmp_path / "init"
+    train(write_jsonl(tmp_path / "sft.jsonl", sft_rows()), tiny_model, init, max_steps=2, batch_size=4)
+    data = write_jsonl(tmp_path / "rl.jsonl", _episode_rows(4))
+    settings = dict(max_steps=3, batch_size=4, generations=2, attempt_tokens=8, save_steps=2, kl=0.05,
+                    init=f"lora:{init}")
+    whole = train(data, tiny_model, tmp_path / "whole", **settings)
+
+    class CtrlCAtStep3(TrainerCallback):  # after the checkpoint of step 2, the end of the first pass
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tiny_model, tmp_path / "cut", callbacks=(CtrlCAtStep3(),), **settings)
+    resumed = train(data, tiny_model, tmp_path / "cut", **settings)
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert [(log["r1"], log["r2"], log["loss"]) for log in resumed["losses"]] == \
+        [(log["r1"], log["r2"], log["loss"]) for log in whole["losses"]]
+    assert whole["losses"][-1]["kl"] > 0  # the step after the first moved away from the init adapter
+
+
+def _trainer(model: str, rows: list[dict], tmp_path: Path, **settings):
     """The rl trainer the `train` command would build, outside a training."""
     import copy
 
@@ -225,7 +284,7 @@ def _trainer(rows: list[dict], tmp_path: Path, **settings):
     from selfcorrect.train.trainer import TrainingData, base_model, build_trainer
 
     data = TrainingData(tmp_path / "rl.jsonl", "episode", rows, "rl", [])
-    base, tokenizer, _ = base_model("embedded")
+    base, tokenizer, _ = base_model(model)
     rewards = Rewards(load_episodes(rows, data.path), 10.0)
     trainer, _ = build_trainer(copy.deepcopy(base), tokenizer, data, Hyperparameters(**settings), tmp_path / "ckpt",
                                rewards=rewards)
@@ -234,8 +293,8 @@ def _trainer(rows: list[dict], tmp_path: Path, **settings):
 
 @pytest.mark.slow
 @pytest.mark.model
-def test_rollouts_come_from_the_adapter_as_it_is_now(tmp_path):
-    trainer, rewards = _trainer(_episode_rows(2), tmp_path, generations=2, batch_size=4, attempt_tokens=12)
+def test_rollouts_come_from_the_adapter_as_it_is_now(tiny_model, tmp_path):
+    trainer, rewards = _trainer(tiny_model, _episode_rows(2), tmp_path, generations=2, batch_size=4, attempt_tokens=12)
     try:  # the rows as the trainer's dataset holds them, the task by its key
         rows = [{**row, "task": json.dumps(row["task"], sort_keys=True)} for row in _episode_rows(2)]
         trainer.episode_rows = rows
@@ -258,14 +317,14 @@ def test_rollouts_come_from_the_adapter_as_it_is_now(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.model
-def test_a_step_moves_the_policy_towards_the_episodes_that_earned_more(tmp_path, monkeypatch):
+def test_a_step_moves_the_policy_towards_the_episodes_that_earned_more(tiny_model, tmp_path, monkeypatch):
     """One step on an easy reward (a short attempt 2; every group differs in it): the log-probabilities of the
     episodes' trained tokens move with their advantages (the sum of advantage x change is positive), so the
     expected reward rises. The reward here is a stand-in; the task's grader is tested with the trainings above."""
     from selfcorrect.train import rl
     from selfcorrect.train.trainer import train
 
-    monkeypatch.setattr(rl.Rewards, "__call__", lambda self, rows, replies: [-float(len(reply)) for reply in replies])
+    monkeypatch.setattr(rl.Rewards, "__call__", _short_replies_earn_more)
     seen = {}
     generate = rl._trainer_class()._generate_and_score_completions
 
@@ -276,7 +335,7 @@ def test_a_step_moves_the_policy_towards_the_episodes_that_earned_more(tmp_path,
 
     monkeypatch.setattr(rl._trainer_class(), "_generate_and_score_completions", keep)
     data = write_jsonl(tmp_path / "rl.jsonl", _episode_rows(2))
-    train(data, "embedded", tmp_path / "adapter", max_steps=1, batch_size=8, generations=4, attempt_tokens=16,
+    train(data, tiny_model, tmp_path / "adapter", max_steps=1, batch_size=8, generations=4, attempt_tokens=16,
           learning_rate=1e-4)
     output = seen["output"]
     change = _logps(seen["trainer"].model, output) - seen["before"]

@@ -84,7 +84,7 @@ def load_pretrained(source: str, dtype, label: str):
     return model, copy.deepcopy(tokenizer), weights
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)  # a base and, say, a small draft or test model beside it
 def _pretrained(location: str, options: tuple, dtype_name: str, weights: str | None):
     """`load_pretrained`'s load, keyed by the weights' identity too, so that a file changed on disk is loaded
     again. A GGUF file is dequantised explicitly: transformers would otherwise keep its blocks packed where an

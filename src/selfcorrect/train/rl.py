@@ -172,6 +172,17 @@ def attempt_advantages(r1, r2, model_tokens, size: int, alpha: float, scale: str
 @functools.lru_cache(maxsize=1)
 def _trainer_class():
     from trl import GRPOTrainer
+    from trl.trainer.utils import RepeatSampler
+
+    class PassSeededSampler(RepeatSampler):
+        """TRL's sampler, with each pass's order a function of the seed and the pass (`set_epoch`, which the
+        Trainer calls before each pass). TRL's draws every pass's order from one generator, so a training resumed
+        after a whole pass saw the first pass's order again and ended with another adapter than an uninterrupted
+        one."""
+
+        def set_epoch(self, epoch: int) -> None:
+            if self.shuffle:
+                self.generator.manual_seed((self.seed or 0) + epoch)
 
     class CorrectionRL(GRPOTrainer):
         """GRPOTrainer with SCoRe's per-attempt rewards: per-token advantages over both attempts of an episode."""
@@ -204,6 +215,11 @@ def _trainer_class():
                                 ("wrong_to_right", ((r1 == WRONG) & (r2 == RIGHT)).float().mean())):
                 self._metrics[mode][name].append(value.item())
             return output
+
+        def _get_train_sampler(self, dataset=None):
+            made = super()._get_train_sampler(dataset)
+            return PassSeededSampler(made.data_source, made.mini_repeat_count, made.batch_size, made.repeat_count,
+                                     made.shuffle, made.seed)
 
         def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
             self._gathered_rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
