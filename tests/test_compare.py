@@ -164,3 +164,7 @@ def test_runs_of_one_strategy_on_different_models_are_named_by_their_model():
     assert _run_labels(rows) == {"aaaaaa111": "reask embedded", "bbbbbb222": "reask lora:cct", "cccccc333": "critique*"}
     same_model = [dict(rows[0]), dict(rows[0], run_id="dddddd444")]
     assert _run_labels(same_model) == {"aaaaaa111": "reask aaaaaa", "dddddd444": "reask dddddd"}
+    # Two adapters in folders of one name (an experiment's arms) would read alike: named by run id.
+    arms = [rows[0], rows[1], dict(rows[1], run_id="eeeeee555", model="lora:/tmp/repeat/cct")]
+    assert _run_labels(arms) == {"aaaaaa111": "reask embedded", "bbbbbb222": "reask bbbbbb",
+                                 "eeeeee555": "reask eeeeee"}

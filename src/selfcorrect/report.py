@@ -344,14 +344,15 @@ def print_report(report: dict, console: Console) -> None:
 
 def _run_labels(rows: list[dict]) -> dict[str, str]:
     """A short name per run: its strategy, or its model where the runs share a strategy but not a model (a base
-    and its trained adapters), else strategy and run id; '*' marks an upper bound."""
+    and its trained adapters) and the models' short names differ (two adapters in folders of one name do not),
+    else strategy and run id; '*' marks an upper bound."""
     strategies = [row["strategy"] for row in rows]
-    pairs = [(row["strategy"], row["model"]) for row in rows]
+    named = [(row["strategy"], ModelSpec.of(row["model"]).label) for row in rows]
 
     def label(row: dict) -> str:
         if strategies.count(row["strategy"]) == 1:
             return row["strategy"]
-        if pairs.count((row["strategy"], row["model"])) == 1:
+        if named.count((row["strategy"], ModelSpec.of(row["model"]).label)) == 1:
             return f"{row['strategy']} {ModelSpec.of(row['model']).label}"
         return f"{row['strategy']} {row['run_id'][:6]}"
 
