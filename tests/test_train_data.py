@@ -276,7 +276,7 @@ def test_cst_answers_a_wrong_first_reply_with_the_solution(reask):
 def test_cct_reaches_the_clt_share_by_leaving_rows_out(reask, share, kept_clt, kept_cst):
     clt, _ = build_rows([reask], "clt")
     cst, _ = build_rows([reask], "cst")
-    rows, summary = build_rows([reask], "cct", clt_share=share, seed=3)
+    rows, summary = build_rows([reask], "cct", clt_share=share, balance="drop", seed=3)
     parts = [row["source"]["part"] for row in rows]
     assert parts == ["clt"] * kept_clt + ["cst"] * kept_cst
     relabel = [{**row, "source": {**row["source"], "recipe": "clt" if row["source"]["part"] == "clt" else "cst"}}
@@ -284,7 +284,7 @@ def test_cct_reaches_the_clt_share_by_leaving_rows_out(reask, share, kept_clt, k
     kept = [row for row in clt if row in relabel] + [row for row in cst if row in relabel]
     assert kept == relabel  # every row one of the candidates, none repeated, in the candidates' order
     assert summary["left_out"] == {"clt": 6 - kept_clt, "cst": 4 - kept_cst}
-    assert build_rows([reask], "cct", clt_share=share, seed=3)[0] == rows  # seeded
+    assert build_rows([reask], "cct", clt_share=share, balance="drop", seed=3)[0] == rows  # seeded
 
 
 @pytest.mark.parametrize("share, clt_rows, cst_rows", [
@@ -376,19 +376,21 @@ def test_every_correction_round_of_a_multi_round_run_gives_rows(db):
 
 def test_cct_rounds_halves_up_over_several_runs(reask, verify):
     # 9 clt candidates (6 + 3, the verifier stops on 3) and 8 cst (4 + 4): 0.36 * 8 / 0.64 = 4.5 clt rows -> 5
-    _, summary = build_rows([reask, verify], "cct", clt_share=0.36)
+    _, summary = build_rows([reask, verify], "cct", clt_share=0.36, balance="drop")
     assert summary["parts"] == {"clt": 5, "cst": 8} and summary["left_out"] == {"clt": 4, "cst": 0}
 
 
 def test_cct_leaves_out_different_rows_under_different_seeds(reask):
-    chosen = {tuple(row["source"]["item"] for row in build_rows([reask], "cct", seed=seed)[0]) for seed in range(8)}
+    chosen = {tuple(row["source"]["item"] for row in build_rows([reask], "cct", balance="drop", seed=seed)[0])
+              for seed in range(8)}
     assert len(chosen) > 1 and all(len(items) == 7 for items in chosen)
 
 
 def test_sft_plus_cct_is_the_sft_rows_then_the_cct_rows_of_the_same_items(reask):
-    rows, summary = build_rows([reask], "sft+cct", seed=3)
+    rows, summary = build_rows([reask], "sft+cct", balance="drop", seed=3)
     sft = [{**row, "source": {**row["source"], "recipe": "sft+cct"}} for row in build_rows([reask], "sft")[0]]
-    cct = [{**row, "source": {**row["source"], "recipe": "sft+cct"}} for row in build_rows([reask], "cct", seed=3)[0]]
+    cct = [{**row, "source": {**row["source"], "recipe": "sft+cct"}}
+           for row in build_rows([reask], "cct", balance="drop", seed=3)[0]]
     assert rows == sft + cct
     assert summary["parts"] == {"sft": 10, "clt": 3, "cst": 4} and summary["items"] == 10
 
@@ -544,8 +546,12 @@ def test_the_data_command_writes_the_rows_and_says_what_they_are(db, reask):
     done = cli("data", reask.run_id[:8], "--recipe", "cct", "--output", str(path), "--db", str(db))
     assert done.returncode == 0, done.stderr
     assert [json.loads(line) for line in path.read_text().splitlines()] == build_rows([reask], "cct")[0]
-    assert done.stdout.strip() == (f"wrote {path}: cct: 7 rows (3 clt, 4 cst) from 7 items of 1 run(s); "
-                                   "for a clt share of 0.4: clt 3 kept, 3 left out; cst 4 kept")
+    # By default the smaller side is repeated up to the share (6 right replies to keep, 4 wrong ones to fix).
+    assert done.stdout.strip() == (f"wrote {path}: cct: 15 rows (6 clt, 9 cst) from 10 items of 1 run(s); "
+                                   "for a clt share of 0.4: clt 6 kept; cst 4 kept and 5 repeats")
+    dropped = cli("data", reask.run_id[:8], "--recipe", "cct", "--balance", "drop", "--output", str(path), "--db", str(db))
+    assert dropped.stdout.strip() == (f"wrote {path}: cct: 7 rows (3 clt, 4 cst) from 7 items of 1 run(s); "
+                                      "for a clt share of 0.4: clt 3 kept, 3 left out; cst 4 kept")
     repeated = cli("data", reask.run_id[:8], "--recipe", "cct", "--balance", "repeat", "--clt-source", "gold",
                    "--output", str(path), "--db", str(db))
     assert repeated.returncode == 0, repeated.stderr
