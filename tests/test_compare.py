@@ -168,3 +168,5 @@ def test_runs_of_one_strategy_on_different_models_are_named_by_their_model():
     arms = [rows[0], rows[1], dict(rows[1], run_id="eeeeee555", model="lora:/tmp/repeat/cct")]
     assert _run_labels(arms) == {"aaaaaa111": "reask embedded", "bbbbbb222": "reask bbbbbb",
                                  "eeeeee555": "reask eeeeee"}
+    # A stored spec this version cannot read is named as stored, not an error.
+    assert _run_labels([rows[0], dict(rows[0], run_id="ffffff666", model="oldkind:m")])["ffffff666"] == "reask oldkind:m"

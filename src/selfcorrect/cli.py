@@ -403,12 +403,13 @@ def train_command(
     data: Path = typer.Argument(..., help="training data (JSONL) written by `selfcorrect data`"),
     model: str = typer.Option("embedded", help="base model: embedded | llamacpp:PATH.gguf | hf:PATH_OR_ID"),
     output: Path = typer.Option(..., help="directory for the adapter, its training card and checkpoints"),
+    isolation: str = typer.Option("auto", help=ISOLATION_HELP + "; for the code rl rewards grade"),
     hyperparameters: dict = None,
 ):
     """Fine-tune a LoRA adapter on training data (needs the train extra); run it again to resume."""
     from .train.trainer import train
 
-    card = train(data, model, output, **hyperparameters)
+    card = train(data, model, output, isolation=isolation, **hyperparameters)
     losses = card["losses"]
     if card["data"]["format"] == "episode":  # rl: what the rollouts' attempts earned, first and last log
         measured = (f"attempt 1 right {losses[0]['r1']:.3f} -> {losses[-1]['r1']:.3f}, attempt 2 right "
@@ -444,7 +445,7 @@ def improve(
     split_seed: int = typer.Option(0, help="seed of the split of the questions into training and held-out parts"),
     test_share: float = typer.Option(0.5, help="share of the questions held out"),
     seed: int = typer.Option(0, help="seed for the split of rows, the training and the bootstrap"),
-    isolation: str = typer.Option("auto", help=ISOLATION_HELP + "; for every run of the loop"),
+    isolation: str = typer.Option("auto", help=ISOLATION_HELP + "; for every run of the loop and rl's rewards"),
     db: Optional[Path] = typer.Option(None, help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     hyperparameters: dict = None,

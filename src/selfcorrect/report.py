@@ -347,16 +347,24 @@ def _run_labels(rows: list[dict]) -> dict[str, str]:
     and its trained adapters) and the models' short names differ (two adapters in folders of one name do not),
     else strategy and run id; '*' marks an upper bound."""
     strategies = [row["strategy"] for row in rows]
-    named = [(row["strategy"], ModelSpec.of(row["model"]).label) for row in rows]
+    named = [(row["strategy"], _model_label(row["model"])) for row in rows]
 
     def label(row: dict) -> str:
         if strategies.count(row["strategy"]) == 1:
             return row["strategy"]
-        if named.count((row["strategy"], ModelSpec.of(row["model"]).label)) == 1:
-            return f"{row['strategy']} {ModelSpec.of(row['model']).label}"
+        if named.count((row["strategy"], _model_label(row["model"]))) == 1:
+            return f"{row['strategy']} {_model_label(row['model'])}"
         return f"{row['strategy']} {row['run_id'][:6]}"
 
     return {row["run_id"]: label(row) + ("*" if row["upper_bound"] else "") for row in rows}
+
+
+def _model_label(model: str) -> str:
+    """A stored model spec's short name; the spec itself where this version cannot parse it."""
+    try:
+        return ModelSpec.of(model).label
+    except UserError:
+        return model
 
 
 def no_mcnemar_reason(*estimators: Estimator) -> str:

@@ -542,8 +542,8 @@ class ProcessLock:
     Without fcntl (Windows), or on a file system that refuses flock, nothing is locked.
     Usable as a context manager."""
 
-    def __init__(self, path: Path, where: str, busy: Callable[[str], str], advice: str = RESUME_ADVICE,
-                 doing: str = "running"):
+    def __init__(self, path: Path, where: str, busy: Callable[[str | None], str], doing: str = "running",
+                 advice: str = RESUME_ADVICE):
         self.path = path
         self._fd: int | None = None
         if fcntl is None:
@@ -553,7 +553,7 @@ class ProcessLock:
         except OSError as err:
             raise UserError(f"{where}: cannot write the lock file {self.path} ({err.strerror})") from None
 
-    def _acquire(self, busy: Callable[[str], str], advice: str, doing: str) -> None:
+    def _acquire(self, busy: Callable[[str | None], str], advice: str, doing: str) -> None:
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -613,7 +613,7 @@ class RunLock(ProcessLock):
     def __init__(self, db_path: Path, run_id: str, doing: str = "running", advice: str = RESUME_ADVICE):
         super().__init__(Path(f"{db_path}.locks") / f"{run_id}.lock", f"--db {db_path}",
                          lambda its_doing: f"run {run_id} is {RUN_ACTIVITIES.get(its_doing or 'running', 'in use')} in {db_path}",
-                         advice, doing)
+                         doing, advice)
 
 
 # What a process holding a run's lock is doing, as a refusal says it.

@@ -12,6 +12,7 @@ import copy
 import functools
 import os
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,16 @@ def load_pretrained(source: str, dtype, label: str):
     return model, copy.deepcopy(tokenizer), weights
 
 
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the lock its users take
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_of(model) -> threading.Lock:
+    """The one lock of a model object, for every backend that runs it (generation is not thread-safe)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
+
+
 @functools.lru_cache(maxsize=2)  # a base and, say, a small draft or test model beside it
 def _pretrained(location: str, options: tuple, dtype_name: str, weights: str | None):
     """`load_pretrained`'s load, keyed by the weights' identity too, so that a file changed on disk is loaded
@@ -118,7 +129,8 @@ class TransformersBackend:
     with an attention mask, so every row continues its own prompt). Requests with temperature > 0 are
     generated one at a time after `torch.manual_seed(seed)`: one call shares one random stream between
     its rows, so batching them would make a reply depend on its batch neighbours and break the response
-    cache's promise that the same seed gives the same reply. One lock serialises all use of the model.
+    cache's promise that the same seed gives the same reply. One lock serialises all use of the model, also by
+    another backend of the same base in this process (`load_pretrained` shares one model between them).
 
     `complete`, called by the engine from up to `max_in_flight` threads at once, gathers its callers into
     such batches: while one caller generates a batch, the callers that arrive wait, and when it is done one
@@ -159,7 +171,7 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token_id = min(self.stop_tokens)
-        self.lock = threading.Lock()  # held by whoever runs the model
+        self.lock = _lock_of(self.model)  # held by whoever runs the model, whichever backend shares it
         self.waiting: list[tuple[Request, Future]] = []  # `complete` calls not yet taken into a batch
         self.gathering = threading.Condition()  # guards `waiting` and `leading`
         self.leading = False  # a caller is generating a batch of `complete` calls

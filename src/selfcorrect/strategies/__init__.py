@@ -117,6 +117,11 @@ def all_strategies() -> dict[str, Strategy]:
     return STRATEGIES
 
 
+def fixed_prompt_strategies() -> str:
+    """The names of the strategies whose correction turn is a fixed prompt, for messages: "reask, confident, ..."."""
+    return ", ".join(name for name, strategy in all_strategies().items() if strategy.fixed_prompt)
+
+
 def get_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
         load_plugins("selfcorrect.strategies", STRATEGIES)

@@ -43,7 +43,7 @@ from ..errors import UserError
 from ..estimators import estimator_named
 from ..files import check_output_file, write_atomically
 from ..plugins import load_plugins
-from ..strategies import all_strategies
+from ..strategies import all_strategies, fixed_prompt_strategies
 from ..split import question_key
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ def check_gold_clt(strategy, where: str) -> None:
     if not strategy.fixed_prompt:
         raise UserError(f"{where}: strategy '{strategy.name}' asks for replies in its correction round, so a gold "
                         "solution cannot stand in for the reply it answered; --clt-source gold takes runs of "
-                        "strategies whose correction turn is a fixed prompt (reask, confident, critical)")
+                        f"strategies whose correction turn is a fixed prompt ({fixed_prompt_strategies()})")
 
 
 def _check_runs(runs: list[Run], recipe: Recipe, gold_clt: bool) -> None:
@@ -268,7 +268,7 @@ def _check_runs(runs: list[Run], recipe: Recipe, gold_clt: bool) -> None:
         if recipe.fixed_prompt and not strategy.fixed_prompt:
             raise UserError(f"{name}: strategy '{strategy.name}' asks for replies in its correction round, which an "
                             f"episode of recipe {recipe.name} cannot replay; build from runs of strategies whose "
-                            "correction turn is a fixed prompt (reask, confident, critical)")
+                            f"correction turn is a fixed prompt ({fixed_prompt_strategies()})")
         if recipe.row_format == "episode" and run.task_spec is None:
             raise UserError(f"{name}: stored before runs kept how their task was loaded, which recipe {recipe.name}'s "
                             "rewards need; measure the training items again into a new store (--db)")
@@ -535,7 +535,7 @@ def _check_gold_free(rows: list[dict], runs: list[Run]) -> None:
         if not solution:
             continue
         put_in = source.get("previous_reply") == "gold"
-        prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
+        prompt = (row["prompt"] if "prompt" in row else row["messages"][:-1]) + row.get("correction", [])
         shown = [message for message in prompt if solution in message["content"]
                  and not (put_in and message["role"] == "assistant" and message["content"].strip() == solution)]
         if not shown:

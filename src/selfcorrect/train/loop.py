@@ -20,8 +20,9 @@ from ..compare import compare_runs
 from ..errors import UserError
 from ..files import write_atomically
 from ..improve_page import render_improvement
+from ..models.spec import ModelSpec
 from ..models.trained import CARD_FILE
-from ..strategies import get_strategy
+from ..strategies import fixed_prompt_strategies, get_strategy
 from .data import DataSettings, build_rows, check_gold_clt, get_recipe, summary_line, write_rows
 from .settings import Hyperparameters
 
@@ -63,7 +64,8 @@ def improve(
 
     The training run samples `samples` first answers per item at `temperature` (every sample is a row source);
     the held-out runs are greedy, one sample per item, so base and trained models are compared reply for reply.
-    Every run grades model-written code inside `isolation`'s boundary (as `evaluate` takes it).
+    Every run, and an rl training's rewards, grade model-written code inside `isolation`'s boundary (as `evaluate`
+    takes it).
     """
     for recipe in recipes:
         get_recipe(recipe)
@@ -74,7 +76,7 @@ def improve(
         raise UserError("--recipe: give at least one recipe")
     if len(set(recipes)) != len(recipes):
         raise UserError("--recipe: each recipe once")
-    from .trainer import CHECKPOINTS, check_trainable, train  # the train extra; checked before anything runs
+    from .trainer import CHECKPOINTS, check_trainable, init_adapter, train  # the train extra; checked first
 
     check_trainable(model)
     try:
@@ -86,8 +88,10 @@ def improve(
         chosen = get_recipe(recipe)
         settings.check_for(chosen.row_format)
         if chosen.fixed_prompt and not get_strategy(strategy).fixed_prompt:
-            raise UserError(f"--recipe {recipe}: needs a strategy whose correction turn is a fixed prompt (reask, "
-                            f"confident, critical), not --strategy {strategy}")
+            raise UserError(f"--recipe {recipe}: needs a strategy whose correction turn is a fixed prompt "
+                            f"({fixed_prompt_strategies()}), not --strategy {strategy}")
+    if settings.init is not None:
+        init_adapter(settings.init, ModelSpec.of(model).absolute())
     output = Path(output).expanduser()
     # The held-out runs are greedy, one sample per item; the training run samples as asked.
     held_out = run_config(task=task, task_options=task_options, data=data, model=model, strategy=strategy, rounds=1,
@@ -115,7 +119,7 @@ def improve(
         if not finished:
             resuming = ", resuming the unfinished training there" if (adapter / CHECKPOINTS).is_dir() else ""
             say(f"3. train {recipe}: {model} into {adapter}{resuming}")
-        cards[recipe] = train(rows_file, model, adapter, seed=seed, **(train_options or {}))
+        cards[recipe] = train(rows_file, model, adapter, seed=seed, isolation=isolation, **(train_options or {}))
         if finished:  # said once train has checked the card holds these settings (it refuses other ones)
             say(f"3. train {recipe}: found the finished training in {adapter}, not repeated")
     base_run = measure("4. measure the base", held_out)

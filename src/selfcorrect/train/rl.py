@@ -89,11 +89,11 @@ class Rewards:
         self.pool.close()
 
 
-def correction_ids(tokenizer, correction: list[dict], eos_ids: set[int]) -> list[int]:
-    """The tokens between attempt 1's end-of-turn token and attempt 2's first token: what the chat template
-    writes after a reply, the correction turn, and the header of the reply that answers it. Found by rendering
-    a conversation with and without the correction turn; a template that does not render a conversation as a
-    continuation of its beginning cannot be trained this way."""
+def correction_ids(tokenizer, correction: list[dict], eos_ids: set[int]) -> tuple[int, list[int]]:
+    """(the token the chat template ends a reply with, the tokens between it and attempt 2's first token: what the
+    template writes after a reply, the correction turn, and the header of the reply that answers it). Found by
+    rendering a conversation with and without the correction turn; a template that does not render a conversation
+    as a continuation of its beginning cannot be trained this way."""
     head = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     before = list(tokenizer.apply_chat_template(head, tokenize=True, return_dict=True)["input_ids"])
     after = list(tokenizer.apply_chat_template(head + correction, tokenize=True, add_generation_prompt=True,
@@ -102,7 +102,7 @@ def correction_ids(tokenizer, correction: list[dict], eos_ids: set[int]) -> list
     if not ends or after[: ends[-1] + 1] != before[: ends[-1] + 1]:
         raise UserError("the model's chat template does not render a correction turn as a continuation of the "
                         "conversation before it; rl training needs one that does")
-    return after[ends[-1] + 1:]
+    return before[ends[-1]], after[ends[-1] + 1:]
 
 
 def rollout(prompts: list, trainer) -> dict:
@@ -114,9 +114,9 @@ def rollout(prompts: list, trainer) -> dict:
     eos = set(trainer.eos_token_ids)
     between = []
     for row, attempt in zip(rows, first):
-        correction = trainer.correction_tokens(row["correction"])
-        # An attempt cut at --attempt-tokens gets its end-of-turn here, as the chat template would close it.
-        between.append(correction if attempt and attempt[-1] in eos else [trainer.eos_token_ids[0], *correction])
+        turn_end, correction = trainer.correction_tokens(row["correction"])
+        # An attempt cut at --attempt-tokens gets the end-of-turn token the chat template closes a reply with.
+        between.append(correction if attempt and attempt[-1] in eos else [turn_end, *correction])
     second, second_logprobs = trainer._generate_single_turn(
         [[*prompt, *attempt, *tokens] for prompt, attempt, tokens in zip(prompt_ids, first, between)], None, {},
         num_generations=1)
@@ -181,8 +181,8 @@ def _trainer_class():
         one."""
 
         def set_epoch(self, epoch: int) -> None:
-            if self.shuffle:
-                self.generator.manual_seed((self.seed or 0) + epoch)
+            if self.shuffle:  # mixed, so that no pass of one seed has the order of a pass of another
+                self.generator.manual_seed((self.seed or 0) * 1_000_003 + epoch)
 
     class CorrectionRL(GRPOTrainer):
         """GRPOTrainer with SCoRe's per-attempt rewards: per-token advantages over both attempts of an episode."""
@@ -190,11 +190,12 @@ def _trainer_class():
         def __init__(self, *args, rewards: Rewards, alpha: float, **kwargs):
             self.rewards, self.alpha = rewards, alpha
             self.episode_rows: list[dict] = []
-            self._corrections: dict[str, list[int]] = {}  # a strategy's correction turn, tokenized once
+            self._corrections: dict[str, tuple[int, list[int]]] = {}  # a correction turn, tokenized once
             super().__init__(*args, rollout_func=rollout, reward_funcs=[first_attempt_reward, second_attempt_reward],
                              **kwargs)
 
-        def correction_tokens(self, correction: list[dict]) -> list[int]:
+        def correction_tokens(self, correction: list[dict]) -> tuple[int, list[int]]:
+            """`correction_ids` of a correction turn (UserError for a chat template that cannot take one)."""
             key = json.dumps(correction)
             if key not in self._corrections:
                 self._corrections[key] = correction_ids(self.processing_class, correction, set(self.eos_token_ids))
@@ -234,7 +235,8 @@ def build_rl_trainer(model, tokenizer, rows: list[dict], settings, common: dict,
     from datasets import Dataset
     from trl import GRPOConfig
 
-    # No input tokens counted: TRL's GRPO batches carry no `input_ids` to count (the card says episodes instead).
+    # TRL counts an episode's tokens itself (prompt and completion); the Trainer's own count would look for
+    # `input_ids`, which these batches lack.
     arguments = {**{key: value for key, value in common.items() if key != "max_length"},
                  "include_num_input_tokens_seen": "no"}
     config = GRPOConfig(
@@ -248,5 +250,8 @@ def build_rl_trainer(model, tokenizer, rows: list[dict], settings, common: dict,
     # The task as its key: a column of objects would be given every key any row's options have.
     dataset = Dataset.from_list([{"prompt": row["prompt"], "correction": row["correction"],
                                   "task": task_key(row["task"]), "item": row["item"]} for row in rows])
-    return _trainer_class()(model=model, args=config, processing_class=tokenizer, train_dataset=dataset,
-                            peft_config=peft_config, rewards=rewards, alpha=settings.alpha)
+    trainer = _trainer_class()(model=model, args=config, processing_class=tokenizer, train_dataset=dataset,
+                               peft_config=peft_config, rewards=rewards, alpha=settings.alpha)
+    for correction in {json.dumps(row["correction"]) for row in rows}:  # a template that cannot take one: now
+        trainer.correction_tokens(json.loads(correction))
+    return trainer

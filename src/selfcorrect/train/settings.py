@@ -21,7 +21,7 @@ class Hyperparameters:
     lora_alpha: int = _setting(32, "--lora-alpha", "LoRA alpha (the update is scaled by alpha / rank)")
     # 0: no random stream in the steps at all (with dropout it is seeded, and resumed)
     lora_dropout: float = _setting(0.0, "--lora-dropout", "LoRA dropout on the adapter's input")
-    batch_size: int = _setting(8, "--batch-size", "rows per optimizer step")
+    batch_size: int = _setting(8, "--batch-size", "rows per optimizer step (rl: episodes)")
     max_steps: int | None = _setting(None, "--max-steps", "stop after N steps, whatever --epochs says")
     seed: int = _setting(0, "--seed", "seed of the LoRA initialisation and the data order")
     # DPO's strength of the pull towards the reference; used for preference rows only
@@ -60,11 +60,16 @@ class Hyperparameters:
         if self.attempt_tokens < 1:
             raise UserError(f"--attempt-tokens {self.attempt_tokens}: must be at least 1")
 
-    def check_for(self, row_format: str) -> None:
-        """Refuse settings that rows of `row_format` cannot take."""
+    def check_for(self, row_format: str, rows: int | None = None) -> None:
+        """Refuse settings that `rows` rows (when known) of `row_format` cannot take."""
         if row_format == "episode" and self.batch_size % self.generations:
             raise UserError(f"--batch-size {self.batch_size}: an rl step takes whole groups of episodes; give a "
                             f"multiple of --generations {self.generations}")
+        questions = self.batch_size // self.generations
+        if row_format == "episode" and rows is not None and rows < questions:
+            raise UserError(f"--batch-size {self.batch_size}: an rl step takes {questions} questions "
+                            f"({self.generations} episodes each) and the data has {rows}; give a smaller --batch-size "
+                            "or more rows")
         if row_format != "episode" and self.init is not None:
             raise UserError(f"--init {self.init}: only rl training (episode rows) starts from a trained adapter")
 
@@ -78,6 +83,9 @@ class Hyperparameters:
             del values["beta"]
         if row_format != "episode":
             for name in RL_SETTINGS:
+                del values[name]
+        elif self.init is not None:  # trained on as it is: the init adapter's rank, alpha and dropout
+            for name in ("lora_r", "lora_alpha", "lora_dropout"):
                 del values[name]
         return values
 

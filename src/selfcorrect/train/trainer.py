@@ -41,8 +41,10 @@ from ..store import ProcessLock
 from ..models.spec import LLAMACPP, ModelSpec, check_model_spec
 from ..models.hf import import_torch, load_pretrained, locate
 from ..models.identity import file_digest, files_digest
+from ..api import code_isolation
 from ..grader_pool import DEFAULT_TIMEOUT_S
 from ..isolation import using
+from ..run_config import check_isolation_mode
 from ..models.trained import CARD_FILE, GGUF_ADAPTER_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from .data import FORMATS, RECIPES, all_recipes
 from .rl import Episodes, Rewards, build_rl_trainer, load_episodes
@@ -230,21 +232,29 @@ def _source(model: ModelSpec) -> str:
     return str(model.gguf) if model.gguf is not None else model.source
 
 
-def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple = (), **hyperparameters) -> dict:
+def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple = (), isolation: str = "auto",
+          **hyperparameters) -> dict:
     """Train a LoRA adapter of `model` (a spec) on the rows of `data` into the directory `output`, and return its
     training card. Keyword arguments are the fields of `Hyperparameters`; `callbacks` are extra transformers
     `TrainerCallback`s. An `output` that holds the finished training of the same base, data and hyperparameters
-    returns its card; an unfinished one resumes. While another process trains into `output`, UserError names it."""
+    returns its card; an unfinished one resumes. While another process trains into `output`, UserError names it.
+    `isolation` is what model-written code an rl training grades runs inside (as `evaluate` takes it)."""
     try:
         settings = Hyperparameters(**hyperparameters)
     except TypeError as error:
         raise UserError(f"train: {error}") from None
     settings.check()
+    check_isolation_mode(isolation)
     check_trainable(model)
     model = ModelSpec.of(model).absolute()  # the card's base must be found from anywhere
     rows = read_training_data(Path(data).expanduser())
-    settings.check_for(rows.row_format)
-    episodes = load_episodes(rows.rows, rows.path) if rows.row_format == "episode" else None
+    settings.check_for(rows.row_format, len(rows.rows))
+    init = init_adapter(settings.init, model) if settings.init is not None else None
+    episodes = None
+    if rows.row_format == "episode":
+        episodes = load_episodes(rows.rows, rows.path)
+        for task in episodes.tasks.values():
+            code_isolation(task, isolation)
     output = Path(output).expanduser()
     started = {
         "base_model": model,
@@ -252,25 +262,27 @@ def train(data: str | Path, model: str, output: str | Path, *, callbacks: tuple 
         "data_sha256": file_digest(rows.path),
         "hyperparameters": settings.shaping(rows.row_format),
     }
-    if settings.init is not None:  # the adapter started from, by content
-        started["hyperparameters"]["init"] = _init_adapter(settings.init, model).identity
+    if init is not None:  # the adapter started from, by content
+        started["hyperparameters"]["init"] = init.identity
     with training_lock(output):  # a second process training into `output` stops here, naming the first
         finished = _check_output(output, started)
         return finished if finished is not None else _train(model, rows, settings, output, started, callbacks,
-                                                            episodes)
+                                                            episodes, init, isolation)
 
 
 @dataclass(frozen=True)
 class InitAdapter:
     """The trained adapter an rl training starts from (`--init lora:DIR`)."""
 
+    spec: str  # lora:DIR, the directory resolved (the card names it so, found from anywhere)
     directory: Path
-    identity: str  # its spec and its PEFT files' digest
+    identity: str  # the spec and its PEFT files' digest
     questions: list[str]  # the questions it was trained on: the new card lists them too
 
 
-def _init_adapter(spec: str, model: str) -> InitAdapter:
-    """`--init`'s adapter, checked to be a model trained by selfcorrect train from `model`; UserError otherwise."""
+def init_adapter(spec: str, model: str) -> InitAdapter:
+    """`--init`'s adapter, checked to be a model trained by selfcorrect train from `model` (an absolute spec) with
+    its PEFT files whole; UserError otherwise."""
     named = check_model_spec(spec)
     if named.kind != "lora":
         raise UserError(f"--init {spec}: give a trained model, lora:DIR (the --output of selfcorrect train)")
@@ -278,7 +290,12 @@ def _init_adapter(spec: str, model: str) -> InitAdapter:
     if ModelSpec.of(trained.base).absolute() != model:
         raise UserError(f"--init {spec}: was trained from {trained.base}, not from --model {model}")
     files = [trained.directory / PEFT_CONFIG_FILE, trained.directory / PEFT_WEIGHTS_FILE]
-    return InitAdapter(trained.directory, f"{spec}:{files_digest(files)}", sorted(trained.questions()))
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"--init {spec}: {file} is missing; the adapter was not saved whole")
+    resolved = f"lora:{trained.directory.resolve()}"
+    return InitAdapter(resolved, trained.directory.resolve(), f"{resolved}:{files_digest(files)}",
+                       sorted(trained.questions()))
 
 
 def training_lock(output: Path) -> ProcessLock:
@@ -291,24 +308,25 @@ def training_lock(output: Path) -> ProcessLock:
 
 
 def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Path, started: dict,
-           callbacks: tuple, episodes: Episodes | None) -> dict:
+           callbacks: tuple, episodes: Episodes | None, init: InitAdapter | None, isolation: str) -> dict:
     """`train` from the point where `output` is known to be new or an unfinished training of these settings."""
     print(f"loading {model} for training", file=sys.stderr, flush=True)
     base, tokenizer, weights = base_model(model)
     base = copy.deepcopy(base)
     if started["base_identity"] is None:  # a Hub id: named by the revision it resolved to
         started["base_identity"] = weights.removeprefix("hf:")
-    init = _init_adapter(settings.init, model) if settings.init is not None else None
     checkpoints = output / CHECKPOINTS
-    rewards = Rewards(episodes, DEFAULT_TIMEOUT_S) if episodes is not None else None
+    rewards = None
     try:
+        if episodes is not None:
+            rewards = Rewards(episodes, DEFAULT_TIMEOUT_S)
         trainer, progress = build_trainer(base, tokenizer, rows, settings, checkpoints, callbacks, rewards, init)
         checkpoints.mkdir(parents=True, exist_ok=True)  # the first write, once the rows are tokenized
         write_atomically(checkpoints / SETTINGS, json.dumps(started, indent=1))
         resume = _last_whole_checkpoint(checkpoints)
         if resume:
             print(f"resuming from {resume}", file=sys.stderr, flush=True)
-        with _quiet_libraries(), using("auto"):  # an rl episode's code is graded in the sandbox, as a run's
+        with _quiet_libraries(), using(isolation):  # an rl episode's code is graded in the sandbox, as a run's
             trainer.train(resume_from_checkpoint=resume)
             # adapter_config.json + adapter_model.safetensors, of the adapter trained (not rl's frozen reference)
             trainer.model.save_pretrained(str(output), selected_adapters=["default"])
@@ -339,7 +357,7 @@ def _train(model: str, rows: TrainingData, settings: Hyperparameters, output: Pa
         "trained_questions": sorted(set(rows.questions) | set(init.questions if init else ())),
     }
     if init is not None:
-        card["init"] = settings.init
+        card["init"] = init.spec
     gguf = ModelSpec.of(model).gguf
     if gguf is not None:
         card["gguf_adapter"] = _export_gguf(output, gguf)
@@ -437,7 +455,10 @@ def build_trainer(base, tokenizer, rows: TrainingData, settings: Hyperparameters
     from transformers import PrinterCallback, ProgressCallback
 
     cuda = torch.cuda.is_available()
-    steps_per_epoch = math.ceil(len(rows.rows) / settings.batch_size)
+    if rows.row_format == "episode":  # a step takes batch / generations questions, whole groups only
+        steps_per_epoch = len(rows.rows) // (settings.batch_size // settings.generations)
+    else:
+        steps_per_epoch = math.ceil(len(rows.rows) / settings.batch_size)
     total_steps = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
     common = dict(
         output_dir=str(checkpoints),
@@ -467,7 +488,11 @@ def build_trainer(base, tokenizer, rows: TrainingData, settings: Hyperparameters
             from peft import PeftModel
 
             if init is not None:  # trained on from where it stopped; TRL keeps a frozen copy as the KL's reference
-                base = PeftModel.from_pretrained(base, str(init.directory), is_trainable=True)
+                try:
+                    base = PeftModel.from_pretrained(base, str(init.directory), is_trainable=True)
+                except (OSError, ValueError, RuntimeError) as error:
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise UserError(f"--init {init.spec}: peft cannot load the adapter onto its base ({reason})") from None
                 peft_config = None
             trainer = build_rl_trainer(base, tokenizer, rows.rows, settings, common, peft_config, rewards)
         elif rows.row_format == "preference":
