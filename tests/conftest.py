@@ -53,6 +53,19 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory) -> Path:
+    """A real training of the embedded model, a few steps on arithmetic rows, into an adapter directory; shared by
+    the tests that only read a trained adapter (test_lora_models, test_rl's starting point)."""
+    from selfcorrect.train.trainer import train
+    from test_train_lora import sft_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(folder / "data.jsonl", sft_rows())
+    train(data, "embedded", folder / "adapter", max_steps=8, batch_size=4, learning_rate=1e-3, seed=0)
+    return folder / "adapter"
+
+
+@pytest.fixture(scope="session")
 def hf_embedded():
     """The embedded GGUF on transformers (`hf:FILE.gguf`, dequantised to float32), loaded once for the session."""
     pytest.importorskip("torch", reason="the hf extra is not installed (pip install torch==2.13.0 'selfcorrect[hf]')")

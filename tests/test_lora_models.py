@@ -394,18 +394,6 @@ def test_an_adapter_llamacpp_cannot_load_is_refused(tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.fixture(scope="module")
-def trained_adapter(tmp_path_factory) -> Path:
-    """A real training of the embedded model, a few steps on arithmetic rows, into an adapter directory."""
-    from selfcorrect.train.trainer import train
-    from test_train_lora import sft_rows, write_jsonl
-
-    folder = tmp_path_factory.mktemp("trained")
-    data = write_jsonl(folder / "data.jsonl", sft_rows())
-    train(data, "embedded", folder / "adapter", max_steps=8, batch_size=4, learning_rate=1e-3, seed=0)
-    return folder / "adapter"
-
-
 @pytest.mark.slow
 @pytest.mark.model
 def test_a_trained_adapter_gives_the_same_answers_on_both_engines(trained_adapter, embedded, cases, engines_gap):

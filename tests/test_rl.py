@@ -165,13 +165,9 @@ RL = dict(max_steps=2, batch_size=4, generations=2, attempt_tokens=16, seed=0, k
 
 
 @pytest.fixture(scope="module")
-def init_adapter(tmp_path_factory) -> Path:
-    """A short supervised training: the adapter rl starts from."""
-    from selfcorrect.train.trainer import train
-
-    folder = tmp_path_factory.mktemp("init")
-    train(write_jsonl(folder / "sft.jsonl", sft_rows()), "embedded", folder / "adapter", max_steps=2, batch_size=4)
-    return folder / "adapter"
+def init_adapter(trained_adapter) -> Path:
+    """The adapter rl starts from: a short supervised training on sft rows (the session's)."""
+    return trained_adapter
 
 
 @pytest.fixture(scope="module")
