@@ -106,8 +106,9 @@ def correction_ids(tokenizer, correction: list[dict], eos_ids: set[int]) -> tupl
 
 
 def rollout(prompts: list, trainer) -> dict:
-    """TRL's rollout function (of a CorrectionRL trainer): one episode per prompt (TRL repeats each question `generations` times), both
-    attempts sampled from the model as it is now, each turn one batched `generate` over all episodes."""
+    """TRL's rollout function (of a CorrectionRL trainer): one episode per prompt (TRL repeats each question
+    `generations` times), both attempts sampled from the model as it is now, each turn one batched `generate` over
+    all episodes."""
     rows, tokenizer = trainer.episode_rows, trainer.processing_class
     prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
     first, first_logprobs = trainer._generate_single_turn(prompt_ids, None, {}, num_generations=1)
