@@ -306,6 +306,11 @@ def _grade_all(task: Task, replies: list[tuple], grader_timeout: float) -> list:
             threads.shutdown(cancel_futures=True)  # on Ctrl-C, start no other grade
 
 
+def task_from_spec(spec: dict) -> Task:
+    """The task loaded as a run recorded how it loaded it ({"task", "data", "options"}, the runs' task_spec)."""
+    return load_task(spec["task"], Path(spec["data"]) if spec["data"] is not None else None, spec["options"])
+
+
 def _task_again(store: Store, run_id: str, config: dict, given: dict | None) -> tuple[Task, dict]:
     """The run's task loaded again as the run loaded it (or as `given` says, for runs that did not keep it),
     and its items by id; a UserError when that is impossible or the items are no longer the run's."""
@@ -314,7 +319,7 @@ def _task_again(store: Store, run_id: str, config: dict, given: dict | None) -> 
         raise UserError(f"run {run_id}: stored before runs kept how their task was loaded; give it as the run "
                         "was made: --task, and --data, --task-opt, --field, --grader where the run had them")
     try:
-        task = load_task(spec["task"], Path(spec["data"]) if spec["data"] is not None else None, spec["options"])
+        task = task_from_spec(spec)
     except UserError as problem:
         raise UserError(f"run {run_id}: its task cannot be loaded again: {problem}") from None
     # Everything but the data file's path must match: the items, options and the data's hash among it.

@@ -22,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..api import task_from_spec
 from ..errors import UserError
 from ..grader_pool import GraderPool
-from ..tasks import Item, Task, load_task
+from ..tasks import Item, Task
 
 # Episode rewards an attempt gets: right, wrong.
 RIGHT, WRONG = 1.0, 0.0
@@ -50,10 +51,8 @@ def load_episodes(rows: list[dict], where: Path) -> Episodes:
     for row in rows:
         key = task_key(row["task"])
         if key not in tasks:
-            spec = row["task"]
             try:
-                tasks[key] = load_task(spec["task"], Path(spec["data"]) if spec["data"] is not None else None,
-                                       spec["options"])
+                tasks[key] = task_from_spec(row["task"])
             except UserError as problem:
                 raise UserError(f"{where}: item {row['item']}: its task cannot be loaded: {problem}") from None
             for item in tasks[key].items:
