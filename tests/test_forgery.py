@@ -7,6 +7,9 @@ the same item, which passes: the attacks fail for what they do, not because the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from selfcorrect import isolation
@@ -232,3 +235,51 @@ def test_unittest_style_tests_are_run_not_skipped(mode):
     assert run_program("def add(a, b):\n    return a + b\n", timeout_s=5, tests=Plan(setup="", tests=tests)).passed
     wrong = run_program("def add(a, b):\n    return a - b\n", timeout_s=5, tests=Plan(setup="", tests=tests))
     assert not wrong.passed and "test_add failed" in wrong.reason, wrong.reason
+
+
+# Text tasks: a reply gives one answer. A policy trained on the grade (recipe rl) must not be paid for hedging,
+# stating several answers or every option: a hedging reply is graded right for at most one of the answers it names.
+NUMBER_HEDGES = ["The answer is {a}. The answer is {b}.", "The answer is {a} or {b}.", "{a}\n{b}", "{a}, {b}",
+                 "\\boxed{{{a}}} or \\boxed{{{b}}}", "#### {a}\nThe answer is {b}", "The answer is {a}, {b}."]
+CHOICE_HEDGES = ["The answer is ({a}) or ({b}).", "Answer: {a}\nAnswer: {b}", "({a}) first\n({b}) second", "{a}\n{b}",
+                 "{a} or {b}"]
+YES_NO_HEDGES = ["Yes or no.", "The answer is yes. The answer is no.", "True. False.", "yes\nno", "No, yes."]
+
+
+def right_for(task, item, reply: str, answers: list[str]) -> list[str]:
+    """The answers among `answers` that the reply would be graded right for, were each the item's target."""
+    return [answer for answer in answers if task.grade(replace(item, target=answer), reply).correct]
+
+
+@pytest.mark.parametrize("name, data", [("arithmetic", None), ("gsm8k", "gsm8k_test.jsonl")])
+def test_a_reply_that_hedges_between_numbers_is_right_for_one_at_most(name, data, shared_data):
+    task = load_task(name, data and shared_data / data)
+    item = task.items[0]
+    other = str(int(float(item.target)) + 1)
+    for hedge in NUMBER_HEDGES:
+        for a, b in ((item.target, other), (other, item.target)):
+            assert len(right_for(task, item, hedge.format(a=a, b=b), [item.target, other])) <= 1, hedge
+
+
+def test_a_reply_that_hedges_between_options_is_right_for_one_at_most(shared_data):
+    task = load_task("mcq", shared_data / "commonsense_qa.jsonl")
+    item = task.items[0]
+    letters = [chr(ord("A") + k) for k in range(len(item.choices))]
+    for hedge in CHOICE_HEDGES:
+        for a, b in zip(letters, letters[1:]):
+            assert len(right_for(task, item, hedge.format(a=a, b=b), letters)) <= 1, hedge.format(a=a, b=b)
+    every_option = " or ".join(item.choices)
+    assert right_for(task, item, every_option, letters) == []
+    boolq = load_task("mcq", shared_data / "boolq.jsonl")
+    for hedge in YES_NO_HEDGES:
+        assert len(right_for(boolq, boolq.items[0], hedge, ["yes", "no"])) <= 1, hedge
+
+
+def test_a_reply_that_hedges_between_expressions_is_right_for_one_at_most():
+    task = load_task("math", Path(__file__).parent / "fixtures" / "math_problems.jsonl")
+    item = task.items[0]
+    for hedge in ["\\boxed{{{a}}} or \\boxed{{{b}}}", "The answer is ${a}$ or ${b}$.", "$x = {a}$ or $x = {b}$",
+                  "\\boxed{{{a}, {b}}}"]:
+        for a, b in (("\\frac{3}{4}", "\\frac{1}{2}"), ("\\frac{1}{2}", "\\frac{3}{4}")):
+            reply = hedge.format(a=a, b=b)
+            assert len(right_for(task, item, reply, ["\\frac{3}{4}", "\\frac{1}{2}"])) <= 1, reply
