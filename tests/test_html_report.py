@@ -14,7 +14,11 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from selfcorrect import evaluate, load_run
+from selfcorrect.compare import compare_runs
+from selfcorrect.errors import UserError
 from selfcorrect.html_report import render_html
+from selfcorrect.models.base import BackendError
+from selfcorrect.store import Store
 from selfcorrect.tasks import load_task
 
 from conftest import ScriptedBackend, browser_helpers, cli
@@ -318,3 +322,25 @@ def test_report_names_the_training_card_of_a_trained_model(paired_runs, chromium
     assert f"reask lora:cct: training card: {adapter / 'training_card.json'} (base embedded, recipe cct, 12 rows, 3 s of training)" in notices
     assert any(text.startswith("reask lora:gone: training card: not readable now") and "no such directory" in text
                for text in notices), notices
+
+
+def test_a_run_with_no_complete_item_is_left_out_and_the_others_still_pair(paired_runs, tmp_path):
+    """A run whose correction requests all failed has no complete item: it pairs with nothing, and the other runs
+    of its task are still paired on their common items, as compare pairs them without it."""
+    db, reask, critique = paired_runs
+
+    def first_answers_only(messages, seed):
+        if len(messages) > 1:
+            raise BackendError("scripted: the server went away after the first answers")
+        return ScriptedBackend.default_reply(messages, seed)
+
+    with pytest.raises(UserError, match="went away"):
+        evaluate(strategy="critical", limit=3, backend=ScriptedBackend(first_answers_only), db=db)
+    broken = next(run["run_id"] for run in Store(db).runs() if run["config"]["strategy"] == "critical")
+    runs = [load_run(run_id, db=db) for run_id in (reask, broken, critique)]
+    assert runs[1].estimation.per_item(runs[1]) == {}  # what the test is about: no item of it is complete
+    page = render_html(runs, n_boot=200)
+    assert "NOT PAIRED" not in page
+    comparison = compare_runs([runs[0], runs[2]], n_boot=200)
+    assert f"over the {comparison['n_items']} items complete in each of them" in page
+    assert "Left out: reask 6 of its 12 complete items; critical, which has no complete item." in page

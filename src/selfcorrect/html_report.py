@@ -4,7 +4,8 @@ answers across rounds, and the items that flipped with their turns side by side.
 
 Runs of one task (and task options) are paired as `compare` pairs them (compare.py): every figure of them is over
 the items complete in each, and the differences shown are compare's own. Runs of different tasks (a `reproduce`
-grid), or of one task with no common item, are each figured on their own items and marked as not paired. The notes
+grid), or of one task with no common item, are each figured on their own items and marked as not paired; a run with
+no complete item (every request of it failed) is left out of its task's pairing and named there. The notes
 and warnings are the terminal report's (report.run_notices).
 
 plotly.js is inlined once, so the file opens offline. Questions, targets and replies come from models and
@@ -65,7 +66,8 @@ def render_html(runs: list[Run], n_boot: int = 2000) -> str:
     groups = _groups(runs, n_boot)
     stored = [run.report(n_boot) for run in runs]  # each run whole: its notes, warnings and item counts
     # A run of a paired group is figured on the group's common items, every other one on its own.
-    common = {run.run_id: group.comparison["items"] for group in groups if group.comparison for run in group.runs}
+    common = {row["run_id"]: group.comparison["items"] for group in groups if group.comparison
+              for row in group.comparison["runs"]}
     runs = [run.on_items(common[run.run_id]) if run.run_id in common else run for run in runs]
     reports = [run.report(n_boot) if run.run_id in common else whole for run, whole in zip(runs, stored)]
     labels = _run_labels([{"run_id": r["run_id"], "strategy": r["config"]["strategy"], "model": r["config"]["model"],
@@ -111,6 +113,7 @@ class Group:
     runs: list[Run]
     comparison: dict | None = None  # compare's result, when the runs pair on their common items
     unpaired: str | None = None  # why runs of the group do not pair (None: paired, or a run alone)
+    without_items: tuple[str, ...] = ()  # runs with no complete item, left out of the pairing of the others
 
 
 def _groups(runs: list[Run], n_boot: int) -> list[Group]:
@@ -123,8 +126,13 @@ def _groups(runs: list[Run], n_boot: int) -> list[Group]:
     for members in by_task.values():
         group = Group(members)
         if len(members) > 1:
+            # A run with no complete item (every request of it failed) pairs with nothing; the others still pair.
+            has_items = {run.run_id: bool(run.estimation.per_item(run)) for run in members}
+            pairable = [run for run in members if has_items[run.run_id]]
+            if len(pairable) > 1:
+                group.without_items = tuple(run_id for run_id, has in has_items.items() if not has)
             try:
-                group.comparison = compare_runs(members, n_boot)
+                group.comparison = compare_runs(pairable if group.without_items else members, n_boot)
             except UserError as error:
                 group.unpaired = str(error)
         groups.append(group)
@@ -138,6 +146,7 @@ def _group_line(group: Group, labels: dict[str, str]) -> str:
         n = group.comparison["n_items"]
         left = [f"{labels[run_id]} {count} of its {count + n} complete items"
                 for run_id, count in group.comparison["left_out"].items() if count]
+        left += [f"{labels[run_id]}, which has no complete item" for run_id in group.without_items]
         return (f"{names}: paired by item, as <code>selfcorrect compare</code> pairs runs; every figure of these "
                 f"runs is over the {n} items complete in each of them. "
                 + (f"Left out: {escape('; '.join(left))}." if left else "No item is left out."))
