@@ -7,6 +7,7 @@ point visible above every interval, the first conversation of each run; and the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 
@@ -344,3 +345,24 @@ def test_a_run_with_no_complete_item_is_left_out_and_the_others_still_pair(paire
     comparison = compare_runs([runs[0], runs[2]], n_boot=200)
     assert f"over the {comparison['n_items']} items complete in each of them" in page
     assert "Left out: reask 6 of its 12 complete items; critical, which has no complete item." in page
+
+
+def test_a_lone_incomplete_run_costs_tokens_per_item_of_its_complete_items(tmp_path):
+    """tokens / item is over the items figured: of a run stopped part way, the turns of items it did not finish
+    are not counted."""
+    db = tmp_path / "runs.sqlite"
+    calls = itertools.count()
+
+    def fails_after_eleven(messages, seed):  # the server goes away mid-run: the run stops starting new turns
+        if next(calls) >= 11:
+            raise BackendError("scripted: the server went away")
+        return ScriptedBackend.default_reply(messages, seed)
+
+    with pytest.raises(UserError, match="went away"):
+        evaluate(strategy="reask", limit=8, backend=ScriptedBackend(fails_after_eleven), db=db)
+    run = load_run(Store(db).runs()[0]["run_id"], db=db)
+    complete = set(run.estimation.per_item(run))
+    assert 0 < len(complete) < 8  # what the test is about: some items complete, some not
+    expected = sum(t.prompt_tokens + t.completion_tokens for t in run.turns if t.item_id in complete) / len(complete)
+    row = re.search(f'<tr data-run-id="{run.run_id}">(.*?)</tr>', render_html([run], n_boot=200)).group(1)
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", row)[-1] == f"{expected:.0f}"

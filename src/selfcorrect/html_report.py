@@ -65,11 +65,13 @@ def render_html(runs: list[Run], n_boot: int = 2000) -> str:
     """The report of `runs` as one HTML document (a string), plots included."""
     groups = _groups(runs, n_boot)
     stored = [run.report(n_boot) for run in runs]  # each run whole: its notes, warnings and item counts
-    # A run of a paired group is figured on the group's common items, every other one on its own.
+    # A run of a paired group is figured on the group's common items, every other one on its own complete items
+    # (so its tokens per item are those items' too, not the turns of items it never finished).
     common = {row["run_id"]: group.comparison["items"] for group in groups if group.comparison
               for row in group.comparison["runs"]}
-    runs = [run.on_items(common[run.run_id]) if run.run_id in common else run for run in runs]
-    reports = [run.report(n_boot) if run.run_id in common else whole for run, whole in zip(runs, stored)]
+    runs = [run.on_items(common[run.run_id] if run.run_id in common else list(run.estimation.per_item(run)))
+            for run in runs]
+    reports = [run.report(n_boot) for run in runs]
     labels = _run_labels([{"run_id": r["run_id"], "strategy": r["config"]["strategy"], "model": r["config"]["model"],
                            "upper_bound": r["upper_bound"]} for r in reports])
     # Plot legends carry the words, not only the star: a legend has no footnote.
