@@ -116,9 +116,11 @@ def _args(server: StallingServer, db, *extra: str) -> list[str]:
 
 
 def _start(args: list[str]) -> subprocess.Popen:
+    # Ctrl-C as a terminal delivers it: a suite started in the background (`pytest &` from a script) has SIGINT
+    # ignored, and a child would inherit that and rightly leave it so.
     return subprocess.Popen(
         [sys.executable, "-m", "selfcorrect", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **ENV},
+        env={**os.environ, **ENV}, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
