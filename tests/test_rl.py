@@ -349,3 +349,38 @@ def _logps(model, output) -> "torch.Tensor":
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, output["prompt_ids"].size(1) - 1: -1]
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, output["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_a_step_taken_in_parts_moves_the_adapter_as_the_whole_step_does(tiny_model, tmp_path, monkeypatch):
+    """The loss of a step's episodes goes through the model in parts of LOSS_EPISODES (their gradients added up, the
+    loss normalised over the whole step): the same rollouts and the same adapter, up to the order of float sums,
+    as one pass over all of them."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from selfcorrect.train import rl
+    from selfcorrect.train.trainer import train
+
+    monkeypatch.setattr(rl.Rewards, "__call__", _short_replies_earn_more)
+    data = write_jsonl(tmp_path / "rl.jsonl", _episode_rows(4))
+    settings = dict(max_steps=2, batch_size=8, generations=4, attempt_tokens=12, learning_rate=1e-3)
+    cards, passes = {}, {}
+
+    class Passes(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            passes[parts] = (args.per_device_train_batch_size, args.gradient_accumulation_steps)
+
+    for parts in (8, 2):
+        monkeypatch.setattr(rl, "LOSS_EPISODES", parts)
+        cards[parts] = train(data, tiny_model, tmp_path / f"parts{parts}", callbacks=(Passes(),), **settings)
+    assert passes == {8: (8, 1), 2: (2, 4)}
+    whole, split = (load_file(tmp_path / f"parts{parts}" / "adapter_model.safetensors") for parts in (8, 2))
+    assert [(log["r1"], log["r2"]) for log in cards[8]["losses"]] == [(log["r1"], log["r2"]) for log in cards[2]["losses"]]
+    moved = max(weight.abs().max().item() for name, weight in whole.items() if "lora_B" in name)  # from 0
+    assert moved > 0
+    differ = max((whole[name] - split[name]).abs().max().item() for name in whole)
+    assert differ <= 0.01 * moved, (differ, moved)
+    losses = [[log["loss"] for log in cards[parts]["losses"]] for parts in (8, 2)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)

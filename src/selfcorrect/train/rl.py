@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ from ..tasks import Item, Task
 
 # Episode rewards an attempt gets: right, wrong.
 RIGHT, WRONG = 1.0, 0.0
+# Most episodes in one forward and backward pass of the loss; a step's episodes go through it in parts of this size,
+# their gradients added up (TRL's gradient accumulation, which normalises the loss over the whole step). On the CPU
+# the activations of 64 episodes of the embedded model at once took 20 GB.
+LOSS_EPISODES = 16
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,9 @@ def build_rl_trainer(model, tokenizer, rows: list[dict], settings, common: dict,
     # `input_ids`, which these batches lack.
     arguments = {**{key: value for key, value in common.items() if key != "max_length"},
                  "include_num_input_tokens_seen": "no"}
+    # One rollout per step over all of its episodes (TRL's steps_per_generation follows the accumulation steps).
+    part = math.gcd(settings.batch_size, LOSS_EPISODES)
+    arguments.update(per_device_train_batch_size=part, gradient_accumulation_steps=settings.batch_size // part)
     config = GRPOConfig(
         num_generations=settings.generations, max_completion_length=settings.attempt_tokens,
         temperature=settings.rollout_temperature, beta=settings.kl, loss_type="dapo", scale_rewards="group",
