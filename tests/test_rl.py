@@ -7,6 +7,7 @@ check covering the questions of both trainings), and a resumed training ending a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,17 @@ def test_rl_training_writes_an_adapter_and_a_card_of_its_rollouts(rl_trained, in
         assert 0 <= log["right_to_wrong"] <= min(log["r1"], 1 - log["r2"]) + 1e-9
     assert (output / "adapter_model.safetensors").is_file() and (output / "adapter.gguf").is_file()
     assert not (output / "ref").exists()  # the KL's frozen reference is not part of the adapter
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_the_improve_page_draws_the_loss_and_the_rollouts_first(rl_trained):
+    from selfcorrect.improve_page import _curves
+
+    _, card = rl_trained
+    drawn = re.findall(r'id="curve-([^"]+)"', _curves({"rl": card}))
+    assert drawn[:5] == ["loss", "r1", "r2", "right_to_wrong", "wrong_to_right"]
+    assert "entropy" in drawn and "step_time" not in drawn  # TRL's values follow; its time per step is no curve
 
 
 @pytest.mark.slow

@@ -12,8 +12,11 @@ from plotly.colors import qualitative
 from .html_report import PlanePoint, _figure, _iso_line, add_plane_points, html_page
 from .report import IMPROVEMENT_COLUMNS, _num, improvement_rows
 
-# What a card's log lines hold besides values to plot: the x axis and the time.
-NOT_CURVES = ("step", "seconds")
+# What a card's log lines hold besides values to plot: the x axis and the time (ours, and TRL's per step).
+NOT_CURVES = ("step", "seconds", "step_time")
+# Drawn first, in this order: the loss, then what an rl training's rollouts did (train/rl.py logs them); TRL's own
+# values follow by name.
+FIRST_CURVES = ("loss", "r1", "r2", "right_to_wrong", "wrong_to_right")
 
 
 def render_improvement(result: dict) -> str:
@@ -71,7 +74,8 @@ def _plane(models: list[tuple[str, dict]]) -> str:
 def _curves(cards: dict[str, dict]) -> str:
     """One plot per value the cards' log lines hold (the loss; DPO's rewards and margins too), a line per recipe."""
     keys = sorted({key for card in cards.values() for log in card.get("losses", []) for key in log
-                   if key not in NOT_CURVES}, key=lambda key: (key != "loss", key))
+                   if key not in NOT_CURVES},
+                  key=lambda key: (FIRST_CURVES.index(key) if key in FIRST_CURVES else len(FIRST_CURVES), key))
     if not keys:
         return '<p class="note">The training cards hold no log lines.</p>'
     figures = []
