@@ -69,9 +69,13 @@ def render_html(runs: list[Run], n_boot: int = 2000) -> str:
     # (so its tokens per item are those items' too, not the turns of items it never finished).
     common = {row["run_id"]: group.comparison["items"] for group in groups if group.comparison
               for row in group.comparison["runs"]}
-    runs = [run.on_items(common[run.run_id] if run.run_id in common else list(run.estimation.per_item(run)))
-            for run in runs]
-    reports = [run.report(n_boot) for run in runs]
+    figured, reports = [], []
+    for run, whole in zip(runs, stored):
+        items = common.get(run.run_id) or list(run.estimation.per_item(run))
+        cut = len(items) < len(run.items)  # else the run is figured whole, and reported once
+        figured.append(run.on_items(items) if cut else run)
+        reports.append(figured[-1].report(n_boot) if cut else whole)
+    runs = figured
     labels = _run_labels([{"run_id": r["run_id"], "strategy": r["config"]["strategy"], "model": r["config"]["model"],
                            "upper_bound": r["upper_bound"]} for r in reports])
     # Plot legends carry the words, not only the star: a legend has no footnote.
